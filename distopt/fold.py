@@ -1,0 +1,83 @@
+"""Hierarchical folding of the K micro-step gradients of one optimizer step.
+
+A fold merges two equal-count gradient sets with FOP (`combine(x1, n1, x2, n2)`), the older first.
+Items are opaque to this module (one tensor per block, a dict of them, ...).
+
+`tree` (canonical): a binary counter. Micro-step 1 folds with 2, the pair folds with the folded pair
+(3, 4), and so on: level j compares two sets of 2^(j-1) micro-steps, so with modality-pure
+interleaved micro-batches every level-1 fold is a text-vs-image fold. K - 1 folds, at most
+floor(log2 K) + 1 items held.
+
+`streaming`: z folds with the plain mean of the next equal-count chunk (z_j = FOP(z_{j-1},
+mean(g_{2^(j-1)+1 .. 2^j}))), the MLMC-style telescoping; ceil(log2 K) folds, two items held.
+
+K not a power of two: the leftovers at the boundary are folded count-weighted, newest first.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+Combine = Callable[[Any, int, Any, int], Any]
+Add = Callable[[Any, Any], Any]
+Scale = Callable[[Any, float], Any]
+
+SCHEDULES = ("tree", "streaming")
+
+
+class TreeFold:
+    def __init__(self, combine: Combine):
+        self.combine = combine
+        self.stack: list[tuple[Any, int]] = []
+        self.count = 0
+
+    def push(self, item: Any) -> None:
+        self.count += 1
+        node = (item, 1)
+        while self.stack and self.stack[-1][1] == node[1]:
+            older, n = self.stack.pop()
+            node = (self.combine(older, n, node[0], node[1]), n + node[1])
+        self.stack.append(node)
+
+    def result(self) -> Optional[tuple[Any, int]]:
+        """The folded item and its count, or None when nothing was pushed."""
+        while len(self.stack) > 1:
+            newer, n2 = self.stack.pop()
+            older, n1 = self.stack.pop()
+            self.stack.append((self.combine(older, n1, newer, n2), n1 + n2))
+        return self.stack[0] if self.stack else None
+
+
+class StreamingFold:
+    def __init__(self, combine: Combine, add: Add, scale: Scale):
+        self.combine, self.add, self.scale = combine, add, scale
+        self.z: Optional[tuple[Any, int]] = None
+        self.chunk: Optional[tuple[Any, int]] = None  # running sum of the current chunk, and its count
+        self.count = 0
+
+    def push(self, item: Any) -> None:
+        self.count += 1
+        if self.z is None:
+            self.z = (item, 1)
+            return
+        self.chunk = (item, 1) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + 1)
+        if self.chunk[1] == self.z[1]:
+            self._fold_chunk()
+
+    def _fold_chunk(self) -> None:
+        (z, nz), (total, nc) = self.z, self.chunk
+        self.z = (self.combine(z, nz, self.scale(total, 1.0 / nc), nc), nz + nc)
+        self.chunk = None
+
+    def result(self) -> Optional[tuple[Any, int]]:
+        if self.chunk is not None:
+            self._fold_chunk()
+        return self.z
+
+
+def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale):
+    if schedule == "tree":
+        return TreeFold(combine)
+    if schedule == "streaming":
+        return StreamingFold(combine, add, scale)
+    raise ValueError(f"fold_schedule={schedule!r} is invalid: choose one of {SCHEDULES}")

@@ -1,0 +1,63 @@
+"""One registry for every optimizer, built from what configs hold: {name, params}."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from distopt.baselines import TwoObjective
+from distopt.mlfop import MLFOPSOAP
+from distopt.soap import SOAP
+
+
+def _two_objective(rule: str) -> Callable:
+    def build(params, **kwargs):
+        return TwoObjective(params, rule=rule, **kwargs)
+    build.signature_of = TwoObjective
+    return build
+
+
+OPTIMIZERS: dict[str, Callable] = {
+    "adamw": torch.optim.AdamW,
+    "soap": SOAP,
+    "mlfop_soap": MLFOPSOAP,
+    "pcgrad": _two_objective("pcgrad"),
+    "mgda": _two_objective("mgda"),
+}
+
+
+def valid_arguments(name: str) -> list[str]:
+    """Keyword arguments the optimizer `name` accepts (MLFOPSOAP: its own plus SOAP's)."""
+    target = OPTIMIZERS[name]
+    classes = [getattr(target, "signature_of", target)]
+    if classes[0] is MLFOPSOAP:
+        classes.append(SOAP)
+    names = []
+    for cls in classes:
+        for arg in inspect.signature(cls.__init__).parameters.values():
+            if arg.name not in ("self", "params", "rule") and arg.kind not in (arg.VAR_KEYWORD, arg.VAR_POSITIONAL):
+                names.append(arg.name)
+    return sorted(set(names))
+
+
+def build_optimizer(spec: Mapping, params: Iterable) -> torch.optim.Optimizer:
+    """Build from {"name": ..., "params": {...}}; params may be tensors or (name, tensor) pairs.
+
+    An unknown name, key or argument is a ValueError that lists the valid ones.
+    """
+    unknown_keys = set(spec) - {"name", "params"}
+    if unknown_keys or "name" not in spec:
+        raise ValueError(f"optimizer spec needs keys 'name' and optionally 'params'; got {sorted(spec)}")
+    name = spec["name"]
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
+    kwargs = dict(spec.get("params") or {})
+    valid = valid_arguments(name)
+    bad = sorted(set(kwargs) - set(valid))
+    if bad:
+        raise ValueError(f"optimizer {name!r} has no argument(s) {bad}: valid arguments are {valid}")
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])  # YAML gives lists
+    return OPTIMIZERS[name](params, **kwargs)

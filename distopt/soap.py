@@ -1,0 +1,337 @@
+"""SOAP: Adam in the eigenbasis of Shampoo's Kronecker factors (Vyas et al., arXiv 2409.11321).
+
+For a parameter whose gradient G has (merged) shape d_1 x ... x d_k, with Q_i the eigenbasis of the
+factor GG_i of every preconditioned dim i (identity for the others):
+
+    rot(X)   = X x_1 Q_1^T ... x_k Q_k^T          (mode-i products; Q orthogonal)
+    unrot(Y) = Y x_1 Q_1   ... x_k Q_k
+    G'  = rot(G)
+    m  <- b1 m + (1 - b1) G'                       m lives in the eigenbasis
+    v  <- b2 v + (1 - b2) G'^2
+    ss  = lr sqrt(1 - b2^t) / (1 - b1^t)           (lr when correct_bias is off)
+    p  <- p - ss unrot(m / (sqrt(v) + eps));  p <- p - lr wd p
+    GG_i <- sb GG_i + (1 - sb) G_(i) G_(i)^T       G_(i): mode-i unfolding; sb = shampoo_beta or b2
+    every f steps: sort Q_i's columns by diag(Q_i^T GG_i Q_i) (v permuted alike), Q_i <- qr(GG_i Q_i).Q
+                   and m is carried exactly into the new basis.
+
+The first step() of a parameter only collects statistics (GG, then Q = eigh(GG)), so the current
+gradient is never used in its own projection. This matches the reference soap.py; the functions
+below are the pure tensor math, the class holds state and the torch.optim contract.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional, Sequence
+
+import torch
+
+from distopt.routing import ParamRoute, route_parameters, routing_summary
+
+Basis = list[Optional[torch.Tensor]]  # one orthogonal matrix per dim; None = identity (not rotated)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes
+
+
+def merged_shape(shape: Sequence[int], max_precond_dim: int) -> tuple[int, ...]:
+    """Greedily merge consecutive dims while the product stays <= max_precond_dim (reference rule)."""
+    out: list[int] = []
+    run = 1
+    for size in shape:
+        if run * size > max_precond_dim:
+            if run > 1:
+                out.append(run)
+                run = size
+            else:
+                out.append(size)
+        else:
+            run *= size
+    if run > 1 or not out:
+        out.append(run)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a parameter is viewed for preconditioning: optional NHWC->NCHW permute, then a reshape."""
+
+    shape: tuple[int, ...]
+    channels_last: bool
+    precond_shape: tuple[int, ...]
+    preconditioned: tuple[bool, ...]  # per dim of precond_shape
+
+    def to_precond(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.permute(0, 3, 1, 2)
+        return x.reshape(self.precond_shape)
+
+    def from_precond(self, y: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            n, h, w, c = self.shape
+            return y.reshape(n, c, h, w).permute(0, 2, 3, 1)
+        return y.reshape(self.shape)
+
+
+def make_layout(shape: Sequence[int], *, soap_path: bool, max_precond_dim: int, merge_dims: bool,
+                precondition_1d: bool, channels_last: bool) -> Layout:
+    shape = tuple(shape)
+    cl = channels_last and merge_dims and len(shape) == 4
+    if merge_dims:
+        base = (shape[0], shape[3], shape[1], shape[2]) if cl else shape
+        pshape = merged_shape(base, max_precond_dim)
+    else:
+        pshape = shape if shape else (1,)
+    if len(shape) <= 1:
+        rotated = soap_path and precondition_1d
+    else:
+        rotated = soap_path
+    pre = tuple(rotated and d <= max_precond_dim for d in pshape)
+    return Layout(shape, cl, pshape, pre)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure tensor math
+
+
+def rotate(x: torch.Tensor, basis: Basis) -> torch.Tensor:
+    """rot(X) = X x_i Q_i^T for every dim; identity dims are only cycled to the back."""
+    for q in basis:
+        x = torch.tensordot(x, q, dims=([0], [0])) if q is not None else x.movedim(0, -1)
+    return x
+
+
+def unrotate(y: torch.Tensor, basis: Basis) -> torch.Tensor:
+    """unrot(Y) = Y x_i Q_i, the inverse of rotate."""
+    for q in basis:
+        y = torch.tensordot(y, q, dims=([0], [1])) if q is not None else y.movedim(0, -1)
+    return y
+
+
+def mode_gram(g: torch.Tensor, dim: int) -> torch.Tensor:
+    """G_(i) G_(i)^T: contract g with itself over every dim but `dim`."""
+    other = [i for i in range(g.dim()) if i != dim]
+    return torch.tensordot(g, g, dims=(other, other))
+
+
+def update_factors(factors: Basis, g: torch.Tensor, shampoo_beta: float) -> None:
+    """GG_i <- sb GG_i + (1 - sb) G_(i) G_(i)^T in place, for every preconditioned dim."""
+    for i, gg in enumerate(factors):
+        if gg is not None:
+            gg.lerp_(mode_gram(g, i), 1.0 - shampoo_beta)
+
+
+def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counter) -> torch.Tensor:
+    """Eigenvectors of GG with descending eigenvalues; fp64 retry, then the previous basis (counted)."""
+    counters["eigh"] += 1
+    eye = torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
+    for attempt, dtype in enumerate((gg.dtype, torch.float64)):
+        if attempt:
+            counters["eigh_fp64_retry"] += 1
+        try:
+            _, vecs = torch.linalg.eigh(gg.to(dtype) + 1e-30 * eye.to(dtype))
+        except RuntimeError:
+            continue
+        if torch.isfinite(vecs).all():
+            return vecs.flip(1).to(gg.dtype)
+    counters["eigh_failed"] += 1
+    return previous if previous is not None else eye
+
+
+def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Counter) -> tuple[Basis, torch.Tensor]:
+    """One power iteration + QR per dim: order Q's columns by the estimated eigenvalues
+    diag(Q^T GG Q) (descending, v permuted along), then Q <- qr(GG Q).Q. A non-finite result keeps Q."""
+    new_basis: Basis = []
+    for i, (gg, q) in enumerate(zip(factors, basis)):
+        if gg is None:
+            new_basis.append(None)
+            continue
+        counters["qr"] += 1
+        order = torch.argsort(torch.diagonal(q.T @ gg @ q), descending=True)
+        q_sorted = q[:, order]
+        q_new, _ = torch.linalg.qr(gg @ q_sorted)
+        if not torch.isfinite(q_new).all():
+            counters["qr_failed"] += 1
+            new_basis.append(q)
+            continue
+        v = v.index_select(i, order)
+        new_basis.append(q_new)
+    return new_basis, v
+
+
+def soap_direction(m: torch.Tensor, v: torch.Tensor, eps: float, basis: Basis, normalize: bool) -> torch.Tensor:
+    """unrot(m / (sqrt(v) + eps)), optionally scaled to unit RMS (normalize_grads)."""
+    n = unrotate(m / (v.sqrt() + eps), basis)
+    if normalize:
+        n = n / (1e-30 + n.square().mean().sqrt())
+    return n
+
+
+def state_dtype(param: torch.Tensor) -> torch.dtype:
+    """Optimizer state is fp32 for low-precision params and keeps fp64 for fp64 params."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The optimizer
+
+
+def _check(cond: bool, name: str, value, rule: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {rule}")
+
+
+class SOAP(torch.optim.Optimizer):
+    """SOAP with the reference semantics of nikhilvyas/SOAP soap.py (same arguments and defaults).
+
+    Parameters may be given as tensors or as (name, tensor) pairs (e.g. ``model.named_parameters()``);
+    names enable routing: parameters matching ``adam_patterns`` (embeddings, output heads) take the
+    Adam path unless they match ``soap_patterns``. 1-D parameters take Adam unless precondition_1d.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
+                 shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
+                 precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
+                 precondition_1d: bool = False, normalize_grads: bool = False,
+                 data_format: str = "channels_first", correct_bias: bool = True,
+                 adam_patterns: Optional[Sequence[str]] = None, soap_patterns: Sequence[str] = (),
+                 verbose: bool = True):
+        _check(lr >= 0, "lr", lr, "must be >= 0")
+        _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", betas,
+               "need two values in [0, 1)")
+        _check(shampoo_beta < 1.0, "shampoo_beta", shampoo_beta, "must be < 1 (negative means: use betas[1])")
+        _check(eps > 0, "eps", eps, "must be > 0")
+        _check(weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
+        _check(isinstance(precondition_frequency, int) and precondition_frequency >= 1,
+               "precondition_frequency", precondition_frequency, "must be an integer >= 1")
+        _check(isinstance(max_precond_dim, int) and max_precond_dim >= 0, "max_precond_dim", max_precond_dim,
+               "must be an integer >= 0 (0 disables rotation: plain Adam)")
+        _check(data_format in ("channels_first", "channels_last"), "data_format", data_format,
+               "choose 'channels_first' or 'channels_last'")
+        defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
+                        precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+                        merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
+                        data_format=data_format, correct_bias=correct_bias)
+        super().__init__(params, defaults)
+        self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
+            self.param_groups, adam_patterns=adam_patterns, soap_patterns=soap_patterns)
+        self.counters: Counter = Counter()
+        self._verbose = verbose
+        self._summary_printed = False
+
+    # -- layout and routing ------------------------------------------------------------------------
+
+    def layout(self, p: torch.Tensor, group: dict) -> Layout:
+        return make_layout(p.shape, soap_path=self.routes[p].path == "soap", max_precond_dim=group["max_precond_dim"],
+                           merge_dims=group["merge_dims"], precondition_1d=group["precondition_1d"],
+                           channels_last=group["data_format"] == "channels_last")
+
+    def routing_summary(self) -> dict:
+        """Counts and bytes per path ('soap' rotates at least one dim, 'adam' rotates none)."""
+        layouts = {p: self.layout(p, g) for g in self.param_groups for p in g["params"]}
+        return routing_summary(self.routes, layouts)
+
+    def _print_summary_once(self) -> None:
+        if self._summary_printed or not self._verbose:
+            return
+        self._summary_printed = True
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
+            return
+        s = self.routing_summary()
+        print(f"[distopt] {type(self).__name__} routing: " + ", ".join(
+            f"{k}: {v['count']} params, {v['numel']} elements ({v['bytes'] / 2**20:.2f} MiB)" for k, v in s.items()),
+            file=sys.stderr)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _init_state(self, p: torch.Tensor, g: torch.Tensor, group: dict, layout: Layout) -> None:
+        """First step of a parameter: statistics only (the parameter is not changed)."""
+        st = self.state[p]
+        st["step"] = 0
+        st["exp_avg"] = torch.zeros_like(g)
+        st["exp_avg_sq"] = torch.zeros_like(g)
+        st["GG"] = [torch.zeros(d, d, dtype=g.dtype, device=g.device) if pre else None
+                    for d, pre in zip(layout.precond_shape, layout.preconditioned)]
+        update_factors(st["GG"], g, self._shampoo_beta(group))
+        st["Q"] = [eigenbasis(gg, None, self.counters) if gg is not None else None for gg in st["GG"]]
+
+    @staticmethod
+    def _shampoo_beta(group: dict) -> float:
+        return group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+
+    def _precond_grad(self, p: torch.Tensor, layout: Layout) -> torch.Tensor:
+        return layout.to_precond(p.grad.to(state_dtype(p)))
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._print_summary_once()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._step_param(p, group)
+        return loss
+
+    def _step_param(self, p: torch.Tensor, group: dict, moment_grad_rot: Optional[torch.Tensor] = None,
+                    lr_scale: float | torch.Tensor = 1.0) -> None:
+        """One SOAP step. `moment_grad_rot` (already in the eigenbasis) feeds Adam's moments instead of
+        rot(G); `lr_scale` multiplies the update (not the weight decay). Statistics always use G."""
+        layout = self.layout(p, group)
+        g = self._precond_grad(p, layout)
+        st = self.state[p]
+        if "step" not in st:
+            self._init_state(p, g, group, layout)
+            return
+        basis: Basis = st["Q"]
+        g_rot = rotate(g, basis) if moment_grad_rot is None else moment_grad_rot
+        beta1, beta2 = group["betas"]
+        st["step"] += 1
+        m, v = st["exp_avg"], st["exp_avg_sq"]
+        m.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
+        v.mul_(beta2).add_(g_rot.square(), alpha=1.0 - beta2)
+        step_size = group["lr"]
+        if group["correct_bias"]:
+            step_size *= math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
+        direction = soap_direction(m, v, group["eps"], basis, group["normalize_grads"]) * lr_scale
+        p.add_(layout.from_precond(direction).to(p.dtype), alpha=-step_size)
+        if group["weight_decay"] > 0:
+            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        self._update_preconditioner(st, g, group)
+
+    def _update_preconditioner(self, st: dict, g: torch.Tensor, group: dict) -> None:
+        update_factors(st["GG"], g, self._shampoo_beta(group))
+        if st["step"] % group["precondition_frequency"] == 0 and any(q is not None for q in st["Q"]):
+            m_orig = unrotate(st["exp_avg"], st["Q"])
+            st["Q"], st["exp_avg_sq"] = refresh_basis(st["GG"], st["Q"], st["exp_avg_sq"], self.counters)
+            st["exp_avg"] = rotate(m_orig, st["Q"])
+
+    # -- torch.optim contract ----------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load hyper-parameters and state without torch's cast of state tensors to the parameter dtype:
+        our state is fp32 (or fp64) whatever the parameter dtype, so resuming stays bit-identical."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for idx, p in zip(saved_ids, params):
+            if idx in state_dict["state"]:
+                self.state[p] = _to_device(state_dict["state"][idx], p.device)
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().to(device)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value
