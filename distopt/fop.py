@@ -44,14 +44,16 @@ def fop_partials(a: torch.Tensor, d: torch.Tensor, dvec: torch.Tensor) -> torch.
 def fop_coefficients(partials: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s, beta*, guarded) from partials of shape (..., 5).
 
-    beta* = 0 where E <= tolerance * <d,d>_{M^-1}: g_perp is then zero or round-off (identical or
-    parallel gradients), and D / E would be noise. s = 0 where <a,a>_M = 0 (a zero mean gradient).
+    beta* p = (<a,p> / <p,p>) p does not shrink with p: it is a's M^-1-projection onto p's direction,
+    so when p is round-off its direction is noise. Hence beta* = 0 (guarded) where g_diff is
+    negligible next to g_avg (<d,d>_{M^-1} <= tolerance <a,a>_{M^-1}: identical gradients) or g_perp
+    next to g_diff (E <= tolerance <d,d>_{M^-1}: parallel gradients). s = 0 where <a,a>_M = 0.
     """
     aa_m, da_m, aa_i, ad_i, dd_i = partials.unbind(-1)
     s = torch.where(aa_m > 0, da_m / aa_m.clamp_min(torch.finfo(aa_m.dtype).tiny), torch.zeros_like(aa_m))
     big_d = ad_i - s * aa_i                      # <a, p>_{M^-1}
     big_e = dd_i - 2 * s * ad_i + s * s * aa_i   # <p, p>_{M^-1}
-    guarded = big_e <= tolerance * dd_i
+    guarded = (big_e <= tolerance * dd_i) | (dd_i <= tolerance * aa_i)
     beta = torch.where(guarded, torch.zeros_like(big_e), big_d / torch.where(guarded, torch.ones_like(big_e), big_e))
     return s, beta, guarded
 
@@ -82,10 +84,9 @@ class BlockMetric:
     pad(y_h), so items stay unrotated and each slice is rotated zero-padded when measured.
     """
 
-    def __init__(self, basis: Basis, exp_avg_sq: torch.Tensor, eps: float,
-                 segments: Optional[tuple[int, int]] = None):
+    def __init__(self, basis: Basis, dvec: torch.Tensor, segments: Optional[tuple[int, int]] = None):
         self.basis = basis
-        self.dvec = exp_avg_sq.sqrt() + eps
+        self.dvec = dvec  # sqrt(v) + eps in the eigenbasis
         self.segments = segments
 
     @property

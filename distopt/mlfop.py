@@ -68,7 +68,8 @@ class MLFOPSOAP(SOAP):
     eta_convention: 'mean' (g_tot = g_avg) | 'sum' (g_tot = g1 + g2, the paper's literal eq. 17) | 'none'.
     modality_weighting: 'none' | 'fisher_norm' (global level with the modality source: each modality
     weighted by the inverse EMA of its natural-gradient norm, weights summing to 2).
-    fop_tolerance: beta* = 0 when <g_perp, g_perp>_{M^-1} <= fop_tolerance * <g_diff, g_diff>_{M^-1}.
+    fop_tolerance: beta* = 0 when g_perp is negligible next to g_diff, or g_diff next to g_avg (squared
+    M^-1 norms, relative; see distopt.fop.fop_coefficients).
     capture: 'hooks' (per-micro-step gradients captured during backward) | 'manual' (call end_microstep()).
     """
 
@@ -145,7 +146,7 @@ class MLFOPSOAP(SOAP):
         for p, group in self._group_of.items():
             st = self.state.get(p, {})
             if st.get("step", 0) >= 1:
-                metrics[p] = BlockMetric(st["Q"], st["exp_avg_sq"], group["eps"], self._segments.get(p))
+                metrics[p] = BlockMetric(st["Q"], st["exp_avg_sq"].sqrt() + group["eps"], self._segments.get(p))
             else:
                 self.counters["fop_metric_not_ready"] += 1
         window = _Window(metrics)
