@@ -55,21 +55,22 @@ def mgda(g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
 
 
 class TwoObjective(torch.optim.Optimizer):
-    """Combine two per-modality gradients by `rule`, then step `base` (any registry optimizer).
+    """Combine two per-modality gradients by `rule`, then step `base` (any registry optimizer),
+    built with the remaining keyword arguments.
 
     The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
     and load_state_dict() act on the base optimizer.
     """
 
-    def __init__(self, params: Iterable, rule: str = "pcgrad", base: str = "adamw",
-                 base_params: Optional[dict] = None, granularity: str = "global", capture: str = "hooks"):
+    def __init__(self, params: Iterable, rule: str = "pcgrad", base: str = "adamw", granularity: str = "global",
+                 capture: str = "hooks", **base_params):
         if rule not in RULES:
             raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
         if granularity not in GRANULARITIES:
             raise ValueError(f"granularity={granularity!r} is invalid: choose one of {GRANULARITIES}")
         from distopt.registry import build_optimizer  # the registry lists this class too
 
-        self.base = build_optimizer({"name": base, "params": base_params or {}}, params)
+        self.base = build_optimizer({"name": base, "params": base_params}, params)
         super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
         self.param_groups = self.base.param_groups
         self.state = self.base.state

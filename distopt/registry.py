@@ -19,6 +19,7 @@ def _two_objective(rule: str) -> Callable:
     return build
 
 
+TWO_OBJECTIVE = {"pcgrad", "mgda"}
 OPTIMIZERS: dict[str, Callable] = {
     "adamw": torch.optim.AdamW,
     "soap": SOAP,
@@ -55,6 +56,12 @@ def build_optimizer(spec: Mapping, params: Iterable) -> torch.optim.Optimizer:
         raise ValueError(f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
     kwargs = dict(spec.get("params") or {})
     valid = valid_arguments(name)
+    if name in TWO_OBJECTIVE:  # the rest goes to the base optimizer and is checked there
+        base = kwargs.get("base", "adamw")
+        if base not in OPTIMIZERS or base in TWO_OBJECTIVE:
+            raise ValueError(f"optimizer {name!r}: base={base!r} is invalid: choose one of "
+                             f"{sorted(set(OPTIMIZERS) - TWO_OBJECTIVE)}")
+        valid = sorted(set(valid) | set(valid_arguments(base)))
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise ValueError(f"optimizer {name!r} has no argument(s) {bad}: valid arguments are {valid}")
