@@ -176,6 +176,52 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
+def shampoo_beta(group: dict) -> float:
+    return group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+
+
+def soap_init(st: dict, g: torch.Tensor, layout: Layout, group: dict, counters: Counter) -> None:
+    """First step of a tensor: statistics only (GG from g, then Q = eigh(GG)); the tensor is not changed."""
+    st["step"] = 0
+    st["exp_avg"] = torch.zeros_like(g)
+    st["exp_avg_sq"] = torch.zeros_like(g)
+    st["GG"] = [torch.zeros(d, d, dtype=g.dtype, device=g.device) if pre else None
+                for d, pre in zip(layout.precond_shape, layout.preconditioned)]
+    update_factors(st["GG"], g, shampoo_beta(group))
+    st["Q"] = [eigenbasis(gg, None, counters) if gg is not None else None for gg in st["GG"]]
+
+
+def soap_update(st: dict, param: torch.Tensor, g: torch.Tensor, layout: Layout, group: dict, counters: Counter,
+                moment_grad_rot: Optional[torch.Tensor] = None, lr_scale: float | torch.Tensor = 1.0) -> None:
+    """One SOAP step of `param` (a parameter or a view of one block) with gradient g (precond layout).
+
+    `moment_grad_rot`, already in the eigenbasis, feeds Adam's moments instead of rot(g); `lr_scale`
+    multiplies the update (not the weight decay). The statistics always use g.
+    """
+    if "step" not in st:
+        soap_init(st, g, layout, group, counters)
+        return
+    basis: Basis = st["Q"]
+    g_rot = rotate(g, basis) if moment_grad_rot is None else moment_grad_rot
+    beta1, beta2 = group["betas"]
+    st["step"] += 1
+    m, v = st["exp_avg"], st["exp_avg_sq"]
+    m.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
+    v.mul_(beta2).add_(g_rot.square(), alpha=1.0 - beta2)
+    step_size = group["lr"]
+    if group["correct_bias"]:
+        step_size *= math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
+    direction = soap_direction(m, v, group["eps"], basis, group["normalize_grads"]) * lr_scale
+    param.add_(layout.from_precond(direction).to(param.dtype), alpha=-step_size)
+    if group["weight_decay"] > 0:
+        param.add_(param, alpha=-group["lr"] * group["weight_decay"])
+    update_factors(st["GG"], g, shampoo_beta(group))
+    if st["step"] % group["precondition_frequency"] == 0 and any(q is not None for q in basis):
+        m_orig = unrotate(st["exp_avg"], basis)
+        st["Q"], st["exp_avg_sq"] = refresh_basis(st["GG"], basis, st["exp_avg_sq"], counters)
+        st["exp_avg"] = rotate(m_orig, st["Q"])
+
+
 # ---------------------------------------------------------------------------------------------------
 # The optimizer
 
@@ -246,26 +292,6 @@ class SOAP(torch.optim.Optimizer):
             f"{k}: {v['count']} params, {v['numel']} elements ({v['bytes'] / 2**20:.2f} MiB)" for k, v in s.items()),
             file=sys.stderr)
 
-    # -- state -------------------------------------------------------------------------------------
-
-    def _init_state(self, p: torch.Tensor, g: torch.Tensor, group: dict, layout: Layout) -> None:
-        """First step of a parameter: statistics only (the parameter is not changed)."""
-        st = self.state[p]
-        st["step"] = 0
-        st["exp_avg"] = torch.zeros_like(g)
-        st["exp_avg_sq"] = torch.zeros_like(g)
-        st["GG"] = [torch.zeros(d, d, dtype=g.dtype, device=g.device) if pre else None
-                    for d, pre in zip(layout.precond_shape, layout.preconditioned)]
-        update_factors(st["GG"], g, self._shampoo_beta(group))
-        st["Q"] = [eigenbasis(gg, None, self.counters) if gg is not None else None for gg in st["GG"]]
-
-    @staticmethod
-    def _shampoo_beta(group: dict) -> float:
-        return group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
-
-    def _precond_grad(self, p: torch.Tensor, layout: Layout) -> torch.Tensor:
-        return layout.to_precond(p.grad.to(state_dtype(p)))
-
     # -- the step ----------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -278,41 +304,10 @@ class SOAP(torch.optim.Optimizer):
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._step_param(p, group)
+                    layout = self.layout(p, group)
+                    soap_update(self.state[p], p, layout.to_precond(p.grad.to(state_dtype(p))), layout, group,
+                                self.counters)
         return loss
-
-    def _step_param(self, p: torch.Tensor, group: dict, moment_grad_rot: Optional[torch.Tensor] = None,
-                    lr_scale: float | torch.Tensor = 1.0) -> None:
-        """One SOAP step. `moment_grad_rot` (already in the eigenbasis) feeds Adam's moments instead of
-        rot(G); `lr_scale` multiplies the update (not the weight decay). Statistics always use G."""
-        layout = self.layout(p, group)
-        g = self._precond_grad(p, layout)
-        st = self.state[p]
-        if "step" not in st:
-            self._init_state(p, g, group, layout)
-            return
-        basis: Basis = st["Q"]
-        g_rot = rotate(g, basis) if moment_grad_rot is None else moment_grad_rot
-        beta1, beta2 = group["betas"]
-        st["step"] += 1
-        m, v = st["exp_avg"], st["exp_avg_sq"]
-        m.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
-        v.mul_(beta2).add_(g_rot.square(), alpha=1.0 - beta2)
-        step_size = group["lr"]
-        if group["correct_bias"]:
-            step_size *= math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
-        direction = soap_direction(m, v, group["eps"], basis, group["normalize_grads"]) * lr_scale
-        p.add_(layout.from_precond(direction).to(p.dtype), alpha=-step_size)
-        if group["weight_decay"] > 0:
-            p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        self._update_preconditioner(st, g, group)
-
-    def _update_preconditioner(self, st: dict, g: torch.Tensor, group: dict) -> None:
-        update_factors(st["GG"], g, self._shampoo_beta(group))
-        if st["step"] % group["precondition_frequency"] == 0 and any(q is not None for q in st["Q"]):
-            m_orig = unrotate(st["exp_avg"], st["Q"])
-            st["Q"], st["exp_avg_sq"] = refresh_basis(st["GG"], st["Q"], st["exp_avg_sq"], self.counters)
-            st["exp_avg"] = rotate(m_orig, st["Q"])
 
     # -- torch.optim contract ----------------------------------------------------------------------
 

@@ -33,8 +33,8 @@ def test_mlfop_arguments(kwargs, name):
         MLFOPSOAP(params(), **kwargs)
 
 
-def test_ranks_pair_source_is_refused_until_the_sharded_runtime():
-    with pytest.raises(ValueError, match="pair_source='ranks'.*sharded runtime"):
+def test_ranks_pair_source_needs_two_ranks():
+    with pytest.raises(ValueError, match="pair_source='ranks'.*at least 2 ranks"):
         MLFOPSOAP(params(), pair_source="ranks")
 
 

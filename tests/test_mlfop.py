@@ -65,6 +65,11 @@ def dense_step(p0, state, g_plain, g_fop, eta, hp=HP):
     return new * (1 - hp["lr"] * hp["weight_decay"])
 
 
+def blk(opt, p, ordinal=0):
+    """The optimizer state of one block of p (one block per parameter unless max_block cuts it)."""
+    return opt.state[p]["blocks"][ordinal]
+
+
 def snapshot(state):
     """A deep copy of a parameter's optimizer state."""
     def copy(v):
@@ -78,7 +83,7 @@ def snapshot(state):
                                         ("streaming", 3), ("streaming", 4), ("streaming", 6)])
 def test_layer_level_step_matches_dense(schedule, k):
     opt, (p,), gen = make(fold_schedule=schedule)
-    st, p0 = snapshot(opt.state[p]), p.detach().clone()
+    st, p0 = snapshot(blk(opt, p)), p.detach().clone()
     gs = micro_grads(gen, p.shape, k)
     m = dense_metric(st, HP["eps"])
     flat = [g.reshape(-1) for g in gs]
@@ -128,7 +133,7 @@ def test_fop_off_is_bitwise_soap():
     (m1, o1), (m2, o2) = run(SOAP), run(MLFOPSOAP, fop=False)
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
-        assert all(torch.equal(o1.state[a][k], o2.state[b][k]) for k in ("exp_avg", "exp_avg_sq"))
+        assert all(torch.equal(o1.state[a][k], blk(o2, b)[k]) for k in ("exp_avg", "exp_avg_sq"))
     assert o2.counters["fop_folds"] == 0 and o1.counters["eigh"] == o2.counters["eigh"] > 0
 
 
@@ -136,7 +141,7 @@ def test_identical_microgradients_give_soap():
     opt, (p,), gen = make()
     ref = SOAP([torch.nn.Parameter(p.detach().clone())], verbose=False, **HP)
     q = ref.param_groups[0]["params"][0]
-    ref.state[q] = snapshot(opt.state[p])
+    ref.state[q] = snapshot(blk(opt, p))
     g = torch.randn(p.shape, generator=gen, dtype=F64)
     feed(opt, [p], [[g]] * 4)
     opt.step()
@@ -148,10 +153,10 @@ def test_identical_microgradients_give_soap():
 
 def test_scalar_metric_reduces_to_soap():
     opt, (p,), gen = make(max_precond_dim=0)
-    opt.state[p]["exp_avg_sq"].fill_(0.25)
+    blk(opt, p)["exp_avg_sq"].fill_(0.25)
     ref = SOAP([torch.nn.Parameter(p.detach().clone())], verbose=False, max_precond_dim=0, **HP)
     q = ref.param_groups[0]["params"][0]
-    ref.state[q] = snapshot(opt.state[p])
+    ref.state[q] = snapshot(blk(opt, p))
     gs = micro_grads(gen, p.shape, 4)
     feed(opt, [p], [[g] for g in gs])
     opt.step()
@@ -181,21 +186,33 @@ def test_hooks_capture_the_standard_loop():
         assert torch.equal(a, b)
 
 
-def test_clipping_p_grad_before_step_scales_the_folds():
-    opt_a, (pa,), _ = make(seed=3)
-    opt_b, (pb,), gen = make(seed=3)
-    gs = micro_grads(gen, pa.shape, 3)
-    feed(opt_a, [pa], [[g] for g in gs])
-    pa.grad.mul_(0.3)  # what clip_grad_norm_ does
-    opt_a.step()
-    feed(opt_b, [pb], [[0.3 * g] for g in gs])
-    opt_b.step()
-    torch.testing.assert_close(pa, pb, rtol=1e-10, atol=1e-12)
+def test_changing_p_grad_after_backward_is_refused():
+    opt, (p,), gen = make()
+    feed(opt, [p], [[g] for g in micro_grads(gen, p.shape, 2)])
+    p.grad.mul_(0.3)  # what clip_grad_norm_ does
+    with pytest.raises(RuntimeError, match="max_grad_norm"):
+        opt.step()
+
+
+def test_max_grad_norm_clips_the_plain_and_the_folded_gradient():
+    opt, (p,), gen = make(max_grad_norm=0.5)
+    st, p0 = snapshot(blk(opt, p)), p.detach().clone()
+    gs = micro_grads(gen, p.shape, 2)
+    m = dense_metric(st, HP["eps"])
+    flat = [g.reshape(-1) for g in gs]
+    g_plain = sum(flat)
+    clip = 0.5 / (float(g_plain.norm()) + 1e-6)
+    assert clip < 0.5
+    g_fop = 2 * dense.fop(flat[0], flat[1], m)[0]
+    feed(opt, [p], [[g] for g in gs])
+    opt.step()
+    expected = dense_step(p0, st, clip * g_plain, clip * g_fop, dense.eta(g_plain, g_fop, m))
+    torch.testing.assert_close(p.detach().reshape(-1), expected, rtol=1e-9, atol=1e-11)
 
 
 def test_modality_pair_source_matches_dense():
     opt, (p,), gen = make(pair_source="modality")
-    st, p0 = snapshot(opt.state[p]), p.detach().clone()
+    st, p0 = snapshot(blk(opt, p)), p.detach().clone()
     gs = micro_grads(gen, p.shape, 4)
     feed(opt, [p], [[g] for g in gs], tags=["text", "image", "text", "image"])
     opt.step()
@@ -216,7 +233,7 @@ def test_modality_source_without_tag_is_an_error():
 
 def test_global_level_is_fop_on_the_concatenation():
     opt, params, gen = make(shapes=((4, 3), (3, 3)), level="global")
-    states = [snapshot(opt.state[p]) for p in params]
+    states = [snapshot(blk(opt, p)) for p in params]
     p0s = [p.detach().clone() for p in params]
     gs = [micro_grads(gen, p.shape, 2) for p in params]
     ms = [dense_metric(s, HP["eps"]) for s in states]
@@ -236,7 +253,7 @@ def test_global_level_is_fop_on_the_concatenation():
 def test_head_level_uses_the_metric_restricted_to_each_head():
     heads = 2
     opt, (p,), gen = make(shapes=((8, 5),), level="head", head_splits={"layer0.weight": (heads, 0)})
-    st, p0 = snapshot(opt.state[p]), p.detach().clone()
+    st, p0 = snapshot(blk(opt, p)), p.detach().clone()
     gs = micro_grads(gen, p.shape, 2)
     m = dense_metric(st, HP["eps"])
     minv = torch.linalg.inv(m)
@@ -299,7 +316,7 @@ def test_metric_not_ready_means_no_folds():
 def test_fisher_norm_weights_modalities_by_inverse_natural_norm():
     opt, (p,), gen = make(pair_source="modality", level="global", modality_weighting="fisher_norm",
                           modality_weight_beta=0.0)
-    st, p0 = snapshot(opt.state[p]), p.detach().clone()
+    st, p0 = snapshot(blk(opt, p)), p.detach().clone()
     text, image = 10 * torch.randn(p.shape, generator=gen, dtype=F64), torch.randn(p.shape, generator=gen, dtype=F64)
     feed(opt, [p], [[text], [image]], tags=["text", "image"])
     opt.step()
