@@ -400,7 +400,7 @@ class MLFOPSOAP(SOAP):
     def _check_untouched(self) -> None:
         for p in self._params:
             captured = self._capture.accumulated(p)
-            if captured is not None and (p.grad is None or not torch.equal(p.grad, captured)):
+            if captured is not None and (p.grad is None or not _same(p.grad, captured)):
                 raise RuntimeError("p.grad changed after the last backward (e.g. by clip_grad_norm_); MLFOPSOAP folds "
                                    "the captured micro-step gradients, so clip with MLFOPSOAP(max_grad_norm=...) "
                                    "instead")
@@ -461,6 +461,11 @@ class MLFOPSOAP(SOAP):
         """Remove the gradient hooks."""
         if self._capture is not None:
             self._capture.remove()
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, counting NaN as equal to NaN (a NaN gradient is handled by the non-finite skip)."""
+    return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
 
 
 def _add(b1: Bundle, b2: Bundle) -> Bundle:
