@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from distopt import MLFOPSOAP
+from distopt.checkpoint import load_checkpoint, save_checkpoint
 
 
 def VOCAB(hidden: int) -> int:
@@ -49,11 +50,19 @@ class Net(torch.nn.Module):
 
 def batch(step, rank, k, dtype, width):
     gen = torch.Generator().manual_seed(1000 * step + 31 * rank + k)
-    return torch.randint(0, VOCAB(width), (16, 5), generator=gen), torch.randn(16, width, generator=gen, dtype=dtype)
+    n = 12 if rank < 0 else 16
+    return torch.randint(0, VOCAB(width), (n, 5), generator=gen), torch.randn(n, width, generator=gen, dtype=dtype)
 
 
-def loss_of(model, step, rank, k, dtype, nan=False):
-    tokens, y = batch(step, rank, k, dtype, model.head.out_features)
+def loss_of(model, step, rank, k, dtype, nan=False, world=None):
+    """Per-rank batches by default; with `world`, rank's slice of one global micro-batch of 12 samples
+    (the same global batch at every world size that divides 12)."""
+    if world is None:
+        tokens, y = batch(step, rank, k, dtype, model.head.out_features)
+    else:
+        tokens, y = batch(step, -1, k, dtype, model.head.out_features)
+        share = 12 // world
+        tokens, y = tokens[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
     loss = ((model(tokens, step) - y) ** 2).mean()
     return loss * float("nan") if nan else loss
 
@@ -81,9 +90,13 @@ def train(config, rank, world):
     model, opt = build(config, dtype, world)
     k_micro, data_world = config["K"], config["W"]
     history = []
-    for step in range(config.get("steps", 5)):
+    if config.get("load"):
+        load_checkpoint(config["load"], model, opt)
+    for step in range(config.get("start", 0), config.get("steps", 5)):
         for k in range(k_micro):
-            if config.get("reference"):
+            if config.get("global_batch"):
+                (loss_of(model, step, rank, k, dtype, world=world) / k_micro).backward()
+            elif config.get("reference"):
                 for r in range(data_world):
                     (loss_of(model, step, r, k, dtype, nan=(step, r) == config.get("nan_at")) / (k_micro * data_world)).backward()
                     if config.get("pair_source") == "ranks":
@@ -97,6 +110,8 @@ def train(config, rank, world):
         opt.step()
         opt.zero_grad()
         history.append([p.detach().clone() for p in model.parameters()])
+        if config.get("save_at") == step:
+            save_checkpoint(config["save"], step, model, opt)
     return dict(history=history, counters=dict(opt.counters), sent=dict(opt.comm.sent),
                 calls=dict(opt.comm.calls), owned=len(opt._owned))
 
@@ -117,5 +132,6 @@ def worker(rank, world, configs, out_dir):
 
 def run_sharded(world, configs, out_dir):
     """Run configs on `world` spawned gloo ranks; returns one result list per rank."""
+    os.makedirs(out_dir, exist_ok=True)
     torch.multiprocessing.spawn(worker, args=(world, configs, out_dir), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
