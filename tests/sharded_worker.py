@@ -74,7 +74,11 @@ def build(config, dtype, world):
     for n, p in model.named_parameters():
         p.requires_grad_(any(n == m for m, _ in named))
     if config.get("shuffle"):
-        random.Random(7).shuffle(named)
+        random.Random(7 + (dist.get_rank() if config.get("shuffle") == "per_rank" else 0)).shuffle(named)
+    if config.get("no_reduce"):  # a backend without reduce: the comm layer must fall back
+        def refuse(*args, **kwargs):
+            raise RuntimeError("reduce is not supported by this backend")
+        dist.reduce = refuse
     opts = dict(lr=0.02, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=2, verbose=False,
                 max_block=config.get("max_block"), pair_source=config.get("pair_source", "microstep"),
                 fop=config.get("fop", True), max_grad_norm=config.get("max_grad_norm"))
@@ -113,7 +117,9 @@ def train(config, rank, world):
         if config.get("save_at") == step:
             save_checkpoint(config["save"], step, model, opt)
     return dict(history=history, counters=dict(opt.counters), sent=dict(opt.comm.sent),
-                calls=dict(opt.comm.calls), owned=len(opt._owned))
+                calls=dict(opt.comm.calls), owned=len(opt._owned),
+                numel=sum(b.numel for b in opt.plan.blocks),
+                max_owned=max(sum(b.numel for b in opt.plan.owned(r)) for r in range(world)))
 
 
 def worker(rank, world, configs, out_dir):

@@ -11,7 +11,7 @@ CASES = {
     2: [dict(K=1), dict(K=4, max_block=4), dict(K=3, pair_source="ranks"), dict(K=2, fp64=False),
         dict(K=2, shuffle=True, max_block=4), dict(K=2, fop=False)],
     3: [dict(K=5, max_block=4), dict(K=2, pair_source="ranks"), dict(K=3, max_grad_norm=0.05),
-        dict(K=2, hidden=16)],
+        dict(K=2, hidden=16), dict(K=2, no_reduce=True)],
     4: [dict(K=2, max_block=4), dict(K=1, pair_source="ranks"), dict(K=3)],
 }
 
@@ -77,3 +77,21 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
         for a, b in zip(res["history"][2], res["history"][1]):
             assert torch.equal(a, b), "the step with a NaN gradient must change nothing"
         assert all(torch.isfinite(p).all() for p in res["history"][-1])
+
+
+def test_bytes_sent_follow_the_formula_and_the_fallback_is_counted(tmp_path):
+    """Per rank and step: K reductions of every block's gradient, plus one all-gather of the largest
+    rank share (fp64: 8 bytes per element)."""
+    configs = [dict(K=3, W=3, max_block=4, steps=4), dict(K=2, W=3, no_reduce=True, steps=2)]
+    results = run_sharded(3, configs, str(tmp_path))
+    for r in range(3):
+        res = results[r][0]
+        assert res["sent"]["reduce"] == 4 * 3 * res["numel"] * 8
+        assert res["sent"]["all_gather"] == 4 * res["max_owned"] * 8
+        assert res["calls"].get("reduce_fallback_all_reduce", 0) == 0
+        assert results[r][1]["calls"]["reduce_fallback_all_reduce"] > 0
+
+
+def test_ranks_with_different_plans_refuse_to_start(tmp_path):
+    with pytest.raises(Exception, match="block plans differ across ranks"):
+        run_sharded(2, [dict(K=1, W=2, shuffle="per_rank")], str(tmp_path))
