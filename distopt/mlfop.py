@@ -137,6 +137,8 @@ class MLFOPSOAP(SOAP):
         self._max_segments = max([heads for _, heads in self._segments.values()] + [1])
         self._needs_fold_sums = level == "global" or bool(self.plan.split_params())
         self._window: Optional[_Window] = None
+        self.stats: dict[str, list] = {"beta": []}
+        self.last_stats: dict[str, float] = {}  # |beta*| and eta* of the last step, over this rank's blocks
         sharded = self.comm.world > 1
         self._capture = MicrostepCapture(self._params, self._on_microstep, capture) if fop or sharded else None
 
@@ -210,6 +212,7 @@ class MLFOPSOAP(SOAP):
                 self.counters["fop_metric_not_ready"] += 1
         window = _Window(metrics)
         window.fold = make_fold(self.options["fold_schedule"], self._combine, _add, _scale)
+        self.stats = {"beta": []}
         return window
 
     def _payload(self, b: Block, delta: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -311,6 +314,7 @@ class MLFOPSOAP(SOAP):
         for i in b1:
             s, beta, guarded = fop_coefficients(self._lookup(table, i, metrics[i].n_segments),
                                                 self.options["fop_tolerance"])
+            self.stats["beta"].append(beta.abs())
             self.counters["fop_beta_guarded"] += int(guarded.sum())
             out[i] = fop_combine(a[i], d[i], metrics[i].expand(s, a[i]), metrics[i].expand(beta, a[i]))
         self.counters["fop_folds"] += len(b1)
@@ -396,6 +400,7 @@ class MLFOPSOAP(SOAP):
                         moment, lr_scale)
             updated[b.index] = view
         self._gather(updated)
+        self.last_stats = _summary(self.stats["beta"], list(eta.values()))
 
     def _check_untouched(self) -> None:
         for p in self._params:
@@ -461,6 +466,16 @@ class MLFOPSOAP(SOAP):
         """Remove the gradient hooks."""
         if self._capture is not None:
             self._capture.remove()
+
+
+def _summary(betas: list[torch.Tensor], etas: list[torch.Tensor]) -> dict[str, float]:
+    out = {}
+    for name, values in (("beta_abs", betas), ("eta", etas)):
+        if values:
+            flat = torch.cat([v.reshape(-1) for v in values]).double()
+            out.update({f"{name}_mean": float(flat.mean()), f"{name}_min": float(flat.min()),
+                        f"{name}_max": float(flat.max())})
+    return out
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

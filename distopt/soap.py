@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
@@ -128,6 +129,14 @@ def update_factors(factors: Basis, g: torch.Tensor, shampoo_beta: float) -> None
 def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counter) -> torch.Tensor:
     """Eigenvectors of GG with descending eigenvalues; fp64 retry, then the previous basis (counted)."""
     counters["eigh"] += 1
+    start = time.perf_counter()
+    try:
+        return _eigenbasis(gg, previous, counters)
+    finally:
+        counters["eigh_seconds"] += time.perf_counter() - start
+
+
+def _eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counter) -> torch.Tensor:
     eye = torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
     for attempt, dtype in enumerate((gg.dtype, torch.float64)):
         if attempt:
@@ -145,6 +154,7 @@ def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Cou
 def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Counter) -> tuple[Basis, torch.Tensor]:
     """One power iteration + QR per dim: order Q's columns by the estimated eigenvalues
     diag(Q^T GG Q) (descending, v permuted along), then Q <- qr(GG Q).Q. A non-finite result keeps Q."""
+    start = time.perf_counter()
     new_basis: Basis = []
     for i, (gg, q) in enumerate(zip(factors, basis)):
         if gg is None:
@@ -160,6 +170,7 @@ def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Count
             continue
         v = v.index_select(i, order)
         new_basis.append(q_new)
+    counters["qr_seconds"] += time.perf_counter() - start
     return new_basis, v
 
 

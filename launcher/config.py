@@ -1,0 +1,209 @@
+"""The run configuration: one YAML file, typed sections, errors that name the field and the fix.
+
+    run:        name, out_dir, seed
+    model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides
+    data:       cache_dir, codebook_size, val_fraction, augment
+    batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
+    optimizer:  name, params (distopt.build_optimizer), max_grad_norm
+    schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
+    logging:    every, tensorboard, progress
+    eval:       every, batches, samples_png
+    checkpoint: every, resume (auto | none | <path>)
+    deepspeed:  extra DeepSpeed JSON keys (validated by distopt.deepspeed_glue)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from distopt.registry import OPTIMIZERS, valid_arguments
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs/run"
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    family: str = "emu3"
+    size: str = "tiny"
+    pretrained: Optional[str] = None
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    cache_dir: str = ".cache/distopt"
+    codebook_size: int = 64
+    val_fraction: float = 0.1
+    augment: bool = True
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 8
+    grad_accum: int = 4
+    global_batch_size: Optional[int] = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "mlfop_soap"
+    params: dict = field(default_factory=dict)
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int = 100
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 5
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    every: int = 50
+    batches: int = 4
+    samples_png: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    resume: str = "auto"
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    deepspeed: dict = field(default_factory=dict)
+
+    def deepspeed_json(self, world_size: int) -> dict:
+        """The DeepSpeed config this run hands to the engine (stage 0, our optimizer object)."""
+        ds = {"train_micro_batch_size_per_gpu": self.batch.micro_batch_size,
+              "gradient_accumulation_steps": self.batch.grad_accum,
+              "train_batch_size": self.batch.micro_batch_size * self.batch.grad_accum * world_size,
+              "gradient_clipping": self.optimizer.max_grad_norm or 0.0,
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+        ds.update(self.deepspeed)
+        return ds
+
+
+FAMILIES = {"emu3": ("tiny", "emu3_8b"), "janus": ("tiny", "janus_1_3b")}
+SCHEDULES = ("constant", "cosine")
+RESUME = ("auto", "none")
+
+
+def _build(cls, data: Any, where: str):
+    if data is None:
+        return cls()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key; valid keys are {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+            kwargs[name] = _build(f.default_factory, value, f"{where}.{name}" if where else name)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _check(cond: bool, field_path: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_path}: {message}")
+
+
+def validate(cfg: Config, world_size: int) -> Config:
+    """Every check that can fail before any work starts."""
+    _check(cfg.model.family in FAMILIES, "model.family", f"{cfg.model.family!r} is unknown; choose one of {sorted(FAMILIES)}")
+    sizes = FAMILIES[cfg.model.family]
+    _check(cfg.model.size in sizes, "model.size", f"{cfg.model.size!r} is not a {cfg.model.family} size; choose one of {sizes}")
+    if cfg.model.pretrained is not None:
+        _check(Path(cfg.model.pretrained).is_dir(), "model.pretrained",
+               f"{cfg.model.pretrained!r} is not a directory; point it at a local checkpoint (nothing is downloaded)")
+    b = cfg.batch
+    for name in ("micro_batch_size", "grad_accum"):
+        value = getattr(b, name)
+        _check(isinstance(value, int) and value >= 1, f"batch.{name}", f"{value!r} must be an integer >= 1")
+    if b.global_batch_size is not None:
+        _check(b.global_batch_size == b.micro_batch_size * b.grad_accum * world_size, "batch.global_batch_size",
+               f"{b.global_batch_size} != micro_batch_size {b.micro_batch_size} x grad_accum {b.grad_accum} x "
+               f"world size {world_size} = {b.micro_batch_size * b.grad_accum * world_size}; fix one of them")
+    o = cfg.optimizer
+    _check(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
+    if o.name not in ("pcgrad", "mgda"):
+        bad = sorted(set(o.params) - set(valid_arguments(o.name)))
+        _check(not bad, f"optimizer.params.{bad[0] if bad else ''}",
+               f"not an argument of {o.name}; valid arguments are {valid_arguments(o.name)}")
+    _check("max_grad_norm" not in o.params, "optimizer.params.max_grad_norm",
+           "set clipping once, as optimizer.max_grad_norm")
+    _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0 or null")
+    pair = o.params.get("pair_source", "microstep")
+    if o.name == "mlfop_soap" and pair == "microstep" and b.grad_accum == 1 and o.params.get("fop", True):
+        raise ConfigError("batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold; use grad_accum >= 2 "
+                          "or optimizer.params.pair_source: ranks (needs >= 2 ranks) or modality")
+    if pair == "ranks":
+        _check(world_size >= 2, "optimizer.params.pair_source", "'ranks' needs at least 2 ranks")
+    s = cfg.schedule
+    _check(isinstance(s.steps, int) and s.steps >= 1, "schedule.steps", f"{s.steps!r} must be an integer >= 1")
+    _check(0 <= s.warmup_steps < s.steps, "schedule.warmup_steps", f"{s.warmup_steps} must be in [0, steps)")
+    _check(s.lr_schedule in SCHEDULES, "schedule.lr_schedule", f"{s.lr_schedule!r}; choose one of {SCHEDULES}")
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _check(cfg.eval.every >= 0 and cfg.eval.batches >= 1, "eval", "every must be >= 0 and batches >= 1")
+    c = cfg.checkpoint
+    _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
+    if c.resume not in RESUME:
+        _check(Path(c.resume).is_dir(), "checkpoint.resume",
+               f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+    _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"{cfg.data.val_fraction} must be in (0, 1)")
+    return cfg
+
+
+def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[str]] = None) -> Config:
+    """Read, apply `section.key=value` overrides (values parsed as YAML), build and validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--config: {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return validate(_build(Config, data, ""), world_size)
