@@ -3,15 +3,16 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 ENV := source scripts/env.sh &&
 
-.PHONY: setup test demo bench
+.PHONY: setup services test demo
 setup:
 	bash scripts/setup.sh
 
-test: setup
+services:
+	bash scripts/setup_test_services.sh
+
+test: setup services
 	$(ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/
 
 demo: setup
 	$(ENV) $(PY) scripts/demo.py
 
-bench: setup
-	$(ENV) $(PY) benchmarks/optimizer_step.py
