@@ -19,13 +19,14 @@ def _two_objective(rule: str) -> Callable:
     return build
 
 
-TWO_OBJECTIVE = {"pcgrad", "mgda"}
+TWO_OBJECTIVE = {"pcgrad", "mgda", "pareto_lora"}
 OPTIMIZERS: dict[str, Callable] = {
     "adamw": torch.optim.AdamW,
     "soap": SOAP,
     "mlfop_soap": MLFOPSOAP,
     "pcgrad": _two_objective("pcgrad"),
     "mgda": _two_objective("mgda"),
+    "pareto_lora": _two_objective("pareto_lora"),
 }
 
 

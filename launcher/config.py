@@ -163,7 +163,7 @@ def validate(cfg: Config, world_size: int) -> Config:
                f"world size {world_size} = {b.micro_batch_size * b.grad_accum * world_size}; fix one of them")
     o = cfg.optimizer
     _check(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
-    if o.name not in ("pcgrad", "mgda"):
+    if o.name not in ("pcgrad", "mgda", "pareto_lora"):
         bad = sorted(set(o.params) - set(valid_arguments(o.name)))
         _check(not bad, f"optimizer.params.{bad[0] if bad else ''}",
                f"not an argument of {o.name}; valid arguments are {valid_arguments(o.name)}")

@@ -1,22 +1,27 @@
-"""PCGrad and MGDA closed forms (research/algorithms.md section 4c) and the two-objective wrapper."""
+"""Two-objective rules (research/algorithms.md section 4c): closed forms and the wrapper."""
 
 import pytest
 import torch
 
-from distopt import build_optimizer, mgda, pcgrad
+from distopt import build_optimizer, combine
+from distopt.baselines import _module_of
 
 F64 = torch.float64
 
 
+def vec(*x):
+    return torch.tensor(x, dtype=F64)
+
+
 def test_mgda_orthogonal_equal_norms_gives_the_midpoint():
-    g1, g2 = torch.tensor([1.0, 0.0], dtype=F64), torch.tensor([0.0, 1.0], dtype=F64)
-    torch.testing.assert_close(mgda(g1, g2), (g1 + g2) / 2)
+    g1, g2 = vec(1.0, 0.0), vec(0.0, 1.0)
+    torch.testing.assert_close(combine("mgda", g1, g2), (g1 + g2) / 2)
 
 
 def test_mgda_min_norm_point_and_common_descent():
     gen = torch.Generator().manual_seed(0)
     g1, g2 = 10 * torch.randn(6, generator=gen, dtype=F64), torch.randn(6, generator=gen, dtype=F64)
-    d = mgda(g1, g2)
+    d = combine("mgda", g1, g2)
     alphas = torch.linspace(0, 1, 2001, dtype=F64)
     brute = min(float((a * g1 + (1 - a) * g2).norm()) for a in alphas)
     assert float(d.norm()) <= brute + 1e-9
@@ -25,20 +30,38 @@ def test_mgda_min_norm_point_and_common_descent():
 
 
 def test_pcgrad_projects_only_conflicts():
-    g1, g2 = torch.tensor([1.0, 1.0], dtype=F64), torch.tensor([1.0, -0.5], dtype=F64)
-    torch.testing.assert_close(pcgrad(g1, g2), g1 + g2)
-    g2 = torch.tensor([-1.0, 0.2], dtype=F64)
-    out = pcgrad(g1, g2)
+    g1, g2 = vec(1.0, 1.0), vec(1.0, -0.5)
+    torch.testing.assert_close(combine("pcgrad", g1, g2), (g1 + g2) / 2)
+    g2 = vec(-1.0, 0.2)
     g1p = g1 - (g1 @ g2) / (g2 @ g2) * g2
     g2p = g2 - (g2 @ g1) / (g1 @ g1) * g1
     assert abs(float(g1p @ g2)) < 1e-12 and abs(float(g2p @ g1)) < 1e-12
-    torch.testing.assert_close(out, g1p + g2p)
+    torch.testing.assert_close(combine("pcgrad", g1, g2), (g1p + g2p) / 2)
 
 
-def test_identical_gradients_reduce_to_the_sum():
-    g = torch.tensor([0.3, -2.0, 1.0], dtype=F64)
-    torch.testing.assert_close(mgda(g, g.clone()), g)
-    torch.testing.assert_close(pcgrad(g, g.clone()), 2 * g)
+def test_pareto_lora_closed_forms():
+    g1, g2 = vec(3.0, 0.0), vec(0.0, 3.0)
+    torch.testing.assert_close(combine("pareto_lora", g1, g2), (g1 + g2) / 2, msg="equal norms, orthogonal: midpoint")
+    torch.testing.assert_close(combine("pareto_lora", g1, torch.zeros(2, dtype=F64)), g1, msg="zero gives the other")
+    torch.testing.assert_close(combine("pareto_lora", torch.zeros(2, dtype=F64), g2), g2)
+    g = vec(0.3, -2.0, 1.0)
+    torch.testing.assert_close(combine("pareto_lora", g, g.clone()), g, msg="identical gives that gradient")
+    big, small = vec(100.0, 0.0), vec(0.0, 1.0)
+    d = combine("pareto_lora", big, small)
+    torch.testing.assert_close(d, 50.5 * (vec(1.0, 0.0) + vec(0.0, 1.0)) / 2, msg="strengths equalised")
+
+
+@pytest.mark.parametrize("rule", ["mgda", "pcgrad", "pareto_lora"])
+def test_identical_gradients_give_that_gradient(rule):
+    g = vec(0.3, -2.0, 1.0)
+    torch.testing.assert_close(combine(rule, g, g.clone()), g)
+
+
+def test_lora_a_and_b_form_one_layer():
+    a = "base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    b = "base_model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    assert _module_of(a, 0) == _module_of(b, 1) == "base_model.model.layers.0.self_attn.q_proj"
+    assert _module_of("l1.weight", 0) == _module_of("l1.bias", 1) == "l1"
 
 
 def _two_modality_run(name, conflicting, granularity="global"):
@@ -65,14 +88,14 @@ def _two_modality_run(name, conflicting, granularity="global"):
     return [p.detach().clone() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "mgda"])
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "pareto_lora"])
 @pytest.mark.parametrize("granularity", ["global", "layer"])
 def test_wrapper_with_identical_modalities_is_the_base_optimizer(name, granularity):
     for a, b in zip(_two_modality_run(name, False, granularity), _two_modality_run("adamw", False)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("name", ["pcgrad", "mgda"])
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "pareto_lora"])
 def test_wrapper_changes_the_update_when_modalities_differ(name):
     got, ref = _two_modality_run(name, True), _two_modality_run("adamw", True)
     assert not all(torch.allclose(a, b) for a, b in zip(got, ref))
