@@ -70,6 +70,7 @@ def main() -> None:
         with open(os.path.join(args.out, "stats.json"), "w") as f:
             json.dump(dict(world=world, allreduce_calls=allreduce_calls[0], counters=dict(opt.counters),
                            sent=dict(opt.comm.sent)), f)
+    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 
 
 if __name__ == "__main__":
