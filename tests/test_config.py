@@ -1,0 +1,63 @@
+"""The launcher's config: every configs/*.yaml validates, and each kind of mistake names its field."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "emu3_tiny_mlfop.yaml"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_validate(path):
+    cfg = load_config(path, world_size=2)
+    ds = cfg.deepspeed_json(2)
+    assert ds["zero_optimization"]["stage"] == 0 and ds["train_batch_size"] == (
+        cfg.batch.micro_batch_size * cfg.batch.grad_accum * 2)
+
+
+def test_tiny_configs_differ_only_in_the_optimizer():
+    def load(name):
+        data = yaml.safe_load((ROOT / "configs" / name).read_text())
+        data.pop("optimizer"), data.pop("run")
+        return data
+
+    for family in ("emu3", "janus"):
+        base = load(f"{family}_tiny_mlfop.yaml")
+        assert load(f"{family}_tiny_soap.yaml") == base == load(f"{family}_tiny_adamw.yaml")
+
+
+@pytest.mark.parametrize("override,match", [
+    (["batch.micro_batchsize=4"], r"batch.micro_batchsize: unknown key; valid keys are \['global_batch_size'"),
+    (["modle.family=emu3"], r"modle: unknown key"),
+    (["batch.global_batch_size=100"], r"batch.global_batch_size: 100 != micro_batch_size 16 x grad_accum 4 x world size 1 = 64"),
+    (["model.family=gpt"], r"model.family: 'gpt' is unknown"),
+    (["model.size=janus_1_3b"], r"model.size: 'janus_1_3b' is not a emu3 size"),
+    (["optimizer.name=lion"], r"optimizer.name: 'lion' is unknown"),
+    (["optimizer.params.precondition_freq=3"], r"optimizer.params.precondition_freq: not an argument of mlfop_soap"),
+    (["batch.grad_accum=1"], r"batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold"),
+    (["optimizer.params.pair_source=ranks"], r"optimizer.params.pair_source: 'ranks' needs at least 2 ranks"),
+    (["schedule.warmup_steps=500"], r"schedule.warmup_steps: 500 must be in \[0, steps\)"),
+    (["checkpoint.resume=/no/such/checkpoint"], r"checkpoint.resume: '/no/such/checkpoint' is neither"),
+    (["model.pretrained=/no/such/model"], r"model.pretrained: '/no/such/model' is not a directory"),
+    (["optimizer.params.max_grad_norm=1.0"], r"optimizer.params.max_grad_norm: set clipping once"),
+    (["data.val_fraction=1.5"], r"data.val_fraction: 1.5 must be in \(0, 1\)"),
+])
+def test_mistakes_name_their_field(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, world_size=1, overrides=override)
+
+
+def test_a_section_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("batch: 3\n")
+    with pytest.raises(ConfigError, match="batch: expected a mapping, got int"):
+        load_config(path)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="--config: .*does not exist"):
+        load_config(ROOT / "configs" / "nope.yaml")
