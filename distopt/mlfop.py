@@ -31,7 +31,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Callable, Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -349,30 +349,23 @@ class MLFOPSOAP(SOAP):
 
     # -- the step ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._print_summary_once()
+    def _update(self) -> None:
         if self._capture is None:  # one process, FOP off: plain SOAP on p.grad
             for b in self._owned:
                 p = self._params[b.param]
                 if p.grad is not None:
                     soap_update(self.block_state(b), p.data[b.slices], self._to_layout(b, p.grad[b.slices]),
                                 self.block_layout(b), self._group_of[p], self.counters)
-            return loss
+            return
         self._check_untouched()
         w = self._window
         self._capture.reset()
         if w is None:
-            return loss
+            return
         try:
             self._step_window(w)
         finally:
             self._window = None
-        return loss
 
     def _step_window(self, w: _Window) -> None:
         self._drain(w)

@@ -312,13 +312,17 @@ class SOAP(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._print_summary_once()
+        self._update()
+        return loss
+
+    def _update(self) -> None:
+        """Apply one step to every parameter with a gradient."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
                     layout = self.layout(p, group)
                     soap_update(self.state[p], p, layout.to_precond(p.grad.to(state_dtype(p))), layout, group,
                                 self.counters)
-        return loss
 
     # -- torch.optim contract ----------------------------------------------------------------------
 
