@@ -1,10 +1,11 @@
-"""Checkpoints of a (possibly sharded) MLFOPSOAP run, keyed by parameter name and block.
+"""Checkpoints of a training run, with MLFOPSOAP's sharded state keyed by parameter name and block.
 
 Layout of `<root>/step-<N>/`:
     manifest.json        format, step, world size, blocks (name, ordinal, slices, owner, file),
                          optimizer hyper-parameters, sha256 of every file, user `extra`
     model.pt             the model's state_dict (parameters are replicated; rank 0 writes it)
-    optim-rank<R>.pt     the blocks rank R owned: {"<name>#<ordinal>": block state}
+    optim-rank<R>.pt     the blocks rank R owned: {"<name>#<ordinal>": block state}; for any other
+                         (replicated) optimizer, rank 0 writes its state_dict() as optim-rank0.pt
 
 Writing is atomic: everything goes to a hidden temporary directory, the manifest (with checksums)
 is written last, the directory is renamed to step-<N>, and only then is `<root>/latest` replaced
@@ -45,49 +46,63 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _barrier(opt: MLFOPSOAP) -> None:
-    if opt.comm.world > 1:
-        dist.barrier(group=opt.comm.group)
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
-def _broadcast(opt: MLFOPSOAP, value: Any) -> Any:
-    if opt.comm.world == 1:
+def _barrier() -> None:
+    if _rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _broadcast(value: Any) -> Any:
+    if _rank_world()[1] == 1:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(opt.comm.group, 0) if opt.comm.group else 0,
-                               group=opt.comm.group)
+    dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[dict]:
+    """What this rank writes as optim-rank<R>.pt, or None."""
+    if isinstance(optimizer, MLFOPSOAP):
+        return {_block_key(b.name, b.ordinal): optimizer.block_state(b) for b in optimizer._owned}
+    return {"state_dict": optimizer.state_dict()} if rank == 0 else None
 
 
 def _block_key(name: str, ordinal: int) -> str:
     return f"{name}#{ordinal}"
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: MLFOPSOAP,
+def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: Optional[dict] = None) -> Path:
     """Collective: every rank calls it at the same step, after optimizer.step()."""
-    if optimizer._window is not None:
+    if getattr(optimizer, "_window", None) is not None:
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
     root = Path(root)
-    rank = optimizer.comm.rank
-    tmp = _broadcast(optimizer, root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    rank, world = _rank_world()
+    tmp = _broadcast(root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
     if rank == 0:
         tmp.mkdir(parents=True)
-    _barrier(optimizer)
-    blocks = {_block_key(b.name, b.ordinal): optimizer.block_state(b) for b in optimizer._owned}
-    torch.save(blocks, tmp / f"optim-rank{rank}.pt")
+    _barrier()
+    mine = _optimizer_files(optimizer, rank)
+    if mine is not None:
+        torch.save(mine, tmp / f"optim-rank{rank}.pt")
     if rank == 0:
         torch.save(model.state_dict(), tmp / "model.pt")
-    _barrier(optimizer)
+    _barrier()
     final = root / f"step-{step}"
     if rank == 0:
-        files = ["model.pt"] + [f"optim-rank{r}.pt" for r in range(optimizer.comm.world)]
-        manifest = dict(
-            format=FORMAT, step=step, world_size=optimizer.comm.world,
-            blocks=[dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
-                         file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks],
-            param_groups=[{k: v for k, v in g.items() if k != "params"} for g in optimizer.state_dict()["param_groups"]],
-            sha256={f: _sha256(tmp / f) for f in files}, extra=extra or {})
+        sharded = isinstance(optimizer, MLFOPSOAP)
+        files = ["model.pt"] + [f"optim-rank{r}.pt" for r in range(world if sharded else 1)]
+        blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
+                       file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=type(optimizer).__name__,
+                        blocks=blocks, param_groups=groups, sha256={f: _sha256(tmp / f) for f in files},
+                        extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         if final.exists():
             shutil.rmtree(final)
@@ -95,7 +110,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         pointer = root / f".latest-{uuid.uuid4().hex[:8]}"
         pointer.write_text(final.name)
         os.replace(pointer, root / "latest")
-    _barrier(optimizer)
+    _barrier()
     return final
 
 
@@ -142,7 +157,7 @@ def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
     return root / pointer.read_text().strip()
 
 
-def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: MLFOPSOAP,
+def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     step: Optional[int] = None) -> dict:
     """Collective: load model and optimizer state; returns the manifest (its `extra` and `step`)."""
     path = resolve(root, step)
@@ -152,31 +167,42 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
         others = [s for s in complete_steps(root) if path.name != f"step-{s}"]
         hint = f"; complete checkpoints: steps {others} (pass step=...)" if others else ""
         raise CheckpointError(f"{e}{hint}") from e
-    saved = {b["key"]: b for b in manifest["blocks"]}
-    needed = {_block_key(b.name, b.ordinal): b for b in optimizer.plan.blocks}
-    if set(saved) != set(needed) or any(
-            [[s.start, s.stop] for s in needed[k].slices] != saved[k]["slices"] for k in needed):
+    if manifest["optimizer"] != type(optimizer).__name__:
+        raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {type(optimizer).__name__}")
+    if isinstance(optimizer, MLFOPSOAP):
+        _check_plan(path, manifest, optimizer)
+    model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+    if isinstance(optimizer, MLFOPSOAP):
+        _load_blocks(path, manifest, optimizer)
+        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
+            for k, v in saved_group.items():
+                if k != "param_names":
+                    group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
+    else:
+        optimizer.load_state_dict(torch.load(path / "optim-rank0.pt", weights_only=True)["state_dict"])
+    _barrier()
+    return manifest
+
+
+def _check_plan(path: Path, manifest: dict, optimizer: MLFOPSOAP) -> None:
+    saved = {b["key"]: b["slices"] for b in manifest["blocks"]}
+    needed = {_block_key(b.name, b.ordinal): [[s.start, s.stop] for s in b.slices] for b in optimizer.plan.blocks}
+    if saved != needed:
         raise CheckpointError(f"{path}: the checkpoint's block plan differs from this optimizer's "
                               "(other parameters, shapes or max_block); resume with the same model and max_block")
-    model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
-    files: dict[str, dict] = {}
-    for b in optimizer._owned:
-        key = _block_key(b.name, b.ordinal)
-        fname = saved[key]["file"]
-        if fname not in files:
-            files[fname] = torch.load(path / fname, weights_only=True)
-        state = files[fname][key]
-        target = optimizer.block_state(b)
-        target.clear()
-        target.update(state)
     if len(manifest["param_groups"]) != len(optimizer.param_groups):
         raise CheckpointError(f"{path}: {len(manifest['param_groups'])} parameter groups saved, "
                               f"{len(optimizer.param_groups)} in this optimizer")
-    for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
-        for k, v in saved_group.items():
-            if k in group and k != "param_names":
-                group[k] = tuple(v) if isinstance(group[k], tuple) else v
-            elif k == "modality_norm_ema":
-                group[k] = v
-    _barrier(optimizer)
-    return manifest
+
+
+def _load_blocks(path: Path, manifest: dict, optimizer: MLFOPSOAP) -> None:
+    """Each rank reads the blocks it owns now, from whichever rank's file holds them."""
+    where = {b["key"]: b["file"] for b in manifest["blocks"]}
+    files: dict[str, dict] = {}
+    for b in optimizer._owned:
+        key = _block_key(b.name, b.ordinal)
+        if where[key] not in files:
+            files[where[key]] = torch.load(path / where[key], weights_only=True)
+        target = optimizer.block_state(b)
+        target.clear()
+        target.update(files[where[key]][key])

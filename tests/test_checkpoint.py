@@ -81,3 +81,33 @@ def test_four_then_two_then_three_ranks_continue_the_trajectory(tmp_path):
     for a, b in zip(last[0][0]["history"][-1], full[0][0]["history"][-1]):
         torch.testing.assert_close(a, b, **FP64_TOL)
     assert complete_steps(ck) == [1, 3]
+
+
+def test_a_replicated_optimizer_round_trips_too(tmp_path):
+    from distopt import build_optimizer
+
+    def make():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        return model, build_optimizer({"name": "soap", "params": {"verbose": False}}, model.named_parameters())
+
+    def train_steps(model, opt, steps):
+        for s in steps:
+            torch.manual_seed(s)
+            model(torch.randn(8, 4)).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+
+    model, opt = make()
+    train_steps(model, opt, range(6))
+    model_a, opt_a = make()
+    train_steps(model_a, opt_a, range(3))
+    save_checkpoint(tmp_path, 2, model_a, opt_a)
+    model_b, opt_b = make()
+    assert load_checkpoint(tmp_path, model_b, opt_b)["optimizer"] == "SOAP"
+    train_steps(model_b, opt_b, range(3, 6))
+    for a, b in zip(model.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    _, mlfop = build({"K": 2}, torch.float64, 1)
+    with pytest.raises(CheckpointError, match="holds SOAP state; this run uses MLFOPSOAP"):
+        load_checkpoint(tmp_path, torch.nn.Linear(4, 3), mlfop)
