@@ -1,15 +1,19 @@
 """Hierarchical folding of the K micro-step gradients of one optimizer step.
 
 A fold merges two equal-count gradient sets with FOP (`combine(x1, n1, x2, n2)`), the older first.
-Items are opaque to this module (one tensor per block, a dict of them, ...).
+Items are opaque to this module (one tensor per block, a dict of them, ...); `prepare` turns a raw
+gradient into the form folds work on (for SOAP's metric: a rotation into the eigenbasis), and is
+called once per item that takes part in a fold.
 
-`tree` (canonical): a binary counter. Micro-step 1 folds with 2, the pair folds with the folded pair
-(3, 4), and so on: level j compares two sets of 2^(j-1) micro-steps, so with modality-pure
-interleaved micro-batches every level-1 fold is a text-vs-image fold. K - 1 folds, at most
-floor(log2 K) + 1 items held.
+`streaming` (canonical): z folds with the plain mean of the next equal-count chunk,
+z_j = FOP(z_{j-1}, mean(g_{2^(j-1)+1 .. 2^j})), the MLMC-style telescoping. Level 1 is micro-step 1
+against 2 (with modality-pure interleaved micro-batches: text against image), higher levels fold
+sampling variance. ceil(log2 K) folds; a chunk is summed raw and prepared once, so K = 8 costs four
+rotations, not eight; two buffers.
 
-`streaming`: z folds with the plain mean of the next equal-count chunk (z_j = FOP(z_{j-1},
-mean(g_{2^(j-1)+1 .. 2^j}))), the MLMC-style telescoping; ceil(log2 K) folds, two items held.
+`tree`: a binary counter. Micro-step 1 folds with 2, 3 with 4, the pairs with each other, and so
+on: every level-1 fold pairs two single micro-steps. K - 1 folds, every micro-step prepared, at
+most floor(log2 K) + 1 items held.
 
 K not a power of two: the leftovers at the boundary are folded count-weighted, newest first.
 """
@@ -21,19 +25,20 @@ from typing import Any, Callable, Optional
 Combine = Callable[[Any, int, Any, int], Any]
 Add = Callable[[Any, Any], Any]
 Scale = Callable[[Any, float], Any]
+Prepare = Callable[[Any], Any]
 
-SCHEDULES = ("tree", "streaming")
+SCHEDULES = ("streaming", "tree")
 
 
 class TreeFold:
-    def __init__(self, combine: Combine):
-        self.combine = combine
+    def __init__(self, combine: Combine, prepare: Prepare):
+        self.combine, self.prepare = combine, prepare
         self.stack: list[tuple[Any, int]] = []
         self.count = 0
 
     def push(self, item: Any) -> None:
         self.count += 1
-        node = (item, 1)
+        node = (self.prepare(item), 1)
         while self.stack and self.stack[-1][1] == node[1]:
             older, n = self.stack.pop()
             node = (self.combine(older, n, node[0], node[1]), n + node[1])
@@ -49,16 +54,16 @@ class TreeFold:
 
 
 class StreamingFold:
-    def __init__(self, combine: Combine, add: Add, scale: Scale):
-        self.combine, self.add, self.scale = combine, add, scale
+    def __init__(self, combine: Combine, add: Add, scale: Scale, prepare: Prepare):
+        self.combine, self.add, self.scale, self.prepare = combine, add, scale, prepare
         self.z: Optional[tuple[Any, int]] = None
-        self.chunk: Optional[tuple[Any, int]] = None  # running sum of the current chunk, and its count
+        self.chunk: Optional[tuple[Any, int]] = None  # raw running sum of the current chunk, and its count
         self.count = 0
 
     def push(self, item: Any) -> None:
         self.count += 1
         if self.z is None:
-            self.z = (item, 1)
+            self.z = (self.prepare(item), 1)
             return
         self.chunk = (item, 1) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + 1)
         if self.chunk[1] == self.z[1]:
@@ -66,7 +71,7 @@ class StreamingFold:
 
     def _fold_chunk(self) -> None:
         (z, nz), (total, nc) = self.z, self.chunk
-        self.z = (self.combine(z, nz, self.scale(total, 1.0 / nc), nc), nz + nc)
+        self.z = (self.combine(z, nz, self.prepare(self.scale(total, 1.0 / nc)), nc), nz + nc)
         self.chunk = None
 
     def result(self) -> Optional[tuple[Any, int]]:
@@ -75,9 +80,9 @@ class StreamingFold:
         return self.z
 
 
-def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale):
+def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale, prepare: Prepare):
     if schedule == "tree":
-        return TreeFold(combine)
+        return TreeFold(combine, prepare)
     if schedule == "streaming":
-        return StreamingFold(combine, add, scale)
+        return StreamingFold(combine, add, scale, prepare)
     raise ValueError(f"fold_schedule={schedule!r} is invalid: choose one of {SCHEDULES}")

@@ -79,7 +79,7 @@ class MLFOPSOAP(SOAP):
     """SOAP + FOP folding of micro-steps, sharded over ranks. Takes every SOAP argument, plus:
 
     fop: False gives SOAP (bit-for-bit in one process).  pair_source: 'microstep' | 'modality' | 'ranks'.
-    fold_schedule: 'tree' | 'streaming'.  level: 'layer' | 'head' | 'global'.
+    fold_schedule: 'streaming' | 'tree'.  level: 'layer' | 'head' | 'global'.
     head_splits: {name pattern: (num_heads, dim)} for level 'head' (see attention_head_splits).
     eta_convention: 'mean' (g_tot = g_avg) | 'sum' (g_tot = g1 + g2, the paper's literal eq. 17) | 'none'.
     modality_weighting: 'none' | 'fisher_norm' (global level with the modality source: each modality
@@ -93,7 +93,7 @@ class MLFOPSOAP(SOAP):
     """
 
     def __init__(self, params: Iterable, *, fop: bool = True, pair_source: str = "microstep",
-                 fold_schedule: str = "tree", level: str = "layer",
+                 fold_schedule: str = "streaming", level: str = "layer",
                  head_splits: Optional[Mapping[str, tuple[int, int]]] = None, eta_convention: str = "mean",
                  modality_weighting: str = "none", modality_weight_beta: float = 0.9,
                  fop_tolerance: float = 1e-5, capture: str = "hooks", max_block: Optional[int] = None,
@@ -211,7 +211,7 @@ class MLFOPSOAP(SOAP):
             elif self.options["fop"]:
                 self.counters["fop_metric_not_ready"] += 1
         window = _Window(metrics)
-        window.fold = make_fold(self.options["fold_schedule"], self._combine, _add, _scale)
+        window.fold = make_fold(self.options["fold_schedule"], self._combine, _add, _scale, self._prepare)
         self.stats = {"beta": []}
         return window
 
@@ -278,7 +278,12 @@ class MLFOPSOAP(SOAP):
         return self.block_layout(b).to_precond(flat.view(b.shape).to(state_dtype(self._params[b.param])))
 
     def _items(self, w: _Window, grads: dict[int, torch.Tensor]) -> Bundle:
-        return {i: m.prepare(self._to_layout(self._blocks[i], grads[i])) for i, m in w.metrics.items()}
+        """Raw micro-gradients (preconditioning layout) of the blocks that fold."""
+        return {i: self._to_layout(self._blocks[i], grads[i]) for i in w.metrics}
+
+    def _prepare(self, items: Bundle) -> Bundle:
+        """Raw gradients into the form folds measure (rotated into each block's eigenbasis)."""
+        return {i: self._window.metrics[i].prepare(x) for i, x in items.items()}
 
     @staticmethod
     def _accumulate(w: _Window, tag: str, items: Bundle, size: int) -> None:
@@ -320,15 +325,15 @@ class MLFOPSOAP(SOAP):
         self.counters["fop_folds"] += len(b1)
         return out
 
-    def _weights(self, w: _Window) -> list[float]:
+    def _weights(self, w: _Window, means: dict[str, Bundle]) -> list[float]:
         """fisher_norm: w_m proportional to 1 / EMA(||g_m||_{M^-1}), normalised so that w_text + w_image = 2."""
         if self.options["modality_weighting"] == "none":
             return [1.0, 1.0]
         ema = self.param_groups[0].setdefault("modality_norm_ema", {})
         beta = self.options["modality_weight_beta"]
         inverse = []
-        for tag, (total, count, _) in w.groups.items():
-            local = {i: w.metrics[i].eta_partials(x, x) / count ** 2 for i, x in total.items()}
+        for tag, mean in means.items():
+            local = {i: w.metrics[i].eta_partials(x, x) for i, x in mean.items()}
             norm = float(self._partial_table(local, 2)[..., 1].sum()) ** 0.5
             ema[tag] = norm if tag not in ema else beta * ema[tag] + (1 - beta) * norm
             inverse.append(1.0 / max(ema[tag], 1e-30))
@@ -343,9 +348,10 @@ class MLFOPSOAP(SOAP):
             raise RuntimeError(f"pair_source={self.options['pair_source']!r} folds two groups, got {sorted(w.groups)}")
         if len(w.groups) < 2:
             return None
-        weights = self._weights(w)
-        (s1, k1, n1), (s2, k2, n2) = w.groups.values()
-        return self._combine(_scale(s1, weights[0] / k1), n1 * k1, _scale(s2, weights[1] / k2), n2 * k2)
+        means = {tag: self._prepare(_scale(total, 1.0 / k)) for tag, (total, k, _) in w.groups.items()}
+        weights = self._weights(w, means)
+        (m1, m2), ((_, k1, n1), (_, k2, n2)) = means.values(), w.groups.values()
+        return self._combine(_scale(m1, weights[0]), n1 * k1, _scale(m2, weights[1]), n2 * k2)
 
     # -- the step ----------------------------------------------------------------------------------
 
