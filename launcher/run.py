@@ -1,0 +1,189 @@
+"""distopt's one training entry point.
+
+    deepspeed --num_gpus 2 launcher/run.py --config configs/emu3_tiny_mlfop.yaml
+    torchrun --nproc_per_node 2 launcher/run.py --config ...      mpiexec -n 2 python launcher/run.py --config ...
+    python launcher/run.py --config ... --set schedule.steps=20   (one process)
+
+The config (launcher/config.py) picks model, data, optimizer {name, params}, batch, schedule,
+logging, evaluation and checkpointing; it is validated before any work starts. The engine is
+DeepSpeed at ZeRO stage 0 with the distopt optimizer (distopt/deepspeed_glue.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from distopt import deepspeed_glue
+from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
+from launcher.config import Config, ConfigError, load_config
+from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_mib
+from model_zoo import build_model
+from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, caption, collate
+from model_zoo.emu3 import Emu3Model
+from model_zoo.vq import render_grid
+
+
+def init_distributed() -> None:
+    """DeepSpeed's discovery covers the deepspeed launcher, torchrun and mpirun/mpiexec (mpi4py);
+    a plain `python` run becomes a world of one on a free local port."""
+    import deepspeed
+
+    if not any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(s.getsockname()[1]))
+    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(minutes=10))
+
+
+def lr_lambda(cfg: Config):
+    warm, total = cfg.schedule.warmup_steps, cfg.schedule.steps
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return 1.0
+
+    return factor
+
+
+def generate_samples(model: torch.nn.Module, vocab) -> torch.Tensor:
+    """Two images per digit 0..9, generated from a caption and decoded: codes LongTensor[20, 16]."""
+    gen = torch.Generator().manual_seed(0)
+    captions = [vocab.text(caption(d, 1)) for d in range(10) for _ in range(2)]
+    if isinstance(model, Emu3Model):
+        prompts = [vocab.sequence("generation", c, [])[:-2] for c in captions]  # up to [SOT]
+        return model.generate_images(prompts, vocab.image_offset, vocab.codebook_size, gen)
+    ids = torch.full((len(captions), max(map(len, captions))), vocab.pad)
+    for i, c in enumerate(captions):
+        ids[i, :len(c)] = torch.tensor(c)
+    return model.generate_images(ids, ids != vocab.pad, gen)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    args = ap.parse_args(argv)
+    try:
+        init_distributed()
+        rank, world = dist.get_rank(), dist.get_world_size()
+        cfg = load_config(args.config, world, args.set)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    torch.manual_seed(cfg.run.seed)
+    out = Path(cfg.run.out_dir)
+    ckpt_root = out / "checkpoints"
+
+    # data: rank 0 trains (or loads) the cached VQ codebook and tokenizer first; the others then load it
+    if rank == 0:
+        build_datasets(cfg.data.cache_dir, seed=cfg.run.seed, val_fraction=cfg.data.val_fraction,
+                       codebook_size=cfg.data.codebook_size)
+    dist.barrier()
+    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, seed=cfg.run.seed,
+                                                   val_fraction=cfg.data.val_fraction,
+                                                   codebook_size=cfg.data.codebook_size)
+    sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
+                                world_size=world, seed=cfg.run.seed, augment=cfg.data.augment)
+    model = build_model(cfg.model, vocab)
+    engine, opt = deepspeed_glue.initialize(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params},
+                                            cfg.deepspeed_json(world))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    start = 0
+    resume = cfg.checkpoint.resume
+    if resume != "none" and (resume != "auto" or complete_steps(ckpt_root)):
+        root = ckpt_root if resume == "auto" else Path(resume)
+        step = complete_steps(root)[-1] if resume == "auto" else None
+        manifest = load_checkpoint(root, model, opt, step=step)
+        sampler.load_state_dict(manifest["extra"]["sampler"])
+        scheduler.load_state_dict(manifest["extra"]["scheduler"])
+        start = manifest["step"] + 1
+        if rank == 0:
+            print(f"[distopt] resumed from {root} step {manifest['step']}", file=sys.stderr)
+    logger = Logger(str(out), cfg.logging.tensorboard and rank == 0)
+    progress = None
+    if rank == 0 and cfg.logging.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=cfg.schedule.steps, initial=start, desc=cfg.run.name)
+    mbs = cfg.batch.micro_batch_size
+    val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality)
+                   for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
+    tokens_per_micro = None
+
+    for step in range(start, cfg.schedule.steps):
+        log_now = (step + 1) % cfg.logging.every == 0 or step == cfg.schedule.steps - 1
+        probe = ModalityGradProbe(model.parameters()) if log_now else None
+        losses: dict[str, list[float]] = {}
+        t0 = time.perf_counter()
+        t_fwd = t_bwd = 0.0
+        for _ in range(cfg.batch.grad_accum):
+            batch = sampler.next_micro_batch()
+            tokens_per_micro = int(batch["input_ids"].numel())
+            t = time.perf_counter()
+            result = engine(batch)
+            t_fwd += time.perf_counter() - t
+            t = time.perf_counter()
+            if probe:
+                probe.before_backward()
+            with opt.modality(batch["modality"]) if hasattr(opt, "modality") else contextlib.nullcontext():
+                engine.backward(result["loss"])
+            if probe:
+                probe.after_backward(batch["modality"])
+            t_bwd += time.perf_counter() - t
+            for kind in ("text", "image"):
+                if float(result[f"n_{kind}"]) > 0:
+                    losses.setdefault(kind, []).append(float(result[f"{kind}_loss"].detach()))
+            t = time.perf_counter()
+            engine.step()
+        t_opt = time.perf_counter() - t
+        scheduler.step()
+        step_time = time.perf_counter() - t0
+        if log_now:
+            values = {f"loss/{k}": sum(v) / len(v) for k, v in losses.items()}
+            values.update({"lr": opt.param_groups[0]["lr"], "time/step_s": step_time, "time/forward_s": t_fwd,
+                           "time/backward_s": t_bwd, "time/optimizer_s": t_opt,
+                           "throughput/tokens_per_s": tokens_per_micro * cfg.batch.grad_accum * world / step_time,
+                           "memory/rank0_mib": memory_mib(), **probe.stats()})
+            counters = getattr(opt, "counters", {})
+            values.update({f"optimizer/{k}": float(v) for k, v in counters.items()})
+            values.update({f"fop/{k}": v for k, v in getattr(opt, "last_stats", {}).items()})
+            values.update({f"comm/{k}_bytes": float(v) for k, v in getattr(getattr(opt, "comm", None), "sent", {}).items()})
+            logger.scalars(step, values)
+            if progress is None and rank == 0:
+                print(f"step {step + 1}/{cfg.schedule.steps} " + " ".join(
+                    f"{k}={values[k]:.4f}" for k in ("loss/text", "loss/image") if k in values), file=sys.stderr)
+        if progress is not None:
+            progress.update(1)
+        last = step == cfg.schedule.steps - 1
+        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
+            logger.scalars(step, evaluate(model, val_batches))
+            if cfg.eval.samples_png and rank == 0:
+                grid = render_grid(vq.decode(generate_samples(model, vocab)), out / "samples" / f"step-{step + 1}.png")
+                logger.image("samples", step, grid)
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
+            save_checkpoint(ckpt_root, step, model, opt,
+                            extra={"sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
+    logger.close()
+    if progress is not None:
+        progress.close()
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+
+
+if __name__ == "__main__":
+    main()
