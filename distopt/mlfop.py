@@ -92,6 +92,9 @@ class MLFOPSOAP(SOAP):
     bucket_mb: size of the reduction buckets.
     """
 
+    COUNTERS = SOAP.COUNTERS + ("microsteps", "fop_folds", "fop_beta_guarded", "fop_metric_not_ready",
+                                "fop_unpaired_steps", "skipped_nonfinite_steps")
+
     def __init__(self, params: Iterable, *, fop: bool = True, pair_source: str = "microstep",
                  fold_schedule: str = "streaming", level: str = "layer",
                  head_splits: Optional[Mapping[str, tuple[int, int]]] = None, eta_convention: str = "mean",

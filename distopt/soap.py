@@ -250,6 +250,8 @@ class SOAP(torch.optim.Optimizer):
     Adam path unless they match ``soap_patterns``. 1-D parameters take Adam unless precondition_1d.
     """
 
+    COUNTERS = ("eigh", "eigh_fp64_retry", "eigh_failed", "eigh_seconds", "qr", "qr_failed", "qr_seconds")
+
     def __init__(self, params: Iterable, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
                  shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
                  precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
@@ -276,7 +278,7 @@ class SOAP(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
             self.param_groups, adam_patterns=adam_patterns, soap_patterns=soap_patterns)
-        self.counters: Counter = Counter()
+        self.counters: Counter = Counter(dict.fromkeys(self.COUNTERS, 0))
         self._verbose = verbose
         self._summary_printed = False
 

@@ -188,6 +188,10 @@ def validate(cfg: Config, world_size: int) -> Config:
         _check(Path(c.resume).is_dir(), "checkpoint.resume",
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
     _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"{cfg.data.val_fraction} must be in (0, 1)")
+    existing = Path(cfg.data.cache_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    _check(existing.is_dir(), "data.cache_dir", f"{cfg.data.cache_dir!r} cannot be created: {existing} is not a directory")
     return cfg
 
 

@@ -1,0 +1,121 @@
+"""launcher/run.py end to end: every launcher trains both model families and writes the scalars,
+samples and checkpoints; a resumed run continues the loss curve exactly; bad configs stop before work;
+the Slurm batch script runs under a real local Slurm."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from slurm_cluster import SlurmCluster
+from test_launchers import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+RUN = str(ROOT / "launcher" / "run.py")
+SCALARS = {"loss/text", "loss/image", "lr", "grad/text_image_cosine", "grad/text_to_image_norm_ratio",
+           "fop/beta_abs_mean", "fop/eta_mean", "optimizer/eigh", "optimizer/qr", "optimizer/qr_seconds",
+           "time/step_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "throughput/tokens_per_s",
+           "memory/rank0_mib", "val/text_loss", "val/image_loss", "val/image_token_accuracy", "val/caption_accuracy"}
+
+
+def settings(out: Path, cache: Path, steps=4, extra=()):
+    args = [f"run.out_dir={out}", f"data.cache_dir={cache}", f"schedule.steps={steps}", "schedule.warmup_steps=1",
+            "logging.every=1", f"eval.every={steps}", "eval.batches=1", "checkpoint.every=2",
+            "batch.micro_batch_size=8", *extra]
+    return [a for kv in args for a in ("--set", kv)]
+
+
+def launch(kind: str, config: str, out: Path, cache: Path, steps=4, extra=(), check=True):
+    cmd = {"python": [sys.executable, RUN],
+           "deepspeed": [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), RUN],
+           "torchrun": [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), RUN],
+           "mpiexec": [str(BIN / "mpiexec"), "-n", "2", sys.executable, RUN]}[kind]
+    proc = subprocess.run(cmd + ["--config", str(ROOT / "configs" / config)] + settings(out, cache, steps, extra),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
+    if check:
+        assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def scalars(out: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("kind,config", [("deepspeed", "emu3_tiny_mlfop.yaml"), ("torchrun", "janus_tiny_mlfop.yaml"),
+                                         ("mpiexec", "emu3_tiny_mlfop.yaml"), ("python", "janus_tiny_mlfop.yaml")])
+def test_each_launcher_trains_and_logs(kind, config, tmp_path, cache):
+    launch(kind, config, tmp_path, cache)
+    acc = scalars(tmp_path)
+    missing = SCALARS - set(acc.Tags()["scalars"])
+    assert not missing, f"scalars not written: {sorted(missing)}"
+    assert "samples" in acc.Tags()["images"]
+    assert (tmp_path / "samples" / "step-4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [e.value for e in acc.Scalars("optimizer/fop_folds")][-1] > 0
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-3"
+
+
+@pytest.mark.parametrize("config", ["emu3_tiny_adamw.yaml", "janus_tiny_soap.yaml"])
+def test_baseline_optimizers_run_under_deepspeed(config, tmp_path, cache):
+    launch("deepspeed", config, tmp_path, cache, steps=2)
+    assert "loss/image" in scalars(tmp_path).Tags()["scalars"]
+
+
+def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
+    """A first launch of 4 steps (a constant schedule, so the horizon does not change the LR), then a
+    launch of 6 that resumes from its last checkpoint, against one launch of 6."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    constant = ["schedule.lr_schedule=constant"]
+    launch("python", "emu3_tiny_mlfop.yaml", full, cache, steps=6, extra=constant)
+    launch("python", "emu3_tiny_mlfop.yaml", part, cache, steps=4, extra=constant)
+    launch("python", "emu3_tiny_mlfop.yaml", part, cache, steps=6, extra=constant)  # resumes from step-3 (auto)
+    a, b = scalars(full), scalars(part)
+    for tag in ("loss/text", "loss/image"):
+        curve_full = {e.step: e.value for e in a.Scalars(tag)}
+        curve_part = {e.step: e.value for e in b.Scalars(tag)}
+        assert set(curve_part) == set(curve_full) == set(range(6))
+        assert curve_part == curve_full, tag
+    for x, y in zip(torch.load(full / "checkpoints" / "step-5" / "model.pt").values(),
+                    torch.load(part / "checkpoints" / "step-5" / "model.pt").values()):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["batch.global_batch_size=7"], "batch.global_batch_size: 7 != micro_batch_size 8"),
+    (["checkpoint.resume=/no/such/dir"], "checkpoint.resume: '/no/such/dir' is neither"),
+    (["data.cache_dir=/etc/hostname/cache"], "data.cache_dir: '/etc/hostname/cache' cannot be created"),
+    (["optimizer.params.levle=head"], "optimizer.params.levle: not an argument of mlfop_soap"),
+])
+def test_bad_configs_stop_before_any_work(extra, message, tmp_path, cache):
+    proc = launch("python", "emu3_tiny_mlfop.yaml", tmp_path / "out", cache, extra=extra, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "out").exists(), "nothing may be written before the config is valid"
+
+
+def test_slurm_batch_script_completes(tmp_path, cache):
+    cluster = SlurmCluster(tmp_path / "slurm").start()
+    try:
+        out = tmp_path / "run"
+        job = cluster.submit(["-n", "1", "-c", "2", "-o", str(tmp_path / "job-%j.out"),
+                              "scripts/slurm/train_deepspeed.sbatch", "configs/emu3_tiny_mlfop.yaml",
+                              *settings(out, cache, steps=2)], cwd=ROOT,
+                             env={"DS_ACCELERATOR": "cpu", "DISTOPT_PROCS_PER_NODE": "2",
+                                  "MASTER_PORT": str(free_port())})
+        state = cluster.wait_job(job, timeout=240)
+        log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+        assert state == "COMPLETED", log[-3000:]
+        assert (out / "checkpoints" / "latest").read_text() == "step-1"
+    finally:
+        cluster.stop()
