@@ -13,6 +13,9 @@ services:
 test: setup services
 	$(ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/
 
+# 2 CPU ranks under the DeepSpeed launcher: tiny Emu3-style model, ML-FOP-SOAP, TensorBoard + PNG samples in runs/demo
 demo: setup
-	$(ENV) $(PY) scripts/demo.py
+	$(ENV) .venv/bin/deepspeed --num_gpus 2 launcher/run.py --config configs/emu3_tiny_mlfop.yaml \
+	  --set run.out_dir=runs/demo --set checkpoint.resume=none
+	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/demo/tensorboard; samples: runs/demo/samples/"
 
