@@ -81,10 +81,17 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         init_distributed()
-        rank, world = dist.get_rank(), dist.get_world_size()
-        cfg = load_config(args.config, world, args.set)
+        cfg = load_config(args.config, dist.get_world_size(), args.set)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    train(cfg)
+    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+
+
+def train(cfg: Config) -> dict:
+    """One training run in an initialised process group; returns its history (per-step training losses,
+    evaluations, text-vs-image gradient geometry, wall-clock, whether the loss diverged)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.run.seed)
     out = Path(cfg.run.out_dir)
     ckpt_root = out / "checkpoints"
@@ -124,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality)
                    for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
     tokens_per_micro = None
+    history: dict = {"train": [], "val": [], "grad": [], "diverged": False}
+    t_start = time.perf_counter()
 
     for step in range(start, cfg.schedule.steps):
         log_now = (step + 1) % cfg.logging.every == 0 or step == cfg.schedule.steps - 1
@@ -153,8 +162,14 @@ def main(argv: list[str] | None = None) -> None:
         t_opt = time.perf_counter() - t
         scheduler.step()
         step_time = time.perf_counter() - t0
+        means = {k: sum(v) / len(v) for k, v in losses.items()}
+        history["train"].append({"step": step, "seconds": time.perf_counter() - t_start, **means})
+        if not all(math.isfinite(v) for v in means.values()):
+            history["diverged"] = True
+            break
         if log_now:
-            values = {f"loss/{k}": sum(v) / len(v) for k, v in losses.items()}
+            history["grad"].append({"step": step, **probe.stats()})
+            values = {f"loss/{k}": v for k, v in means.items()}
             values.update({"lr": opt.param_groups[0]["lr"], "time/step_s": step_time, "time/forward_s": t_fwd,
                            "time/backward_s": t_bwd, "time/optimizer_s": t_opt,
                            "throughput/tokens_per_s": tokens_per_micro * cfg.batch.grad_accum * world / step_time,
@@ -171,7 +186,9 @@ def main(argv: list[str] | None = None) -> None:
             progress.update(1)
         last = step == cfg.schedule.steps - 1
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
-            logger.scalars(step, evaluate(model, val_batches))
+            results = evaluate(model, val_batches)
+            history["val"].append({"step": step, "seconds": time.perf_counter() - t_start, **results})
+            logger.scalars(step, results)
             if cfg.eval.samples_png and rank == 0:
                 grid = render_grid(vq.decode(generate_samples(model, vocab)), out / "samples" / f"step-{step + 1}.png")
                 logger.image("samples", step, grid)
@@ -182,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     if progress is not None:
         progress.close()
     dist.barrier()
-    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+    return history
 
 
 if __name__ == "__main__":
