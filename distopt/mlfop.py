@@ -360,10 +360,12 @@ class MLFOPSOAP(SOAP):
 
     def _update(self) -> None:
         if self._capture is None:  # one process, FOP off: plain SOAP on p.grad
+            scale = self._clip_scale([p.grad for p in self._params if p.grad is not None])
             for b in self._owned:
                 p = self._params[b.param]
                 if p.grad is not None:
-                    soap_update(self.block_state(b), p.data[b.slices], self._to_layout(b, p.grad[b.slices]),
+                    g = self._to_layout(b, p.grad[b.slices])
+                    soap_update(self.block_state(b), p.data[b.slices], g * scale if scale != 1.0 else g,
                                 self.block_layout(b), self._group_of[p], self.counters)
             return
         self._check_untouched()
@@ -404,6 +406,16 @@ class MLFOPSOAP(SOAP):
         self._gather(updated)
         self.last_stats = _summary(self.stats["beta"], list(eta.values()))
 
+    def _clip_scale(self, grads: Optional[list[torch.Tensor]] = None, norm_sq: Optional[float] = None) -> float:
+        """max_grad_norm / ||G|| when the global norm exceeds max_grad_norm, else 1."""
+        max_norm = self.options["max_grad_norm"]
+        if max_norm is None:
+            return 1.0
+        if norm_sq is None:
+            norm_sq = sum(float(g.double().square().sum()) for g in grads)
+        norm = norm_sq ** 0.5
+        return max_norm / (norm + 1e-6) if norm > max_norm else 1.0
+
     def _check_untouched(self) -> None:
         for p in self._params:
             captured = self._capture.accumulated(p)
@@ -434,9 +446,7 @@ class MLFOPSOAP(SOAP):
         if vec[0] > 0:
             return set(), None, {}
         present = {i for i in range(n) if vec[2 + i] > 0}
-        max_norm = self.options["max_grad_norm"]
-        norm = float(vec[1].sqrt())
-        scale = max_norm / (norm + 1e-6) if max_norm is not None and norm > max_norm else 1.0
+        scale = self._clip_scale(norm_sq=float(vec[1]))
         table = vec[2 + n:].view(n, segs, 2)
         factor = {"mean": 1.0, "sum": 2.0, "none": 0.0}[self.options["eta_convention"]]
         eta = {}

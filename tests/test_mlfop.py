@@ -338,3 +338,20 @@ def test_state_dict_mid_accumulation_is_refused():
     feed(opt, [p], [[torch.randn(p.shape, generator=gen, dtype=F64)]])
     with pytest.raises(RuntimeError, match="mid-accumulation"):
         opt.state_dict()
+
+
+def test_max_grad_norm_applies_with_fop_off_too():
+    """FOP off in one process runs SOAP on p.grad; clipping must still happen (equal to clipping p.grad)."""
+    gen = torch.Generator().manual_seed(11)
+    grads = [10 * torch.randn(5, 4, generator=gen, dtype=F64) for _ in range(4)]
+    results = []
+    for clip_inside in (True, False):
+        p = torch.nn.Parameter(torch.zeros(5, 4, dtype=F64))
+        opt = MLFOPSOAP([p], fop=False, max_grad_norm=1.0 if clip_inside else None, verbose=False, **HP)
+        for g in grads:
+            p.grad = g.clone()
+            if not clip_inside:  # the closed form: scale by max_norm / (||g|| + 1e-6) when ||g|| > max_norm
+                p.grad.mul_(1.0 / (float(g.norm()) + 1e-6))
+            opt.step()
+        results.append(p.detach().clone())
+    torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
