@@ -54,8 +54,8 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cache")
 
 
-@pytest.mark.parametrize("kind,config", [("deepspeed", "emu3_tiny_mlfop.yaml"), ("torchrun", "janus_tiny_mlfop.yaml"),
-                                         ("mpiexec", "emu3_tiny_mlfop.yaml"), ("python", "janus_tiny_mlfop.yaml")])
+@pytest.mark.parametrize("config", ["emu3_tiny_mlfop.yaml", "janus_tiny_mlfop.yaml"])
+@pytest.mark.parametrize("kind", ["deepspeed", "torchrun", "mpiexec", "python"])
 def test_each_launcher_trains_and_logs(kind, config, tmp_path, cache):
     launch(kind, config, tmp_path, cache)
     acc = scalars(tmp_path)
