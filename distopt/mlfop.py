@@ -184,8 +184,8 @@ class MLFOPSOAP(SOAP):
         if not self._summary_printed and self._verbose and self.comm.rank == 0 and self.comm.world > 1:
             rows = self.plan.summary()
             print("[distopt] block plan: " + "; ".join(
-                f"rank {r['rank']}: {r['blocks']} blocks, {r['numel']} elements, cost {r['cost']:.3g}" for r in rows),
-                file=sys.stderr)
+                f"rank {r['rank']}: {r['blocks']} blocks, {r['numel']} elements "
+                f"({r['state_bytes'] / 2**20:.2f} MiB of state), cost {r['cost']:.3g}" for r in rows), file=sys.stderr)
         super()._print_summary_once()
 
     # -- micro-steps -------------------------------------------------------------------------------

@@ -69,12 +69,14 @@ class Plan:
         return hashlib.sha256(text.encode()).hexdigest()
 
     def summary(self) -> list[dict]:
-        """Per rank: blocks, elements, state bytes (fp32 m, v and the factors + bases) and cost."""
-        rows = [dict(rank=r, blocks=0, numel=0, cost=0.0) for r in range(self.world_size)]
+        """Per rank: blocks, elements, fp32 state bytes (m, v, and factor + basis of every side; an
+        upper bound: sides that are not rotated hold no factor) and cost."""
+        rows = [dict(rank=r, blocks=0, numel=0, state_bytes=0, cost=0.0) for r in range(self.world_size)]
         for b in self.blocks:
             row = rows[b.owner]
             row["blocks"] += 1
             row["numel"] += b.numel
+            row["state_bytes"] += 4 * (2 * b.numel + 2 * sum(d * d for d in b.shape))
             row["cost"] += b.cost
         return rows
 

@@ -95,3 +95,17 @@ def test_bytes_sent_follow_the_formula_and_the_fallback_is_counted(tmp_path):
 def test_ranks_with_different_plans_refuse_to_start(tmp_path):
     with pytest.raises(Exception, match="block plans differ across ranks"):
         run_sharded(2, [dict(K=1, W=2, shuffle="per_rank")], str(tmp_path))
+
+
+def test_plan_is_deterministic_balanced_and_cuts_long_sides():
+    from distopt.plan import make_plan
+
+    params = [("big", (20, 9), (True, True)), ("bias", (9,), (False,)), ("w", (8, 8), (True, True))]
+    plan = make_plan(params, max_block=8, world_size=3)
+    assert plan.digest() == make_plan(params, max_block=8, world_size=3).digest()
+    big = plan.of_param(0)
+    assert [b.shape for b in big] == [(8, 8), (8, 1), (8, 8), (8, 1), (4, 8), (4, 1)]
+    loads = [r["cost"] for r in plan.summary()]
+    assert max(loads) <= 1.5 * min(loads), loads
+    assert sum(r["numel"] for r in plan.summary()) == 20 * 9 + 9 + 64
+    assert 0 in plan.split_params(), "the big matrix spans several owners"
