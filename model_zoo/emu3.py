@@ -8,22 +8,15 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from distopt import attention_head_splits
+from model_zoo.decoder import DecoderShape
 
 
-@dataclass
-class Emu3Config:
-    vocab_size: int
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position: int = 64
+@dataclass(kw_only=True)
+class Emu3Config(DecoderShape):
     rope_theta: float = 1e6
-    dropout: float = 0.0
     vision_loss_weight: float = 0.5
 
     @classmethod
@@ -31,14 +24,6 @@ class Emu3Config:
         """Published Emu3-8B shapes: 32 layers, hidden 4096, FFN 14336, 32 heads, 8 KV heads, vocab 184,622."""
         return cls(vocab_size=184622, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                    num_kv_heads=8, max_position=131072, rope_theta=1e6, dropout=0.1)
-
-    def llama(self) -> LlamaConfig:
-        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                           num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                           max_position_embeddings=self.max_position, rope_theta=self.rope_theta,
-                           attention_dropout=self.dropout, attention_bias=False, mlp_bias=False,
-                           tie_word_embeddings=False)
 
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor, is_image: torch.Tensor, image_weight: float) -> dict:

@@ -16,22 +16,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaModel
+from transformers import LlamaModel
 
 from distopt import attention_head_splits
+from model_zoo.decoder import DecoderShape
 
 
-@dataclass
-class JanusConfig:
-    vocab_size: int                 # text + special tokens the text head predicts
+@dataclass(kw_only=True)
+class JanusConfig(DecoderShape):
+    """vocab_size: the text and special tokens the text head predicts."""
+
     codebook_size: int
     pad_id: int
-    hidden_size: int = 64
-    intermediate_size: int = 176
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_position: int = 64
     encoder_dim: int = 32           # understanding encoder width
     gen_embed_dim: int = 16         # codebook embedding width before the generation adaptor
     patch: int = 4                  # understanding encoder patch side: (8 / patch)^2 visual tokens
@@ -43,12 +39,6 @@ class JanusConfig:
         return cls(vocab_size=102400, codebook_size=16384, pad_id=100001, hidden_size=2048, intermediate_size=5632,
                    num_layers=24, num_heads=16, num_kv_heads=16, max_position=4096, encoder_dim=1024,
                    gen_embed_dim=8, patch=4)
-
-    def llama(self) -> LlamaConfig:
-        return LlamaConfig(vocab_size=self.vocab_size, hidden_size=self.hidden_size,
-                           intermediate_size=self.intermediate_size, num_hidden_layers=self.num_layers,
-                           num_attention_heads=self.num_heads, num_key_value_heads=self.num_kv_heads,
-                           max_position_embeddings=self.max_position, attention_bias=False, mlp_bias=False)
 
 
 def mlp(d_in: int, d_out: int) -> torch.nn.Sequential:
