@@ -1,6 +1,6 @@
 """distopt: sharded ML-FOP-SOAP (SOAP + Fisher-Orthogonal Projection with hierarchical micro-step folding)."""
 
-from distopt.baselines import TwoObjective, combine
+from distopt.rules import TwoObjective, combine
 from distopt.mlfop import MLFOPSOAP, attention_head_splits
 from distopt.registry import OPTIMIZERS, build_optimizer, valid_arguments
 from distopt.soap import SOAP

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from distopt.mlfop import MLFOPSOAP
+from distopt.rules import TwoObjective
 
 FORMAT = "distopt-checkpoint-v1"
 
@@ -72,6 +73,11 @@ def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[di
     return {"state_dict": optimizer.state_dict()} if rank == 0 else None
 
 
+def _stateful(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds the state: a two-objective rule keeps none between steps, its base does."""
+    return optimizer.base if isinstance(optimizer, TwoObjective) else optimizer
+
+
 def _block_key(name: str, ordinal: int) -> str:
     return f"{name}#{ordinal}"
 
@@ -79,6 +85,7 @@ def _block_key(name: str, ordinal: int) -> str:
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: Optional[dict] = None) -> Path:
     """Collective: every rank calls it at the same step, after optimizer.step()."""
+    optimizer = _stateful(optimizer)
     if getattr(optimizer, "_window", None) is not None:
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
     root = Path(root)
@@ -160,6 +167,7 @@ def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     step: Optional[int] = None) -> dict:
     """Collective: load model and optimizer state; returns the manifest (its `extra` and `step`)."""
+    optimizer = _stateful(optimizer)
     path = resolve(root, step)
     try:
         manifest = _verify(path)

@@ -2,9 +2,11 @@
 
 DeepSpeed runs at ZeRO stage 0 (launch, process groups, engine, gradient accumulation, LR
 schedule) with our optimizer object. MLFOPSOAP owns gradient communication (reduce-to-owner per
-micro-step, parameter all-gather), so the engine's backward all-reduce is switched off — the lever
+micro-step, parameter all-gather), as do the two-objective rules (one all-reduce of the two modality
+gradients per step), so for them the engine's backward all-reduce is switched off — the lever
 DeepSpeed's 1-bit optimizers use — and clipping moves into the optimizer: DeepSpeed would clip by a
-norm computed from each rank's local, unreduced p.grad. The engine still scales the loss by
+norm computed from each rank's local, unreduced p.grad. Only trainable parameters reach the
+optimizer (LoRA freezes the base weights). The engine still scales the loss by
 1 / gradient_accumulation_steps once, which is the scale every micro-step gradient arrives in.
 
 Refused, with the reason and the fix: ZeRO stage >= 1 (it hands the optimizer flat 1-D partitions,
@@ -20,13 +22,12 @@ from typing import Optional
 
 import torch
 
-from distopt.mlfop import MLFOPSOAP
-from distopt.registry import build_optimizer
+from distopt.registry import OWNS_GRADIENT_COMMUNICATION, build_optimizer
 
 
 def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional[float]]:
     """Validate a DeepSpeed config for a distopt optimizer; returns (config to use, clip norm to apply
-    inside MLFOPSOAP or None)."""
+    inside the optimizer or None)."""
     cfg = copy.deepcopy(ds_config)
     if "optimizer" in cfg:
         raise ValueError("DeepSpeed config: remove the 'optimizer' block; distopt passes its own optimizer object "
@@ -41,7 +42,7 @@ def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional
             raise ValueError(f"DeepSpeed config: {precision}.enabled is not supported: its loss scaler / fp32 master "
                              "copy rewrites gradients behind the optimizer. Keep fp32 parameters and use "
                              "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} for low-precision compute")
-    if optimizer_name != "mlfop_soap":
+    if optimizer_name not in OWNS_GRADIENT_COMMUNICATION:
         return cfg, None
     clip = cfg.get("gradient_clipping", 0.0) or None
     cfg["gradient_clipping"] = 0.0
@@ -61,8 +62,8 @@ def initialize(model: torch.nn.Module, optimizer_spec: dict, ds_config: dict):
             raise ValueError(f"gradient clipping is set twice: DeepSpeed gradient_clipping={clip} and optimizer "
                              f"max_grad_norm={params['max_grad_norm']}; keep one")
         params["max_grad_norm"] = clip
-    optimizer = build_optimizer(spec, model.named_parameters())
+    optimizer = build_optimizer(spec, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
-    if isinstance(optimizer, MLFOPSOAP):
+    if optimizer_spec["name"] in OWNS_GRADIENT_COMMUNICATION:
         engine.enable_backward_allreduce = False
     return engine, optimizer

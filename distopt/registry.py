@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import inspect
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
-from distopt.baselines import TwoObjective
 from distopt.mlfop import MLFOPSOAP
+from distopt.rules import RULES, TwoObjective
 from distopt.soap import SOAP
 
 
@@ -19,19 +19,33 @@ def _two_objective(rule: str) -> Callable:
     return build
 
 
-TWO_OBJECTIVE = {"pcgrad", "mgda", "pareto_lora"}
+TWO_OBJECTIVE = set(RULES)  # "sum" (vanilla), "pcgrad", "mgda", "pareto_lora": each wraps a base optimizer
 OPTIMIZERS: dict[str, Callable] = {
     "adamw": torch.optim.AdamW,
     "soap": SOAP,
     "mlfop_soap": MLFOPSOAP,
-    "pcgrad": _two_objective("pcgrad"),
-    "mgda": _two_objective("mgda"),
-    "pareto_lora": _two_objective("pareto_lora"),
+    **{rule: _two_objective(rule) for rule in RULES},
 }
+# These reduce gradients across ranks themselves and clip inside step(), so DeepSpeed must not.
+OWNS_GRADIENT_COMMUNICATION = {"mlfop_soap"} | TWO_OBJECTIVE
 
 
-def valid_arguments(name: str) -> list[str]:
-    """Keyword arguments the optimizer `name` accepts (MLFOPSOAP: its own plus SOAP's)."""
+def valid_arguments(name: str, params: Optional[Mapping] = None) -> list[str]:
+    """Keyword arguments the optimizer `name` accepts (MLFOPSOAP: its own plus SOAP's; a two-objective
+    rule: its own plus its base optimizer's, params["base"], AdamW by default). Raises ValueError for an
+    unknown name or base."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
+    if name in TWO_OBJECTIVE:
+        base = (params or {}).get("base", "adamw")
+        if base not in OPTIMIZERS or base in TWO_OBJECTIVE:
+            raise ValueError(f"optimizer {name!r}: base={base!r} is invalid: choose one of "
+                             f"{sorted(set(OPTIMIZERS) - TWO_OBJECTIVE)}")
+        return sorted(set(_arguments(name)) | set(_arguments(base)))
+    return _arguments(name)
+
+
+def _arguments(name: str) -> list[str]:
     target = OPTIMIZERS[name]
     classes = [getattr(target, "signature_of", target)]
     if classes[0] is MLFOPSOAP:
@@ -53,16 +67,8 @@ def build_optimizer(spec: Mapping, params: Iterable) -> torch.optim.Optimizer:
     if unknown_keys or "name" not in spec:
         raise ValueError(f"optimizer spec needs keys 'name' and optionally 'params'; got {sorted(spec)}")
     name = spec["name"]
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
     kwargs = dict(spec.get("params") or {})
-    valid = valid_arguments(name)
-    if name in TWO_OBJECTIVE:  # the rest goes to the base optimizer and is checked there
-        base = kwargs.get("base", "adamw")
-        if base not in OPTIMIZERS or base in TWO_OBJECTIVE:
-            raise ValueError(f"optimizer {name!r}: base={base!r} is invalid: choose one of "
-                             f"{sorted(set(OPTIMIZERS) - TWO_OBJECTIVE)}")
-        valid = sorted(set(valid) | set(valid_arguments(base)))
+    valid = valid_arguments(name, kwargs)
     bad = sorted(set(kwargs) - set(valid))
     if bad:
         raise ValueError(f"optimizer {name!r} has no argument(s) {bad}: valid arguments are {valid}")

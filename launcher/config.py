@@ -163,10 +163,12 @@ def validate(cfg: Config, world_size: int) -> Config:
                f"world size {world_size} = {b.micro_batch_size * b.grad_accum * world_size}; fix one of them")
     o = cfg.optimizer
     _check(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
-    if o.name not in ("pcgrad", "mgda", "pareto_lora"):
-        bad = sorted(set(o.params) - set(valid_arguments(o.name)))
-        _check(not bad, f"optimizer.params.{bad[0] if bad else ''}",
-               f"not an argument of {o.name}; valid arguments are {valid_arguments(o.name)}")
+    try:
+        valid = valid_arguments(o.name, o.params)
+    except ValueError as e:
+        raise ConfigError(f"optimizer.params.base: {e}") from None
+    bad = sorted(set(o.params) - set(valid))
+    _check(not bad, f"optimizer.params.{bad[0] if bad else ''}", f"not an argument of {o.name}; valid arguments are {valid}")
     _check("max_grad_norm" not in o.params, "optimizer.params.max_grad_norm",
            "set clipping once, as optimizer.max_grad_norm")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0 or null")

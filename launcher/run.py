@@ -63,14 +63,10 @@ def lr_lambda(cfg: Config):
 def generate_samples(model: torch.nn.Module, vocab) -> torch.Tensor:
     """Two images per digit 0..9, generated from a caption and decoded: codes LongTensor[20, 16]."""
     gen = torch.Generator().manual_seed(0)
-    captions = [vocab.text(caption(d, 1)) for d in range(10) for _ in range(2)]
+    captions = [vocab.text(caption(d, 1)) for d in range(10)]
     if isinstance(model, Emu3Model):
-        prompts = [vocab.sequence("generation", c, [])[:-2] for c in captions]  # up to [SOT]
-        return model.generate_images(prompts, vocab.image_offset, vocab.codebook_size, gen)
-    ids = torch.full((len(captions), max(map(len, captions))), vocab.pad)
-    for i, c in enumerate(captions):
-        ids[i, :len(c)] = torch.tensor(c)
-    return model.generate_images(ids, ids != vocab.pad, gen)
+        captions = [vocab.sequence("generation", c, [])[:-2] for c in captions]  # up to [SOT]
+    return torch.cat([model.generate_images(torch.tensor(c), 2, 1.0, gen) for c in captions])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +186,8 @@ def train(cfg: Config) -> dict:
             history["val"].append({"step": step, "seconds": time.perf_counter() - t_start, **results})
             logger.scalars(step, results)
             if cfg.eval.samples_png and rank == 0:
-                grid = render_grid(vq.decode(generate_samples(model, vocab)), out / "samples" / f"step-{step + 1}.png")
+                grid = render_grid(vq.decode(generate_samples(model, vocab)), out / "samples" / f"step-{step + 1}.png",
+                                   nrow=10)
                 logger.image("samples", step, grid)
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
             save_checkpoint(ckpt_root, step, model, opt,

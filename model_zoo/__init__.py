@@ -13,13 +13,16 @@ from model_zoo.janus import JanusConfig, JanusModel
 
 def build_model(cfg, vocab) -> torch.nn.Module:
     """From the launcher's `model` section: family, size, pretrained (a local path), overrides."""
+    ids = dict(pad_id=vocab.pad, bos_id=vocab.bos, eos_id=vocab.eos)
+    image = dict(image_offset=vocab.image_offset, codebook_size=vocab.codebook_size)
     if cfg.family == "emu3":
         if cfg.pretrained:
             return Emu3Model.from_pretrained(cfg.pretrained)
-        base = Emu3Config.emu3_8b() if cfg.size == "emu3_8b" else Emu3Config(vocab_size=vocab.size)
+        base = Emu3Config.emu3_8b(**ids, **image) if cfg.size == "emu3_8b" else \
+            Emu3Config.tiny(vocab.size, **ids, **image)
         return Emu3Model(dataclasses.replace(base, **cfg.overrides))
     if cfg.pretrained:
         return JanusModel.from_pretrained(cfg.pretrained)
-    base = JanusConfig.janus_1_3b() if cfg.size == "janus_1_3b" else JanusConfig(
-        vocab_size=vocab.image_offset, codebook_size=vocab.codebook_size, pad_id=vocab.pad)
+    # the published preset keeps its 102,400-id text head and 16,384-code image head
+    base = JanusConfig.janus_1_3b(**ids) if cfg.size == "janus_1_3b" else JanusConfig.tiny(vocab.size, **ids, **image)
     return JanusModel(dataclasses.replace(base, **cfg.overrides))

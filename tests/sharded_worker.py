@@ -4,6 +4,8 @@
 `reference=True` is the single-process reference: it replays every rank's micro-batches itself
 (W backward passes of loss / W per micro-step, or one tagged micro-step per rank for pair_source
 'ranks', which the reference expresses as pair_source 'modality' with tags by rank parity).
+With `rule`, the optimizer is a two-objective rule over `base` and micro-step k is tagged
+"text" or "image" by its parity.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from distopt import MLFOPSOAP
+from distopt import MLFOPSOAP, TwoObjective
 from distopt.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -86,7 +88,20 @@ def build(config, dtype, world):
         opts["pair_source"] = "modality"
     if config.get("reference"):
         opts["capture"] = "manual"
+    if config.get("rule"):
+        return model, two_objective(config, named, opts)
     return model, MLFOPSOAP(named, **opts)
+
+
+def two_objective(config, named, opts):
+    """The rule over AdamW, SOAP or ML-FOP-SOAP with the options above (clipping moves to the rule)."""
+    base, clip = config["base"], opts.pop("max_grad_norm")
+    opts.pop("capture", None)
+    if base == "adamw":
+        opts = {k: opts[k] for k in ("lr", "betas", "weight_decay")}
+    elif base == "soap":
+        opts = {k: v for k, v in opts.items() if k not in ("max_block", "pair_source", "fop")}
+    return TwoObjective(named, rule=config["rule"], base=base, max_grad_norm=clip, **opts)
 
 
 def train(config, rank, world):
@@ -98,7 +113,10 @@ def train(config, rank, world):
         load_checkpoint(config["load"], model, opt)
     for step in range(config.get("start", 0), config.get("steps", 5)):
         for k in range(k_micro):
-            if config.get("global_batch"):
+            if config.get("rule"):
+                with opt.modality("text" if k % 2 == 0 else "image"):
+                    (loss_of(model, step, rank, k, dtype, world=world) / k_micro).backward()
+            elif config.get("global_batch"):
                 (loss_of(model, step, rank, k, dtype, world=world) / k_micro).backward()
             elif config.get("reference"):
                 for r in range(data_world):
@@ -116,6 +134,8 @@ def train(config, rank, world):
         history.append([p.detach().clone() for p in model.parameters()])
         if config.get("save_at") == step:
             save_checkpoint(config["save"], step, model, opt)
+    if config.get("rule"):
+        return dict(history=history, counters=dict(opt.counters), calls=dict(opt.comm.calls))
     return dict(history=history, counters=dict(opt.counters), sent=dict(opt.comm.sent),
                 calls=dict(opt.comm.calls), owned=len(opt._owned),
                 numel=sum(b.numel for b in opt.plan.blocks),

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from distopt import build_optimizer, combine
-from distopt.baselines import _module_of
+from distopt.rules import module_of
+from sharded_worker import run_sharded, train
 
 F64 = torch.float64
 
@@ -60,8 +61,8 @@ def test_identical_gradients_give_that_gradient(rule):
 def test_lora_a_and_b_form_one_layer():
     a = "base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
     b = "base_model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
-    assert _module_of(a, 0) == _module_of(b, 1) == "base_model.model.layers.0.self_attn.q_proj"
-    assert _module_of("l1.weight", 0) == _module_of("l1.bias", 1) == "l1"
+    assert module_of(a, 0) == module_of(b, 1) == "base_model.model.layers.0.self_attn.q_proj"
+    assert module_of("l1.weight", 0) == module_of("l1.bias", 1) == "l1"
 
 
 def _two_modality_run(name, conflicting, granularity="global"):
@@ -99,3 +100,24 @@ def test_wrapper_with_identical_modalities_is_the_base_optimizer(name, granulari
 def test_wrapper_changes_the_update_when_modalities_differ(name):
     got, ref = _two_modality_run(name, True), _two_modality_run("adamw", True)
     assert not all(torch.allclose(a, b) for a, b in zip(got, ref))
+
+
+RANK_CASES = [dict(rule="pareto_lora", base="adamw"), dict(rule="pcgrad", base="soap", max_grad_norm=0.05),
+              dict(rule="mgda", base="mlfop_soap"), dict(rule="sum", base="mlfop_soap", max_block=4)]
+
+
+def test_rules_on_two_ranks_equal_one_process(tmp_path):
+    """Each rank holds half of every global micro-batch: the rule must see the two modality gradients
+    of the whole batch (one all-reduce of [g_text; g_image] per step, plus a 2-number tag check),
+    so every base optimizer ends where one process with the whole batch ends."""
+    configs = [{**c, "K": 4, "W": 2, "steps": 4} for c in RANK_CASES]
+    results = run_sharded(2, configs, str(tmp_path))
+    for ci, config in enumerate(configs):
+        ref = train(config, 0, 1)
+        assert ref["counters"]["steps_combined"] == 4
+        for r in range(2):
+            assert results[r][ci]["calls"]["all_reduce"] == 2 * 4, config
+            for step, (got, want) in enumerate(zip(results[r][ci]["history"], ref["history"])):
+                for a, b in zip(got, want):
+                    torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10,
+                                               msg=lambda m: f"{config} rank {r} step {step}: {m}")

@@ -1,0 +1,241 @@
+"""Two-objective gradient rules for the text and image losses, over any base optimizer.
+
+Each rule maps the two per-modality gradients g1, g2 of a group of parameters to one direction,
+written in the mean convention (identical gradients g give g); the wrapper steps with twice that,
+the scale of the summed loss. Every rule needs only the group's three dot products:
+
+    sum (vanilla):  (g1 + g2) / 2
+    PCGrad (Yu et al. 2020): g1' = g1 - (g1.g2/|g2|^2) g2 if g1.g2 < 0 (likewise g2');  (g1' + g2') / 2
+    MGDA (Desideri 2012; Sener & Koltun 2018): alpha* = clip((g2 - g1).g2 / |g1 - g2|^2, 0, 1)
+        (1/2 if g1 = g2);  alpha* g1 + (1 - alpha*) g2, the min-norm point of the segment
+    Pareto-LoRA-style (our reading of arXiv 2606.17296, whose rule is not public): equalise the
+        strengths (u_i = g_i / |g_i|), take the MGDA direction of u1, u2, rescale by the mean original
+        norm: (|g1| + |g2|)/2 * (alpha* u1 + (1 - alpha*) u2); a zero gradient gives the other one.
+        (For two unit vectors alpha* = 1/2, so this is the mean norm times the mean unit direction.)
+
+Each micro-step's backward runs inside `optimizer.modality(tag)`; the per-modality gradients (summed
+over micro-steps) are averaged over ranks, combined per group, clipped, and handed to the base
+optimizer. `granularity`: 'layer' (per module: a LoRA layer's A and B matrices form one group, as do
+a module's weight and bias; the default, as in Pareto LoRA) or 'global' (one vector, as in the
+PCGrad and MGDA papers). The wrapper owns gradient communication (DeepSpeed's backward all-reduce
+is switched off, see deepspeed_glue): the rule needs the two modality gradients of the whole batch,
+which one all-reduce of [g1; g2] per step provides.
+
+With ML-FOP-SOAP as the base, the rule's two weighted terms 2 w1 g1 and 2 w2 g2 are handed over as
+two micro-steps tagged with their modality: their sum is the rule's update and FOP folds the pair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import zlib
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+
+from distopt.capture import MicrostepCapture
+from distopt.comm import Comm
+from distopt.mlfop import MLFOPSOAP
+
+RULES = ("sum", "pcgrad", "mgda", "pareto_lora")
+GRANULARITIES = ("layer", "global")
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x * y).sum(dtype=torch.float64)
+
+
+def mgda_alpha(g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> torch.Tensor:
+    """Minimiser of |alpha g1 + (1 - alpha) g2|^2 over [0, 1], from the dot products."""
+    denom = g11 - 2 * g12 + g22  # |g1 - g2|^2
+    alpha = (g22 - g12) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, alpha.clamp(0.0, 1.0), torch.full_like(denom, 0.5))
+
+
+def rule_weights(rule: str, g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(w1, w2) with direction = w1 g1 + w2 g2 (mean convention), from the group's dot products."""
+    if rule == "sum":
+        half = torch.full_like(g11, 0.5)
+        return half, half
+    if rule == "pcgrad":
+        conflict = g12 < 0
+        c1 = torch.where(conflict & (g22 > 0), g12 / g22.clamp_min(1e-300), torch.zeros_like(g12))  # g1' = g1 - c1 g2
+        c2 = torch.where(conflict & (g11 > 0), g12 / g11.clamp_min(1e-300), torch.zeros_like(g12))  # g2' = g2 - c2 g1
+        return (1 - c2) / 2, (1 - c1) / 2
+    if rule == "mgda":
+        alpha = mgda_alpha(g11, g12, g22)
+        return alpha, 1 - alpha
+    if rule == "pareto_lora":
+        n1, n2 = g11.sqrt(), g22.sqrt()
+        if float(n1) == 0 or float(n2) == 0:
+            return (n1 > 0).double(), (n2 > 0).double()
+        one = torch.ones_like(g11)
+        alpha = mgda_alpha(one, g12 / (n1 * n2), one)
+        mean = (n1 + n2) / 2
+        return mean * alpha / n1, mean * (1 - alpha) / n2
+    raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
+
+
+def combine(rule: str, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
+    """The rule's direction for two gradients of one group (mean convention)."""
+    w1, w2 = rule_weights(rule, _dot(g1, g1), _dot(g1, g2), _dot(g2, g2))
+    return w1.to(g1.dtype) * g1 + w2.to(g1.dtype) * g2
+
+
+def module_of(name: Optional[str], fallback: int) -> str:
+    """Group key: the module a parameter belongs to; a LoRA layer's A and B share their base module."""
+    if name is None:
+        return f"#{fallback}"
+    lora = re.match(r"(.*)\.lora_[AB]\b", name)
+    return lora.group(1) if lora else name.rsplit(".", 1)[0]
+
+
+class TwoObjective(torch.optim.Optimizer):
+    """Combine two per-modality gradients by `rule`, then step `base` (any registry optimizer), built
+    with the remaining keyword arguments. max_grad_norm clips the combined gradient's global norm.
+
+    The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
+    and load_state_dict() act on the base optimizer.
+    """
+
+    def __init__(self, params: Iterable, rule: str = "pareto_lora", base: str = "adamw", granularity: str = "layer",
+                 capture: str = "hooks", max_grad_norm: Optional[float] = None, **base_params):
+        if rule not in RULES:
+            raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={granularity!r} is invalid: choose one of {GRANULARITIES}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: must be > 0 (or None for no clipping)")
+        from distopt.registry import build_optimizer  # the registry lists this class too
+
+        if base == "mlfop_soap":
+            base_params["capture"] = "manual"  # the wrapper hands it the rule's two terms as micro-steps
+        self.base = build_optimizer({"name": base, "params": base_params}, params)
+        super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.rule, self.granularity, self.max_grad_norm = rule, granularity, max_grad_norm
+        self._params = [p for g in self.param_groups for p in g["params"]]
+        names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
+        self._group_of = {p: "all" if granularity == "global" else module_of(n, i)
+                          for i, (n, p) in enumerate(zip(names, self._params))}
+        self.comm = Comm()
+        self.counters = {"steps_combined": 0, "steps_single_modality": 0}
+        self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
+        self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
+        self._capture = MicrostepCapture(self._params, self._on_microstep, capture)
+
+    @property
+    def last_stats(self) -> dict[str, float]:
+        """The base optimizer's (ML-FOP-SOAP: |beta*| and eta*), for logging."""
+        return getattr(self.base, "last_stats", {})
+
+    @contextlib.contextmanager
+    def modality(self, tag: str) -> Iterator[None]:
+        with self._capture.tagged(tag):
+            yield
+
+    def end_microstep(self, modality: Optional[str] = None) -> None:
+        self._capture.end_microstep(modality)
+
+    def _on_microstep(self, tag: Optional[str], deltas: dict[torch.Tensor, torch.Tensor]) -> None:
+        if tag is None:
+            raise RuntimeError(f"{self.rule}: run each backward inside `with optimizer.modality(tag):`")
+        acc = self._sums.setdefault(tag, {})
+        for p, g in deltas.items():
+            acc[p] = g if p not in acc else acc[p] + g
+
+    def _reduced(self) -> dict[str, list[torch.Tensor]]:
+        """Per tag, every parameter's gradient averaged over ranks (one all-reduce for both tags).
+        Ranks must have seen the same tags: a checksum of the tag list is compared first."""
+        tags = sorted(self._sums)
+        if self.comm.world > 1:
+            code = zlib.crc32("\0".join(tags).encode()) % 2**20  # code^2 sums stay exact in fp64
+            check = self.comm.all_reduce_sum(torch.tensor([code, code * code], dtype=torch.float64))
+            world = self.comm.world
+            if check[0] != world * code or check[1] != world * code**2:  # zero variance: every rank sent `code`
+                raise RuntimeError(f"{self.rule}: ranks saw different modalities this step (this rank: {tags}); "
+                                   "every rank must run the same modality in each micro-step")
+        flat = torch.cat([torch.cat([self._sums[t].get(p, torch.zeros_like(p)).reshape(-1).double()
+                                     for p in self._params]) for t in tags])
+        if self.comm.world > 1:
+            flat = self.comm.all_reduce_sum(flat) / self.comm.world
+        out, offset = {}, 0
+        for t in tags:
+            out[t] = []
+            for p in self._params:
+                out[t].append(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        return out
+
+    def _terms(self, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The rule's two weighted terms 2 w1 g1 and 2 w2 g2 per parameter (their sum is the update)."""
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(self._params):
+            groups.setdefault(self._group_of[p], []).append(i)
+        t1, t2 = list(g1), list(g2)
+        self.last_weights = {}
+        for key, members in groups.items():
+            dots = [sum(_dot(a[i], b[i]) for i in members) for a, b in ((g1, g1), (g1, g2), (g2, g2))]
+            w1, w2 = rule_weights(self.rule, *dots)
+            self.last_weights[key] = (float(w1), float(w2))
+            for i in members:
+                t1[i], t2[i] = 2 * w1 * g1[i], 2 * w2 * g2[i]
+        return t1, t2
+
+    def _clip(self, terms: list[list[torch.Tensor]]) -> None:
+        if self.max_grad_norm is None:
+            return
+        norm = float(sum(_dot(s, s) for s in (sum(parts) for parts in zip(*terms)))) ** 0.5
+        if norm > self.max_grad_norm:
+            for parts in terms:
+                for t in parts:
+                    t.mul_(self.max_grad_norm / (norm + 1e-6))
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        if len(self._sums) > 2:
+            raise RuntimeError(f"{self.rule} combines two modalities, got {sorted(self._sums)}")
+        if not self._sums:
+            raise RuntimeError(f"{self.rule}: step() without a captured backward; run each backward inside "
+                               "`with optimizer.modality(tag):`")
+        reduced = self._reduced()
+        tags = sorted(reduced)
+        if len(tags) == 2:
+            terms = list(self._terms(reduced[tags[0]], reduced[tags[1]]))
+            self.counters["steps_combined"] += 1
+        else:  # one modality this step: nothing to combine, its gradient is the update
+            terms = [reduced[tags[0]]]
+            self.counters["steps_single_modality"] += 1
+        self._clip(terms)
+        present = [any(p in sums for sums in self._sums.values()) for p in self._params]
+        self._sums.clear()
+        self._capture.reset()
+        feed_microsteps = isinstance(self.base, MLFOPSOAP)
+        total = [torch.zeros_like(p) for p in self._params]
+        for tag, parts in zip(tags, terms):
+            for acc, t in zip(total, parts):
+                acc.add_(t.to(acc.dtype))
+            if feed_microsteps:
+                self._write_grads(total, present, copy=True)
+                self.base.end_microstep(tag)
+        self._write_grads(total, present, copy=False)
+        return self.base.step(closure)
+
+    def _write_grads(self, grads: list[torch.Tensor], present: list[bool], copy: bool) -> None:
+        """p.grad for the base optimizer; None stays None where no backward reached p (so the base
+        skips it, as it would without the wrapper)."""
+        for p, g, seen in zip(self._params, grads, present):
+            p.grad = (g.clone() if copy else g) if seen else None
+
+    def state_dict(self) -> dict:
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.base.load_state_dict(state_dict)
+
+    def close(self) -> None:
+        self._capture.remove()
+        if hasattr(self.base, "close"):
+            self.base.close()
