@@ -139,7 +139,7 @@ def main() -> None:
             image = [to_target(h, "val/image_loss", targets["val/image_loss"]) for h in hs]
             steps_to[variant, k] = statistics.mean([s for s, _ in image]) if all(
                 math.isfinite(s) for s, _ in image) else math.nan
-            cos = [statistics.mean(g["grad/text_image_cosine"] for g in h["grad"] if "grad/text_image_cosine" in g)
+            cos = [statistics.mean(g["grad/cosine"] for g in h["grad"] if "grad/cosine" in g)
                    for h in hs if h["grad"]]
             width = sum(converged(h) for h in sweeps[variant, k].values())
             lines.append(
@@ -171,7 +171,7 @@ def plot(out: Path, suffix: str, best: dict, ks: list[int], steps_to: dict) -> N
         for ax, key in zip(axes[:2], ("text", "image")):
             ax.plot([r["step"] + 1 for r in h["train"]], [r[key] for r in h["train"]], label=variant)
             ax.set_title(f"train {key} loss, batch {16 * k}")
-        axes[2].plot([g["step"] + 1 for g in h["grad"]], [g.get("grad/text_image_cosine", math.nan) for g in h["grad"]],
+        axes[2].plot([g["step"] + 1 for g in h["grad"]], [g.get("grad/cosine", math.nan) for g in h["grad"]],
                      label=variant)
     axes[2].set_title("text-vs-image gradient cosine")
     for ax in axes:

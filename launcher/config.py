@@ -2,12 +2,13 @@
 
     run:        name, out_dir, seed
     model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides
-    data:       cache_dir, codebook_size, val_fraction, augment
+    data:       cache_dir, codebook_size, val_fraction, augment, text_format (plain | instruct)
+    lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
     schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
     logging:    every, tensorboard, progress
-    eval:       every, batches, samples_png
+    eval:       every, batches, samples_png, generated_digits
     checkpoint: every, resume (auto | none | <path>)
     deepspeed:  extra DeepSpeed JSON keys (validated by distopt.deepspeed_glue)
 """
@@ -22,6 +23,8 @@ from typing import Any, Optional
 import yaml
 
 from distopt.registry import OPTIMIZERS, valid_arguments
+from model_zoo.data import FORMATS
+from model_zoo.lora import LLAMA_LINEARS
 
 
 class ConfigError(ValueError):
@@ -49,6 +52,19 @@ class DataConfig:
     codebook_size: int = 64
     val_fraction: float = 0.1
     augment: bool = True
+    text_format: str = "plain"  # instruct: instructions and answers, loss on the response only
+
+
+@dataclass
+class LoraSection:
+    """peft LoRA on the decoder's linear layers; everything else is frozen. `adapter`: a saved peft
+    adapter directory to go on from (else new adapters)."""
+    enabled: bool = False
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: list(LLAMA_LINEARS))
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -84,6 +100,7 @@ class EvalConfig:
     every: int = 50
     batches: int = 4
     samples_png: bool = True
+    generated_digits: int = 0  # images generated per digit and scored by the digit classifier (0: off)
 
 
 @dataclass
@@ -97,6 +114,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
     batch: BatchConfig = field(default_factory=BatchConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -189,12 +207,32 @@ def validate(cfg: Config, world_size: int) -> Config:
     if c.resume not in RESUME:
         _check(Path(c.resume).is_dir(), "checkpoint.resume",
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+    _check(cfg.data.text_format in FORMATS, "data.text_format", f"{cfg.data.text_format!r}; choose one of {FORMATS}")
+    _validate_lora(cfg.lora)
+    _check(isinstance(cfg.eval.generated_digits, int) and cfg.eval.generated_digits >= 0, "eval.generated_digits",
+           f"{cfg.eval.generated_digits!r} must be an integer >= 0 (images per digit; 0: off)")
     _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"{cfg.data.val_fraction} must be in (0, 1)")
     existing = Path(cfg.data.cache_dir).absolute()
     while not existing.exists():
         existing = existing.parent
     _check(existing.is_dir(), "data.cache_dir", f"{cfg.data.cache_dir!r} cannot be created: {existing} is not a directory")
     return cfg
+
+
+def _validate_lora(lora: LoraSection) -> None:
+    if not lora.enabled:
+        return
+    _check(isinstance(lora.r, int) and lora.r >= 1, "lora.r", f"{lora.r!r} must be an integer >= 1")
+    _check(isinstance(lora.alpha, (int, float)) and lora.alpha > 0, "lora.alpha", f"{lora.alpha!r} must be > 0")
+    _check(isinstance(lora.dropout, (int, float)) and 0 <= lora.dropout < 1, "lora.dropout",
+           f"{lora.dropout!r} must be in [0, 1)")
+    targets = lora.target_modules
+    _check(isinstance(targets, list) and bool(targets) and set(targets) <= set(LLAMA_LINEARS), "lora.target_modules",
+           f"{targets!r}: choose a non-empty list among the decoder's linear layers {list(LLAMA_LINEARS)}")
+    if lora.adapter is not None:
+        _check((Path(lora.adapter) / "adapter_config.json").is_file(), "lora.adapter",
+               f"{lora.adapter!r} holds no adapter_config.json; point it at a directory written by a LoRA run "
+               "(<out_dir>/adapter)")
 
 
 def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[str]] = None) -> Config:

@@ -8,6 +8,10 @@ from typing import Iterable, Optional
 
 import psutil
 import torch
+import torch.distributed as dist
+
+from distopt.capture import MicrostepCapture
+from distopt.rules import module_of
 
 
 class Logger:
@@ -36,34 +40,58 @@ class Logger:
 
 
 class ModalityGradProbe:
-    """This rank's gradient split by micro-batch modality during one optimizer step, for the
-    text-vs-image cosine and norm ratio. Costs two gradient copies, so the loop uses it on log steps."""
+    """This step's gradient split by micro-batch modality (understanding = "text", generation =
+    "image"), averaged over ranks, and the text-vs-image cosine and norm ratio: globally and per layer
+    (a module; a LoRA layer's A and B together). Micro-step gradients are captured by hooks during
+    backward, before DeepSpeed's own all-reduce can touch p.grad. Costs two gradient copies and one
+    all-reduce of them, so the loop uses it on log steps only; every rank must call stats()."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter]):
-        self.params = [p for p in params if p.requires_grad]
-        self.sums: dict[str, list[torch.Tensor]] = {}
-        self._before: list[torch.Tensor] = []
+    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
+        named = [(n, p) for n, p in named_params if p.requires_grad]
+        self.params = [p for _, p in named]
+        self.layers = [module_of(n, i).replace("base_model.model.", "") for i, (n, _) in enumerate(named)]
+        self.sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
+        self._capture = MicrostepCapture(self.params, self._add)
+
+    def modality(self, tag: str):
+        """Context for one micro-step's backward of modality `tag`."""
+        return self._capture.tagged(tag)
+
+    def _add(self, tag: Optional[str], deltas: dict[torch.Tensor, torch.Tensor]) -> None:
+        acc = self.sums.setdefault(tag, {})
+        for p, g in deltas.items():
+            acc[p] = g if p not in acc else acc[p] + g
 
     @torch.no_grad()
-    def before_backward(self) -> None:
-        self._before = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-
-    @torch.no_grad()
-    def after_backward(self, modality: str) -> None:
-        acc = self.sums.setdefault(modality, [torch.zeros_like(p) for p in self.params])
-        for a, p, b in zip(acc, self.params, self._before):
-            if p.grad is not None:
-                a.add_(p.grad - b)
-
     def stats(self) -> dict[str, float]:
-        if len(self.sums) != 2:
+        self._capture.remove()
+        if set(self.sums) != {"understanding", "generation"}:
             return {}
-        (_, g1), (_, g2) = sorted(self.sums.items())  # generation, understanding
-        dot = sum(float((a.double() * b.double()).sum()) for a, b in zip(g1, g2))
-        n1 = sum(float(a.double().square().sum()) for a in g1) ** 0.5
-        n2 = sum(float(b.double().square().sum()) for b in g2) ** 0.5
-        return {"grad/text_image_cosine": dot / max(n1 * n2, 1e-30),
-                "grad/text_to_image_norm_ratio": n2 / max(n1, 1e-30)}
+        flat = torch.stack([torch.cat([self.sums[m].get(p, torch.zeros_like(p)).double().reshape(-1)
+                                       for p in self.params]) for m in ("understanding", "generation")])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+        text, image = flat
+        per_layer: dict[str, torch.Tensor] = {}
+        offset = 0
+        for p, layer in zip(self.params, self.layers):
+            t, i = text[offset:offset + p.numel()], image[offset:offset + p.numel()]
+            dots = torch.stack([t @ t, t @ i, i @ i])
+            per_layer[layer] = dots if layer not in per_layer else per_layer[layer] + dots
+            offset += p.numel()
+        out = _geometry("grad", sum(per_layer.values()))
+        for layer, dots in per_layer.items():
+            out.update(_geometry("layer_grad", dots, layer))
+        return out
+
+
+def _geometry(prefix: str, dots: torch.Tensor, layer: Optional[str] = None) -> dict[str, float]:
+    """Cosine, norm ratio |g_text| / |g_image| and both norms from (t.t, t.i, i.i)."""
+    tt, ti, ii = (float(x) for x in dots)
+    nt, ni = tt ** 0.5, ii ** 0.5
+    values = {"cosine": ti / max(nt * ni, 1e-30), "norm_ratio": nt / max(ni, 1e-30), "text_norm": nt, "image_norm": ni}
+    return {f"{prefix}/{k}" + (f"/{layer}" if layer else ""): v for k, v in values.items()}
 
 
 @torch.no_grad()

@@ -29,8 +29,9 @@ from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.config import Config, ConfigError, load_config
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_mib
 from model_zoo import build_model
-from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, caption, collate
-from model_zoo.emu3 import Emu3Model
+from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, collate
+from model_zoo.lora import add_lora, has_lora, merged, save_adapter
+from model_zoo.quality import DigitJudge, generate_digits
 from model_zoo.vq import render_grid
 
 
@@ -60,13 +61,14 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def generate_samples(model: torch.nn.Module, vocab) -> torch.Tensor:
-    """Two images per digit 0..9, generated from a caption and decoded: codes LongTensor[20, 16]."""
-    gen = torch.Generator().manual_seed(0)
-    captions = [vocab.text(caption(d, 1)) for d in range(10)]
-    if isinstance(model, Emu3Model):
-        captions = [vocab.sequence("generation", c, [])[:-2] for c in captions]  # up to [SOT]
-    return torch.cat([model.generate_images(torch.tensor(c), 2, 1.0, gen) for c in captions])
+def export(model: torch.nn.Module, out: Path) -> None:
+    """The trained model for inference and for `model.pretrained` of a later run: <out>/model in the
+    family's save_pretrained format; a LoRA run also writes <out>/adapter in peft's format and
+    exports the merged model."""
+    if has_lora(model):
+        save_adapter(model, out / "adapter")
+        model = merged(model)
+    model.save_pretrained(str(out / "model"))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,8 +103,11 @@ def train(cfg: Config) -> dict:
                                                    val_fraction=cfg.data.val_fraction,
                                                    codebook_size=cfg.data.codebook_size)
     sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
-                                world_size=world, seed=cfg.run.seed, augment=cfg.data.augment)
+                                world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
+                                text_format=cfg.data.text_format)
     model = build_model(cfg.model, vocab)
+    if cfg.lora.enabled:
+        add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
     engine, opt = deepspeed_glue.initialize(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params},
                                             cfg.deepspeed_json(world))
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
@@ -124,15 +129,16 @@ def train(cfg: Config) -> dict:
 
         progress = tqdm(total=cfg.schedule.steps, initial=start, desc=cfg.run.name)
     mbs = cfg.batch.micro_batch_size
-    val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality)
+    val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality, text_format=cfg.data.text_format)
                    for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
+    judge = DigitJudge(train_set, val_set, vq) if cfg.eval.generated_digits and rank == 0 else None
     tokens_per_micro = None
     history: dict = {"train": [], "val": [], "grad": [], "diverged": False}
     t_start = time.perf_counter()
 
     for step in range(start, cfg.schedule.steps):
         log_now = (step + 1) % cfg.logging.every == 0 or step == cfg.schedule.steps - 1
-        probe = ModalityGradProbe(model.parameters()) if log_now else None
+        probe = ModalityGradProbe(model.named_parameters()) if log_now else None
         losses: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         t_fwd = t_bwd = 0.0
@@ -143,12 +149,11 @@ def train(cfg: Config) -> dict:
             result = engine(batch)
             t_fwd += time.perf_counter() - t
             t = time.perf_counter()
-            if probe:
-                probe.before_backward()
-            with opt.modality(batch["modality"]) if hasattr(opt, "modality") else contextlib.nullcontext():
+            with contextlib.ExitStack() as tagged:  # the micro-step's modality, for the optimizer and the probe
+                for owner in (opt, probe):
+                    if hasattr(owner, "modality"):
+                        tagged.enter_context(owner.modality(batch["modality"]))
                 engine.backward(result["loss"])
-            if probe:
-                probe.after_backward(batch["modality"])
             t_bwd += time.perf_counter() - t
             for kind in ("text", "image"):
                 if float(result[f"n_{kind}"]) > 0:
@@ -164,12 +169,13 @@ def train(cfg: Config) -> dict:
             history["diverged"] = True
             break
         if log_now:
-            history["grad"].append({"step": step, **probe.stats()})
+            geometry = probe.stats()  # a collective: every rank
+            history["grad"].append({"step": step, **geometry})
             values = {f"loss/{k}": v for k, v in means.items()}
             values.update({"lr": opt.param_groups[0]["lr"], "time/step_s": step_time, "time/forward_s": t_fwd,
                            "time/backward_s": t_bwd, "time/optimizer_s": t_opt,
                            "throughput/tokens_per_s": tokens_per_micro * cfg.batch.grad_accum * world / step_time,
-                           "memory/rank0_mib": memory_mib(), **probe.stats()})
+                           "memory/rank0_mib": memory_mib(), **geometry})
             counters = getattr(opt, "counters", {})
             values.update({f"optimizer/{k}": float(v) for k, v in counters.items()})
             values.update({f"fop/{k}": v for k, v in getattr(opt, "last_stats", {}).items()})
@@ -183,15 +189,20 @@ def train(cfg: Config) -> dict:
         last = step == cfg.schedule.steps - 1
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
             results = evaluate(model, val_batches)
+            if judge is not None:
+                images, digits = generate_digits(model, vocab, vq, cfg.eval.generated_digits, cfg.data.text_format)
+                results["val/generated_digit_accuracy"] = judge.accuracy(images, digits)
             history["val"].append({"step": step, "seconds": time.perf_counter() - t_start, **results})
             logger.scalars(step, results)
             if cfg.eval.samples_png and rank == 0:
-                grid = render_grid(vq.decode(generate_samples(model, vocab)), out / "samples" / f"step-{step + 1}.png",
-                                   nrow=10)
-                logger.image("samples", step, grid)
+                images, _ = generate_digits(model, vocab, vq, 2, cfg.data.text_format)
+                logger.image("samples", step, render_grid(images, out / "samples" / f"step-{step + 1}.png", nrow=10))
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
             save_checkpoint(ckpt_root, step, model, opt,
                             extra={"sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
+    if rank == 0:
+        export(model, out)
+        history["judge_ceiling"] = judge.ceiling if judge is not None else None
     logger.close()
     if progress is not None:
         progress.close()

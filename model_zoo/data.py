@@ -3,6 +3,10 @@
 - understanding (image -> caption): `[BOS] [SOV] meta [SOT] image [EOV] caption [EOS]`
 - generation (caption -> image):    `[BOS] caption [SOV] meta [SOT] image [EOV] [EOS]`
 
+Two text formats share one tokenizer: `plain` (pretraining: descriptive captions, loss on every
+token) and `instruct` (instruction tuning: an instruction to draw for generation, an answer for
+understanding, and the loss on the response only: the image codes, or the answer and [EOS]).
+
 This is Emu3's document layout (Emu3 moves the caption after the image for understanding data);
 `meta` is the resolution text "8x8". The text tokenizer is a WordPiece model trained here on the
 caption corpus (Hugging Face `tokenizers`) and cached; an image is 16 codes of the VQ tokenizer
@@ -36,21 +40,31 @@ WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight",
 TEMPLATES = ["a handwritten digit {w}", "the number {d} written by hand", "a small image of a {w}",
              "handwriting showing the digit {w}", "a scanned picture of the number {w}",
              "a {w} drawn with a pen", "the digit {d}, handwritten"]
+INSTRUCT = {"generation": ["please draw the digit {w}", "draw a {w} for me", "can you sketch the number {d}"],
+            "understanding": ["answer : the picture shows a {w}", "answer : it is the digit {w}",
+                              "answer : i see the number {d}"]}
+FORMATS = ("plain", "instruct")
 SPECIALS = ("pad", "bos", "eos", "sov", "sot", "eov")
 META = "8x8"
 MODALITIES = ("understanding", "generation")
 TEXT_VOCAB = 192  # the trainer's target; the small corpus caps the learnt vocabulary a little below it
 
 
-def caption(digit: int, index: int) -> str:
-    """The caption of sample `index` showing `digit`: a template picked by a generator seeded with the
-    index, so it is fixed per sample but not tied to the digits' cyclic 0..9 order (index % k would be)."""
-    return TEMPLATES[random.Random(index).randrange(len(TEMPLATES))].format(w=WORDS[digit], d=digit)
+def caption(digit: int, index: int, text_format: str = "plain", modality: str = "generation") -> str:
+    """The text of sample `index` showing `digit`: a template picked by a generator seeded with the
+    index, so it is fixed per sample but not tied to the digits' cyclic 0..9 order (index % k would be).
+    `plain`: a caption (either modality); `instruct`: the modality's instruction or answer."""
+    if text_format not in FORMATS:
+        raise ValueError(f"text_format={text_format!r} is invalid: choose one of {FORMATS}")
+    templates = TEMPLATES if text_format == "plain" else INSTRUCT[modality]
+    return templates[random.Random(index).randrange(len(templates))].format(w=WORDS[digit], d=digit)
 
 
 def caption_corpus() -> list[str]:
-    """Every caption any sample can get, plus the meta text: what the text tokenizer is trained on."""
-    return [t.format(w=w, d=d) for d, w in enumerate(WORDS) for t in TEMPLATES] + [META]
+    """Every text any sample can get in either format, plus the meta text: what the text tokenizer is
+    trained on (so pretraining and instruction tuning share one vocabulary)."""
+    templates = TEMPLATES + [t for ts in INSTRUCT.values() for t in ts]
+    return [t.format(w=w, d=d) for d, w in enumerate(WORDS) for t in templates] + [META]
 
 
 def _cache_dir(cache_dir: str | os.PathLike) -> Path:
@@ -178,12 +192,17 @@ def augment(images: torch.Tensor, gen: torch.Generator, noise: float = 0.03) -> 
 
 
 def collate(rows: dict[str, list[Any]], vocab: Vocab, vq: VQTokenizer, modality: str,
-            gen: Optional[torch.Generator] = None) -> dict[str, Any]:
+            gen: Optional[torch.Generator] = None, text_format: str = "plain") -> dict[str, Any]:
     """A modality-pure batch from dataset rows (`data[indices]`); with `gen`, augmented views are
     drawn before VQ encoding. Sequences are padded to vocab.seq_len, captions to vocab.caption_len.
-    `labels` is input_ids with -100 at pads (the model shifts, as Hugging Face causal LMs do)."""
+    `labels` is input_ids with -100 at pads (the model shifts, as Hugging Face causal LMs do) and, in
+    the instruct format, at every prompt token."""
     if modality not in MODALITIES:
         raise ValueError(f"modality={modality!r} is invalid: choose one of {MODALITIES}")
+    if text_format == "instruct":
+        rows = {**rows, "caption": [caption(d, i, "instruct", modality) for d, i in zip(rows["digit"], rows["index"])]}
+    elif text_format != "plain":
+        raise ValueError(f"text_format={text_format!r} is invalid: choose one of {FORMATS}")
     images = torch.tensor(rows["image"], dtype=torch.float32).reshape(-1, SIDE, SIDE)
     if gen is not None:
         images = augment(images, gen)
@@ -199,8 +218,12 @@ def collate(rows: dict[str, list[Any]], vocab: Vocab, vq: VQTokenizer, modality:
         seq = vocab.sequence(modality, cap, code)
         input_ids[i, :len(seq)] = torch.tensor(seq)
         caption_ids[i, :len(cap)] = torch.tensor(cap, dtype=torch.long)
-    return {"modality": modality, "input_ids": input_ids,
-            "labels": input_ids.masked_fill(input_ids == vocab.pad, -100),
+    labels = input_ids.masked_fill(input_ids == vocab.pad, -100)
+    if text_format == "instruct":  # loss on the response only
+        answer_start = len(vocab.sequence("understanding", [], [0] * CODES)) - 1  # [BOS] image, then the answer
+        prompt = ~vocab.is_image(input_ids) if modality == "generation" else torch.arange(vocab.seq_len) < answer_start
+        labels = labels.masked_fill(prompt, -100)
+    return {"modality": modality, "input_ids": input_ids, "labels": labels,
             "image_mask": vocab.is_image(input_ids), "pixel_values": images.unsqueeze(1), "image_codes": codes,
             "caption_ids": caption_ids, "caption_mask": caption_ids != vocab.pad,
             "digit": torch.tensor(rows["digit"], dtype=torch.long)}
@@ -228,7 +251,8 @@ class MicroBatchSampler:
     """
 
     def __init__(self, data: datasets.Dataset, vocab: Vocab, vq: VQTokenizer, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True, grad_accum: int = 1):
+                 rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True, grad_accum: int = 1,
+                 text_format: str = "plain"):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size} are invalid: need 0 <= rank < world_size")
         if micro_batch_size < 1 or micro_batch_size * world_size > len(data):
@@ -238,7 +262,7 @@ class MicroBatchSampler:
             raise ValueError(f"grad_accum={grad_accum} is invalid: must be >= 1")
         self.data, self.vocab, self.vq = data, vocab, vq
         self.micro, self.rank, self.world, self.grad_accum = micro_batch_size, rank, world_size, grad_accum
-        self.seed, self.augment = seed, augment
+        self.seed, self.augment, self.text_format = seed, augment, text_format
         self.epoch, self.offset, self.served = 0, 0, 0
         self._perm: tuple[int, list[int]] = (-1, [])
 
@@ -274,7 +298,7 @@ class MicroBatchSampler:
     def next_micro_batch(self) -> dict[str, Any]:
         idx = self.indices()
         gen = torch.Generator().manual_seed(_seed(self.seed, self.served, self.rank)) if self.augment else None
-        batch = collate(self.data[idx], self.vocab, self.vq, MODALITIES[self.served % 2], gen)
+        batch = collate(self.data[idx], self.vocab, self.vq, MODALITIES[self.served % 2], gen, self.text_format)
         self.epoch, self.offset = self._position()
         self.offset += self.span
         self.served += 1

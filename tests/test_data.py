@@ -188,3 +188,27 @@ def test_bad_arguments_name_the_argument(built, tmp_path):
     with pytest.raises(ValueError, match="seed=3"):
         make(train, vocab, vq, seed=4).load_state_dict(state)
     assert isinstance(vocab, Vocab)
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_instruct_format_puts_the_loss_on_the_response_only(modality, built):
+    _, train, _, vocab, vq = built
+    rows = train[:4]
+    b = collate(rows, vocab, vq, modality, text_format="instruct")
+    for i, (d, index) in enumerate(zip(rows["digit"], rows["index"])):
+        text = vocab.text(caption(d, index, "instruct", modality))
+        assert b["caption_ids"][i, :len(text)].tolist() == text
+        kept = b["input_ids"][i][b["labels"][i] != -100].tolist()
+        codes = (b["image_codes"][i] + vocab.image_offset).tolist()
+        assert kept == (codes if modality == "generation" else text + [vocab.eos])
+    plain = collate(rows, vocab, vq, modality)
+    assert (plain["labels"] != -100).sum() > (b["labels"] != -100).sum()
+
+
+def test_both_formats_share_one_vocabulary(built):
+    _, _, _, vocab, _ = built
+    for modality in MODALITIES:
+        for d in range(10):
+            assert vocab.tokenizer.token_to_id("[UNK]") not in vocab.text(caption(d, d, "instruct", modality))
+    with pytest.raises(ValueError, match="text_format='chat'"):
+        caption(1, 1, "chat")

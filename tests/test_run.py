@@ -17,7 +17,7 @@ from test_launchers import free_port
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN = str(ROOT / "launcher" / "run.py")
-SCALARS = {"loss/text", "loss/image", "lr", "grad/text_image_cosine", "grad/text_to_image_norm_ratio",
+SCALARS = {"loss/text", "loss/image", "lr", "grad/cosine", "grad/norm_ratio",
            "fop/beta_abs_mean", "fop/eta_mean", "optimizer/eigh", "optimizer/qr", "optimizer/qr_seconds",
            "time/step_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "throughput/tokens_per_s",
            "memory/rank0_mib", "val/text_loss", "val/image_loss", "val/image_token_accuracy", "val/caption_accuracy"}
