@@ -121,10 +121,15 @@ class TwoObjective(torch.optim.Optimizer):
         self._group_of = {p: "all" if granularity == "global" else module_of(n, i)
                           for i, (n, p) in enumerate(zip(names, self._params))}
         self.comm = Comm()
-        self.counters = {"steps_combined": 0, "steps_single_modality": 0}
+        self._counts = {"steps_combined": 0, "steps_single_modality": 0}
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         self._capture = MicrostepCapture(self._params, self._on_microstep, capture)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """The wrapper's step counts and the base optimizer's counters (eigh, QR, folds...)."""
+        return {**getattr(self.base, "counters", {}), **self._counts}
 
     @property
     def last_stats(self) -> dict[str, float]:
@@ -204,10 +209,10 @@ class TwoObjective(torch.optim.Optimizer):
         tags = sorted(reduced)
         if len(tags) == 2:
             terms = list(self._terms(reduced[tags[0]], reduced[tags[1]]))
-            self.counters["steps_combined"] += 1
+            self._counts["steps_combined"] += 1
         else:  # one modality this step: nothing to combine, its gradient is the update
             terms = [reduced[tags[0]]]
-            self.counters["steps_single_modality"] += 1
+            self._counts["steps_single_modality"] += 1
         self._clip(terms)
         present = [any(p in sums for sums in self._sums.values()) for p in self._params]
         self._sums.clear()

@@ -8,9 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from model_zoo.janus import JanusModel
+from model_zoo.lora import LLAMA_LINEARS
 from slurm_cluster import SlurmCluster
 from test_launchers import free_port
 
@@ -119,3 +122,53 @@ def test_slurm_batch_script_completes(tmp_path, cache):
         assert (out / "checkpoints" / "latest").read_text() == "step-1"
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def pretrained(cache, tmp_path_factory):
+    """Short pretraining runs whose exported <out>/model the LoRA runs start from."""
+    out = {}
+    for family in ("emu3", "janus"):
+        out[family] = tmp_path_factory.mktemp(f"pretrain-{family}")
+        launch("python", f"{family}_tiny_adamw.yaml", out[family], cache, steps=2, extra=["eval.samples_png=false"])
+    return out
+
+
+LORA_OPTIMIZERS = {  # the four rules over AdamW, and ML-FOP-SOAP's modality pair source
+    "sum": "{base: adamw, lr: 0.003}", "pcgrad": "{base: adamw, lr: 0.003}", "mgda": "{base: soap, lr: 0.003}",
+    "pareto_lora": "{base: adamw, lr: 0.003, granularity: layer}",
+    "mlfop_soap": "{lr: 0.003, pair_source: modality, precondition_frequency: 2}"}
+
+
+@pytest.mark.parametrize("name", sorted(LORA_OPTIMIZERS))
+def test_lora_run_with_each_rule_writes_per_layer_ratios_and_keeps_base_weights(name, pretrained, tmp_path, cache):
+    base = pretrained["emu3"] / "model"
+    launch("python", "emu3_tiny_lora.yaml", tmp_path, cache, steps=2,
+           extra=[f"model.pretrained={base}", f"optimizer.name={name}", f"optimizer.params={LORA_OPTIMIZERS[name]}",
+                  "eval.generated_digits=2"])
+    acc = scalars(tmp_path)
+    tags = acc.Tags()["scalars"]
+    ratios = [t for t in tags if t.startswith("layer_grad/norm_ratio/")]
+    assert len(ratios) == 2 * 7, ratios  # 2 layers x 7 LoRA-wrapped linears
+    for t in ratios + [r.replace("norm_ratio", "cosine") for r in ratios]:
+        assert len(acc.Scalars(t)) == 2, t
+    assert 0 <= acc.Scalars("val/generated_digit_accuracy")[-1].value <= 1
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    saved = torch.load(tmp_path / "checkpoints" / "step-1" / "model.pt")
+    original = safetensors.torch.load_file(str(base / "model.safetensors"))
+    for key, value in original.items():  # peft renames a wrapped linear's weight to ...base_layer.weight
+        name = "decoder.base_model.model." + key.replace("decoder.", "", 1)
+        name = name.replace(".weight", ".base_layer.weight") if any(f".{m}." in name for m in LLAMA_LINEARS) else name
+        assert torch.equal(saved[name], value), key
+
+
+def test_lora_rule_over_sharded_mlfop_soap_under_deepspeed_janus(pretrained, tmp_path, cache):
+    """SOAP's first two steps build the eigenbasis and its second moment; the third folds."""
+    launch("deepspeed", "janus_tiny_lora.yaml", tmp_path, cache, steps=3,
+           extra=[f"model.pretrained={pretrained['janus'] / 'model'}",
+                  "optimizer.params={base: mlfop_soap, lr: 0.003, precondition_frequency: 2}"])
+    acc = scalars(tmp_path)
+    assert [e.value for e in acc.Scalars("optimizer/steps_combined")] == [1, 2, 3]
+    assert [e.value for e in acc.Scalars("optimizer/fop_folds")][-1] > 0
+    merged = JanusModel.from_pretrained(str(tmp_path / "model"))  # the exported merged model loads as a plain one
+    assert not any("lora" in n for n, _ in merged.named_parameters())
