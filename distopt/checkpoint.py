@@ -73,6 +73,13 @@ def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[di
     return {"state_dict": optimizer.state_dict()} if rank == 0 else None
 
 
+def _describe(optimizer: torch.optim.Optimizer) -> str:
+    """What the manifest records, so that a run resumes only into the same kind of optimizer."""
+    if isinstance(optimizer, TwoObjective):
+        return f"TwoObjective({optimizer.rule}, {optimizer.granularity}, {type(optimizer.base).__name__})"
+    return type(optimizer).__name__
+
+
 def _stateful(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that holds the state: a two-objective rule keeps none between steps, its base does."""
     return optimizer.base if isinstance(optimizer, TwoObjective) else optimizer
@@ -85,6 +92,9 @@ def _block_key(name: str, ordinal: int) -> str:
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: Optional[dict] = None) -> Path:
     """Collective: every rank calls it at the same step, after optimizer.step()."""
+    name = _describe(optimizer)
+    if getattr(optimizer, "_sums", None):
+        raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
     optimizer = _stateful(optimizer)
     if getattr(optimizer, "_window", None) is not None:
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
@@ -107,7 +117,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
                        file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=type(optimizer).__name__,
+        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name,
                         blocks=blocks, param_groups=groups, sha256={f: _sha256(tmp / f) for f in files},
                         extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
@@ -167,7 +177,7 @@ def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     step: Optional[int] = None) -> dict:
     """Collective: load model and optimizer state; returns the manifest (its `extra` and `step`)."""
-    optimizer = _stateful(optimizer)
+    outer, name, optimizer = optimizer, _describe(optimizer), _stateful(optimizer)
     path = resolve(root, step)
     try:
         manifest = _verify(path)
@@ -175,8 +185,8 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
         others = [s for s in complete_steps(root) if path.name != f"step-{s}"]
         hint = f"; complete checkpoints: steps {others} (pass step=...)" if others else ""
         raise CheckpointError(f"{e}{hint}") from e
-    if manifest["optimizer"] != type(optimizer).__name__:
-        raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {type(optimizer).__name__}")
+    if manifest["optimizer"] != name:
+        raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {name}")
     if isinstance(optimizer, MLFOPSOAP):
         _check_plan(path, manifest, optimizer)
     model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
@@ -187,7 +197,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
                 if k != "param_names":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     else:
-        optimizer.load_state_dict(torch.load(path / "optim-rank0.pt", weights_only=True)["state_dict"])
+        outer.load_state_dict(torch.load(path / "optim-rank0.pt", weights_only=True)["state_dict"])
     _barrier()
     return manifest
 

@@ -10,8 +10,13 @@ the scale of the summed loss. Every rule needs only the group's three dot produc
         (1/2 if g1 = g2);  alpha* g1 + (1 - alpha*) g2, the min-norm point of the segment
     Pareto-LoRA-style (our reading of arXiv 2606.17296, whose rule is not public): equalise the
         strengths (u_i = g_i / |g_i|), take the MGDA direction of u1, u2, rescale by the mean original
-        norm: (|g1| + |g2|)/2 * (alpha* u1 + (1 - alpha*) u2); a zero gradient gives the other one.
-        (For two unit vectors alpha* = 1/2, so this is the mean norm times the mean unit direction.)
+        norm: (|g1| + |g2|)/2 * (alpha* u1 + (1 - alpha*) u2). For two unit vectors alpha* = 1/2, so
+        this is the mean norm times the mean unit direction.
+
+A group that only one modality reaches (the other's gradient is 0: a head or encoder of one pathway,
+or a step with one modality) follows that one at the vanilla scale, w = (1/2, 1/2), under every rule,
+so the update is exactly that modality's gradient: MGDA's min-norm point would be 0 there and the
+Pareto-LoRA-style rule has no second direction to equalise.
 
 Each micro-step's backward runs inside `optimizer.modality(tag)`; the per-modality gradients (summed
 over micro-steps) are averaged over ranks, combined per group, clipped, and handed to the base
@@ -28,6 +33,7 @@ two micro-steps tagged with their modality: their sum is the rule's update and F
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import zlib
 from typing import Callable, Iterable, Iterator, Optional
@@ -55,26 +61,22 @@ def mgda_alpha(g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> torch
 
 def rule_weights(rule: str, g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(w1, w2) with direction = w1 g1 + w2 g2 (mean convention), from the group's dot products."""
-    if rule == "sum":
-        half = torch.full_like(g11, 0.5)
+    if rule not in RULES:
+        raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
+    half = torch.full_like(g11, 0.5)
+    if rule == "sum" or float(g11) == 0 or float(g22) == 0:  # one modality only: follow it, at the vanilla scale
         return half, half
     if rule == "pcgrad":
         conflict = g12 < 0
-        c1 = torch.where(conflict & (g22 > 0), g12 / g22.clamp_min(1e-300), torch.zeros_like(g12))  # g1' = g1 - c1 g2
-        c2 = torch.where(conflict & (g11 > 0), g12 / g11.clamp_min(1e-300), torch.zeros_like(g12))  # g2' = g2 - c2 g1
+        c1 = torch.where(conflict, g12 / g22, torch.zeros_like(g12))  # g1' = g1 - c1 g2
+        c2 = torch.where(conflict, g12 / g11, torch.zeros_like(g12))  # g2' = g2 - c2 g1
         return (1 - c2) / 2, (1 - c1) / 2
     if rule == "mgda":
         alpha = mgda_alpha(g11, g12, g22)
         return alpha, 1 - alpha
-    if rule == "pareto_lora":
-        n1, n2 = g11.sqrt(), g22.sqrt()
-        if float(n1) == 0 or float(n2) == 0:
-            return (n1 > 0).double(), (n2 > 0).double()
-        one = torch.ones_like(g11)
-        alpha = mgda_alpha(one, g12 / (n1 * n2), one)
-        mean = (n1 + n2) / 2
-        return mean * alpha / n1, mean * (1 - alpha) / n2
-    raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
+    n1, n2 = g11.sqrt(), g22.sqrt()  # pareto_lora: MGDA on the unit vectors u1, u2 gives alpha = 1/2
+    mean = (n1 + n2) / 2
+    return mean / (2 * n1), mean / (2 * n2)
 
 
 def combine(rule: str, g1: torch.Tensor, g2: torch.Tensor) -> torch.Tensor:
@@ -110,6 +112,9 @@ class TwoObjective(torch.optim.Optimizer):
         from distopt.registry import build_optimizer  # the registry lists this class too
 
         if base == "mlfop_soap":
+            if base_params.get("pair_source") == "ranks":
+                raise ValueError("pair_source='ranks' under a two-objective rule: the rule hands every rank the same "
+                                 "reduced terms, so there is no per-rank pair to fold; use 'modality' or 'microstep'")
             base_params["capture"] = "manual"  # the wrapper hands it the rule's two terms as micro-steps
         self.base = build_optimizer({"name": base, "params": base_params}, params)
         super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
@@ -151,9 +156,10 @@ class TwoObjective(torch.optim.Optimizer):
         for p, g in deltas.items():
             acc[p] = g if p not in acc else acc[p] + g
 
-    def _reduced(self) -> dict[str, list[torch.Tensor]]:
-        """Per tag, every parameter's gradient averaged over ranks (one all-reduce for both tags).
-        Ranks must have seen the same tags: a checksum of the tag list is compared first."""
+    def _reduced(self) -> tuple[dict[str, list[torch.Tensor]], list[bool]]:
+        """Per tag, every parameter's gradient averaged over ranks, and whether any rank's backward
+        reached it: one all-reduce in the gradients' own precision (dot products are taken in fp64).
+        Ranks must have seen the same tags (the layout depends on them): a checksum is compared first."""
         tags = sorted(self._sums)
         if self.comm.world > 1:
             code = zlib.crc32("\0".join(tags).encode()) % 2**20  # code^2 sums stay exact in fp64
@@ -162,8 +168,10 @@ class TwoObjective(torch.optim.Optimizer):
             if check[0] != world * code or check[1] != world * code**2:  # zero variance: every rank sent `code`
                 raise RuntimeError(f"{self.rule}: ranks saw different modalities this step (this rank: {tags}); "
                                    "every rank must run the same modality in each micro-step")
-        flat = torch.cat([torch.cat([self._sums[t].get(p, torch.zeros_like(p)).reshape(-1).double()
-                                     for p in self._params]) for t in tags])
+        dtype = functools.reduce(torch.promote_types, [p.dtype for p in self._params])
+        present = torch.tensor([any(p in self._sums[t] for t in tags) for p in self._params], dtype=dtype)
+        flat = torch.cat([self._sums[t].get(p, torch.zeros_like(p)).reshape(-1).to(dtype)
+                          for t in tags for p in self._params] + [present])
         if self.comm.world > 1:
             flat = self.comm.all_reduce_sum(flat) / self.comm.world
         out, offset = {}, 0
@@ -172,7 +180,7 @@ class TwoObjective(torch.optim.Optimizer):
             for p in self._params:
                 out[t].append(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        return out
+        return out, (flat[offset:] > 0).tolist()
 
     def _terms(self, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The rule's two weighted terms 2 w1 g1 and 2 w2 g2 per parameter (their sum is the update)."""
@@ -205,7 +213,7 @@ class TwoObjective(torch.optim.Optimizer):
         if not self._sums:
             raise RuntimeError(f"{self.rule}: step() without a captured backward; run each backward inside "
                                "`with optimizer.modality(tag):`")
-        reduced = self._reduced()
+        reduced, present = self._reduced()
         tags = sorted(reduced)
         if len(tags) == 2:
             terms = list(self._terms(reduced[tags[0]], reduced[tags[1]]))
@@ -214,7 +222,6 @@ class TwoObjective(torch.optim.Optimizer):
             terms = [reduced[tags[0]]]
             self._counts["steps_single_modality"] += 1
         self._clip(terms)
-        present = [any(p in sums for sums in self._sums.values()) for p in self._params]
         self._sums.clear()
         self._capture.reset()
         feed_microsteps = isinstance(self.base, MLFOPSOAP)
@@ -229,8 +236,8 @@ class TwoObjective(torch.optim.Optimizer):
         return self.base.step(closure)
 
     def _write_grads(self, grads: list[torch.Tensor], present: list[bool], copy: bool) -> None:
-        """p.grad for the base optimizer; None stays None where no backward reached p (so the base
-        skips it, as it would without the wrapper)."""
+        """p.grad for the base optimizer; None where no rank's backward reached p (so the base skips it,
+        as it would without the wrapper)."""
         for p, g, seen in zip(self._params, grads, present):
             p.grad = (g.clone() if copy else g) if seen else None
 
@@ -238,7 +245,10 @@ class TwoObjective(torch.optim.Optimizer):
         return self.base.state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """The base loads; torch's loader replaces its param_groups and state, so share them again
+        (an LR scheduler on the wrapper must keep reaching the base)."""
         self.base.load_state_dict(state_dict)
+        self.param_groups, self.state = self.base.param_groups, self.base.state
 
     def close(self) -> None:
         self._capture.remove()

@@ -1,8 +1,9 @@
 """The run configuration: one YAML file, typed sections, errors that name the field and the fix.
 
-    run:        name, out_dir, seed
+    run:        name, out_dir, seed (initialisation, batch order, augmentation)
     model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides
-    data:       cache_dir, codebook_size, val_fraction, augment, text_format (plain | instruct)
+    data:       cache_dir, seed (the split and the VQ codebook), codebook_size, val_fraction, augment,
+                text_format (plain | instruct)
     lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
@@ -22,7 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
-from distopt.registry import OPTIMIZERS, valid_arguments
+from distopt.registry import OPTIMIZERS, TWO_OBJECTIVE, valid_arguments
+from distopt.rules import GRANULARITIES
 from model_zoo.data import FORMATS
 from model_zoo.lora import LLAMA_LINEARS
 
@@ -49,6 +51,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     cache_dir: str = ".cache/distopt"
+    seed: int = 0  # fixes the split and the VQ codebook, so runs of any run.seed (and fine-tuning) share them
     codebook_size: int = 64
     val_fraction: float = 0.1
     augment: bool = True
@@ -58,7 +61,8 @@ class DataConfig:
 @dataclass
 class LoraSection:
     """peft LoRA on the decoder's linear layers; everything else is frozen. `adapter`: a saved peft
-    adapter directory to go on from (else new adapters)."""
+    adapter directory to go on from (else new adapters); its own adapter_config.json then fixes r,
+    alpha, dropout and target_modules, and the fields here are not used."""
     enabled: bool = False
     r: int = 8
     alpha: float = 16.0
@@ -187,9 +191,18 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError(f"optimizer.params.base: {e}") from None
     bad = sorted(set(o.params) - set(valid))
     _check(not bad, f"optimizer.params.{bad[0] if bad else ''}", f"not an argument of {o.name}; valid arguments are {valid}")
+    _check(o.params.get("capture", "hooks") == "hooks", "optimizer.params.capture",
+           "the launcher's training loop needs 'hooks' (each backward is one micro-step); remove the key")
+    if o.name in TWO_OBJECTIVE:
+        _check(o.params.get("granularity", "layer") in GRANULARITIES, "optimizer.params.granularity",
+               f"{o.params.get('granularity')!r}; choose one of {GRANULARITIES}")
     _check("max_grad_norm" not in o.params, "optimizer.params.max_grad_norm",
            "set clipping once, as optimizer.max_grad_norm")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0 or null")
+    if o.name in TWO_OBJECTIVE:
+        _check(b.grad_accum % 2 == 0, "batch.grad_accum",
+               f"{b.grad_accum} is odd: {o.name} combines a text and an image gradient per step, and micro-batches "
+               "alternate modality, so use an even grad_accum (>= 2)")
     pair = o.params.get("pair_source", "microstep")
     if o.name == "mlfop_soap" and pair == "microstep" and b.grad_accum == 1 and o.params.get("fop", True):
         raise ConfigError("batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold; use grad_accum >= 2 "
@@ -240,7 +253,10 @@ def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config: {path} is not valid YAML ({e})") from None
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -249,5 +265,9 @@ def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
+                              "quote it, and pass one --set per key") from None
     return validate(_build(Config, data, ""), world_size)

@@ -96,15 +96,15 @@ def train(cfg: Config) -> dict:
 
     # data: rank 0 trains (or loads) the cached VQ codebook and tokenizer first; the others then load it
     if rank == 0:
-        build_datasets(cfg.data.cache_dir, seed=cfg.run.seed, val_fraction=cfg.data.val_fraction,
+        build_datasets(cfg.data.cache_dir, seed=cfg.data.seed, val_fraction=cfg.data.val_fraction,
                        codebook_size=cfg.data.codebook_size)
     dist.barrier()
-    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, seed=cfg.run.seed,
+    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, seed=cfg.data.seed,
                                                    val_fraction=cfg.data.val_fraction,
                                                    codebook_size=cfg.data.codebook_size)
     sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
                                 world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
-                                text_format=cfg.data.text_format)
+                                grad_accum=cfg.batch.grad_accum, text_format=cfg.data.text_format)
     model = build_model(cfg.model, vocab)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
@@ -142,8 +142,7 @@ def train(cfg: Config) -> dict:
         losses: dict[str, list[float]] = {}
         t0 = time.perf_counter()
         t_fwd = t_bwd = 0.0
-        for _ in range(cfg.batch.grad_accum):
-            batch = sampler.next_micro_batch()
+        for batch in sampler.next_step():
             tokens_per_micro = int(batch["input_ids"].numel())
             t = time.perf_counter()
             result = engine(batch)
@@ -165,7 +164,9 @@ def train(cfg: Config) -> dict:
         step_time = time.perf_counter() - t0
         means = {k: sum(v) / len(v) for k, v in losses.items()}
         history["train"].append({"step": step, "seconds": time.perf_counter() - t_start, **means})
-        if not all(math.isfinite(v) for v in means.values()):
+        finite = torch.tensor([float(all(math.isfinite(v) for v in means.values()))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together (no rank left in a collective)
+        if not finite.item():
             history["diverged"] = True
             break
         if log_now:

@@ -41,8 +41,7 @@ TEMPLATES = ["a handwritten digit {w}", "the number {d} written by hand", "a sma
              "handwriting showing the digit {w}", "a scanned picture of the number {w}",
              "a {w} drawn with a pen", "the digit {d}, handwritten"]
 INSTRUCT = {"generation": ["please draw the digit {w}", "draw a {w} for me", "can you sketch the number {d}"],
-            "understanding": ["answer : the picture shows a {w}", "answer : it is the digit {w}",
-                              "answer : i see the number {d}"]}
+            "understanding": ["the picture shows a {w}", "it is the digit {w}", "i see the number {d}"]}
 FORMATS = ("plain", "instruct")
 SPECIALS = ("pad", "bos", "eos", "sov", "sot", "eov")
 META = "8x8"

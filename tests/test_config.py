@@ -12,8 +12,9 @@ TINY = ROOT / "configs" / "emu3_tiny_mlfop.yaml"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    cfg = load_config(path, world_size=2)
+def test_shipped_configs_validate(path, tmp_path):
+    needs_base = yaml.safe_load(path.read_text())["model"].get("pretrained")  # a LoRA run's pretraining output
+    cfg = load_config(path, world_size=2, overrides=[f"model.pretrained={tmp_path}"] if needs_base else [])
     ds = cfg.deepspeed_json(2)
     assert ds["zero_optimization"]["stage"] == 0 and ds["train_batch_size"] == (
         cfg.batch.micro_batch_size * cfg.batch.grad_accum * 2)
@@ -51,10 +52,38 @@ def test_mistakes_name_their_field(override, match):
         load_config(TINY, world_size=1, overrides=override)
 
 
+@pytest.mark.parametrize("override,match", [
+    (["lora.target_modules=[qkv]"], r"lora.target_modules: \['qkv'\]: choose a non-empty list among .*'q_proj'"),
+    (["lora.r=0"], r"lora.r: 0 must be an integer >= 1"),
+    (["lora.dropout=1.0"], r"lora.dropout: 1.0 must be in \[0, 1\)"),
+    (["lora.adapter=/tmp"], r"lora.adapter: '/tmp' holds no adapter_config.json"),
+    (["optimizer.params.base=lion"], r"optimizer.params.base: optimizer 'pareto_lora': base='lion' is invalid"),
+    (["optimizer.params.rho=1"], r"optimizer.params.rho: not an argument of pareto_lora; valid arguments are"),
+    (["batch.grad_accum=3"], r"batch.grad_accum: 3 is odd: pareto_lora combines a text and an image gradient"),
+    (["data.text_format=chat"], r"data.text_format: 'chat'; choose one of \('plain', 'instruct'\)"),
+    (["eval.generated_digits=-1"], r"eval.generated_digits: -1 must be an integer >= 0"),
+    (["optimizer.params.granularity=head"], r"optimizer.params.granularity: 'head'; choose one of \('layer', 'global'\)"),
+    (["optimizer.params.capture=manual"], r"optimizer.params.capture: the launcher's training loop needs 'hooks'"),
+])
+def test_lora_mistakes_name_their_field(override, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs" / "emu3_tiny_lora.yaml", world_size=1,
+                    overrides=[f"model.pretrained={tmp_path}", *override])
+
+
 def test_a_section_that_is_not_a_mapping(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("batch: 3\n")
     with pytest.raises(ConfigError, match="batch: expected a mapping, got int"):
+        load_config(path)
+
+
+def test_unparsable_values_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set 'model.overrides=a: 1, b: 2}': the value is not valid YAML"):
+        load_config(TINY, overrides=["model.overrides=a: 1, b: 2}"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("run: {name: [\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
         load_config(path)
 
 

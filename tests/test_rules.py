@@ -43,8 +43,9 @@ def test_pcgrad_projects_only_conflicts():
 def test_pareto_lora_closed_forms():
     g1, g2 = vec(3.0, 0.0), vec(0.0, 3.0)
     torch.testing.assert_close(combine("pareto_lora", g1, g2), (g1 + g2) / 2, msg="equal norms, orthogonal: midpoint")
-    torch.testing.assert_close(combine("pareto_lora", g1, torch.zeros(2, dtype=F64)), g1, msg="zero gives the other")
-    torch.testing.assert_close(combine("pareto_lora", torch.zeros(2, dtype=F64), g2), g2)
+    zero = torch.zeros(2, dtype=F64)  # the update is twice the direction (the summed loss's scale):
+    torch.testing.assert_close(2 * combine("pareto_lora", g1, zero), g1, msg="zero: the update is the other's gradient")
+    torch.testing.assert_close(2 * combine("pareto_lora", zero, g2), g2)
     g = vec(0.3, -2.0, 1.0)
     torch.testing.assert_close(combine("pareto_lora", g, g.clone()), g, msg="identical gives that gradient")
     big, small = vec(100.0, 0.0), vec(0.0, 1.0)
@@ -56,6 +57,53 @@ def test_pareto_lora_closed_forms():
 def test_identical_gradients_give_that_gradient(rule):
     g = vec(0.3, -2.0, 1.0)
     torch.testing.assert_close(combine(rule, g, g.clone()), g)
+
+
+@pytest.mark.parametrize("rule", ["sum", "mgda", "pcgrad", "pareto_lora"])
+def test_a_group_one_modality_reaches_follows_it_at_the_vanilla_scale(rule):
+    """MGDA's min-norm point would be 0 (the group never trains), Pareto-LoRA's equalisation undefined."""
+    g, zero = vec(0.3, -2.0, 1.0), torch.zeros(3, dtype=F64)
+    torch.testing.assert_close(2 * combine(rule, g, zero), g)
+    torch.testing.assert_close(2 * combine(rule, zero, g), g)
+
+
+def test_layer_granularity_weighs_each_layer_by_its_own_gradients():
+    """Two layers: one where text dominates 100x, one balanced. Per layer, Pareto-LoRA-style equalises
+    each; globally, one weight pair (set by the dominant layer) scales both."""
+    grads = {"text": [vec(100.0, 0.0), vec(1.0, 0.0)], "image": [vec(0.0, 1.0), vec(0.0, 1.0)]}
+    updates = {}
+    for granularity in ("layer", "global"):
+        params = [torch.nn.Parameter(torch.zeros(2, dtype=F64)) for _ in range(2)]
+        opt = build_optimizer({"name": "pareto_lora", "params": {"base": "adamw", "granularity": granularity, "lr": 0.1}},
+                              [("l1.weight", params[0]), ("l2.weight", params[1])])
+        for tag, gs in grads.items():
+            with opt.modality(tag):
+                sum((p * g).sum() for p, g in zip(params, gs)).backward()
+        opt.base.step = lambda closure=None: None  # keep the combined gradient in p.grad
+        opt.step()
+        updates[granularity] = [p.grad.clone() for p in params]
+    torch.testing.assert_close(updates["layer"][0], vec(50.5, 50.5))  # 2 x 50.5 x (u1 + u2) / 2
+    torch.testing.assert_close(updates["layer"][1], vec(1.0, 1.0))
+    n1, n2 = (100.0**2 + 1) ** 0.5, 2**0.5  # global norms: one weight pair for both layers
+    w1, w2 = (n1 + n2) / 2 / (2 * n1), (n1 + n2) / 2 / (2 * n2)
+    torch.testing.assert_close(updates["global"][1], 2 * vec(w1, w2))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
+def test_resumed_wrapper_keeps_the_lr_schedule_reaching_its_base(tmp_path):
+    model = torch.nn.Linear(3, 2).double()
+    opt = build_optimizer({"name": "pcgrad", "params": {"base": "adamw", "lr": 0.1}}, model.named_parameters())
+    for tag in ("text", "image"):
+        with opt.modality(tag):
+            model(torch.ones(1, 3, dtype=F64)).sum().backward()
+    opt.step()
+    saved = opt.state_dict()
+    fresh = build_optimizer({"name": "pcgrad", "params": {"base": "adamw", "lr": 0.1}}, model.named_parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 0.5 ** step)
+    fresh.load_state_dict(saved)
+    assert fresh.state is fresh.base.state and len(fresh.state) == 2
+    scheduler.step()
+    assert fresh.base.param_groups[0]["lr"] == fresh.param_groups[0]["lr"] == 0.05
 
 
 def test_lora_a_and_b_form_one_layer():

@@ -153,6 +153,8 @@ def test_lora_run_with_each_rule_writes_per_layer_ratios_and_keeps_base_weights(
     for t in ratios + [r.replace("norm_ratio", "cosine") for r in ratios]:
         assert len(acc.Scalars(t)) == 2, t
     assert 0 <= acc.Scalars("val/generated_digit_accuracy")[-1].value <= 1
+    if name != "mlfop_soap":  # the rule itself ran, once per step, on both modalities
+        assert [e.value for e in acc.Scalars("optimizer/steps_combined")] == [1, 2]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     saved = torch.load(tmp_path / "checkpoints" / "step-1" / "model.pt")
     original = safetensors.torch.load_file(str(base / "model.safetensors"))
