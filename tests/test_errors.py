@@ -44,7 +44,7 @@ def test_head_split_that_does_not_divide():
 
 
 def test_registry_lists_valid_names_and_arguments():
-    with pytest.raises(ValueError, match=r"unknown: choose one of \['adamw', 'mgda', 'mlfop_soap', 'pareto_lora', 'pcgrad', 'soap'\]"):
+    with pytest.raises(ValueError, match=r"unknown: choose one of \['adamw', 'mgda', 'mlfop_soap', 'pareto_lora', 'pcgrad', 'soap', 'sum'\]"):
         build_optimizer({"name": "lion"}, params())
     with pytest.raises(ValueError, match="no argument.*'precondition_freq'.*valid arguments are.*precondition_frequency"):
         build_optimizer({"name": "mlfop_soap", "params": {"precondition_freq": 5}}, params())
