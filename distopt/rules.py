@@ -98,7 +98,8 @@ class TwoObjective(torch.optim.Optimizer):
     with the remaining keyword arguments. max_grad_norm clips the combined gradient's global norm.
 
     The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
-    and load_state_dict() act on the base optimizer.
+    and load_state_dict() act on the base optimizer. Layer groups come from parameter names (pass
+    model.named_parameters()); unnamed tensors are each their own group.
     """
 
     def __init__(self, params: Iterable, rule: str = "pareto_lora", base: str = "adamw", granularity: str = "layer",

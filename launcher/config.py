@@ -208,6 +208,8 @@ def validate(cfg: Config, world_size: int) -> Config:
         raise ConfigError("batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold; use grad_accum >= 2 "
                           "or optimizer.params.pair_source: ranks (needs >= 2 ranks) or modality")
     if pair == "ranks":
+        _check(o.name not in TWO_OBJECTIVE, "optimizer.params.pair_source",
+               f"'ranks' under {o.name}: the rule hands every rank the same reduced terms; use 'modality'")
         _check(world_size >= 2, "optimizer.params.pair_source", "'ranks' needs at least 2 ranks")
     s = cfg.schedule
     _check(isinstance(s.steps, int) and s.steps >= 1, "schedule.steps", f"{s.steps!r} must be an integer >= 1")

@@ -64,6 +64,7 @@ def test_mistakes_name_their_field(override, match):
     (["eval.generated_digits=-1"], r"eval.generated_digits: -1 must be an integer >= 0"),
     (["optimizer.params.granularity=head"], r"optimizer.params.granularity: 'head'; choose one of \('layer', 'global'\)"),
     (["optimizer.params.capture=manual"], r"optimizer.params.capture: the launcher's training loop needs 'hooks'"),
+    (["optimizer.params={base: mlfop_soap, pair_source: ranks}"], r"optimizer.params.pair_source: 'ranks' under pareto_lora"),
 ])
 def test_lora_mistakes_name_their_field(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
