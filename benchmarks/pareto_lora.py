@@ -116,9 +116,12 @@ def main() -> None:
 
 def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds) -> str:
     command = "python benchmarks/pareto_lora.py" + (" --quick" if args.quick else "")
+    base = f"pretraining {pre_steps} steps (plain captions, AdamW, batch 64)"
+    if args.pretrained:
+        command += f" --pretrained {args.pretrained}"
+        base = f"the pretrained model {args.pretrained}"
     ceiling = results["sum (vanilla LoRA)"][0]["judge_ceiling"]
-    lines = [f"# Pareto LoRA at CPU scale\n", f"`{command}` ({seconds:.0f} s, 2 cores): pretraining {pre_steps} steps "
-             f"(plain captions, AdamW, batch 64), then LoRA r=8 on every decoder linear, {steps} steps on the instruct "
+    lines = [f"# Pareto LoRA at CPU scale\n", f"`{command}` ({seconds:.0f} s, 2 cores): {base}, then LoRA r=8 on every decoder linear, {steps} steps on the instruct "
              f"format, seeds {seeds}; {10 * per_digit} generated images per evaluation. Mean ± sd over seeds.\n",
              f"Digit judge ceiling (its accuracy on VQ reconstructions of held-out digits): {ceiling:.3f}; chance 0.100.\n",
              "| rule | " + " | ".join(m[1] for m in METRICS) + " | accuracy vs vanilla |",
