@@ -124,8 +124,9 @@ class TwoObjective(torch.optim.Optimizer):
         self.rule, self.granularity, self.max_grad_norm = rule, granularity, max_grad_norm
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
-        self._group_of = {p: "all" if granularity == "global" else module_of(n, i)
-                          for i, (n, p) in enumerate(zip(names, self._params))}
+        self._groups: dict[str, list[int]] = {}  # group key -> indices into self._params
+        for i, n in enumerate(names):
+            self._groups.setdefault("all" if granularity == "global" else module_of(n, i), []).append(i)
         self.comm = Comm()
         self._counts = {"steps_combined": 0, "steps_single_modality": 0}
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
@@ -185,12 +186,9 @@ class TwoObjective(torch.optim.Optimizer):
 
     def _terms(self, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The rule's two weighted terms 2 w1 g1 and 2 w2 g2 per parameter (their sum is the update)."""
-        groups: dict[str, list[int]] = {}
-        for i, p in enumerate(self._params):
-            groups.setdefault(self._group_of[p], []).append(i)
         t1, t2 = list(g1), list(g2)
         self.last_weights = {}
-        for key, members in groups.items():
+        for key, members in self._groups.items():
             dots = [sum(_dot(a[i], b[i]) for i in members) for a, b in ((g1, g1), (g1, g2), (g2, g2))]
             w1, w2 = rule_weights(self.rule, *dots)
             self.last_weights[key] = (float(w1), float(w2))
