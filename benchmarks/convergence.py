@@ -102,7 +102,7 @@ def main() -> None:
     else:
         steps, ks, lrs, seeds = 80, [2, 8, 32], [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1], [0, 1, 2]
     ablation_k = ks[-1]
-    from launcher.run import init_distributed
+    from distopt.deepspeed_glue import init_distributed
 
     init_distributed()
     out = Path(args.out)

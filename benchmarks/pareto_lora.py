@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--pretrained", help="an exported <out_dir>/model of emu3_tiny_adamw.yaml to start from")
     args = ap.parse_args()
     pre_steps, steps, seeds, per_digit = (1000, 200, [0, 1, 2], 30) if args.quick else (3000, 400, [0, 1, 2, 3, 4], 50)
-    from launcher.run import init_distributed
+    from distopt.deepspeed_glue import init_distributed
 
     init_distributed()
     t0 = time.perf_counter()

@@ -36,16 +36,13 @@ import contextlib
 import functools
 import re
 import zlib
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
-from distopt.capture import MicrostepCapture
+from distopt.capture import MicrostepCapture, TakesMicrosteps
 from distopt.comm import Comm
-from distopt.mlfop import MLFOPSOAP
-
-RULES = ("sum", "pcgrad", "mgda", "pareto_lora")
-GRANULARITIES = ("layer", "global")
+from distopt.options import RULES, RuleOptions
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -94,54 +91,53 @@ def module_of(name: Optional[str], fallback: int) -> str:
 
 
 class TwoObjective(torch.optim.Optimizer):
-    """Combine two per-modality gradients by `rule`, then step `base` (any registry optimizer), built
-    with the remaining keyword arguments. max_grad_norm clips the combined gradient's global norm.
+    """Combine two per-modality gradients by `rule`, then step `base`, a built optimizer (the registry
+    builds it from the same config). Options: distopt.options.RuleOptions (rule, granularity, capture,
+    max_grad_norm, which clips the combined gradient's global norm).
 
     The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
     and load_state_dict() act on the base optimizer. Layer groups come from parameter names (pass
-    model.named_parameters()); unnamed tensors are each their own group.
+    model.named_parameters()); unnamed tensors are each their own group. A base that takes tagged
+    micro-steps (ML-FOP-SOAP with capture='manual') is handed the rule's two terms as two micro-steps.
     """
 
-    def __init__(self, params: Iterable, rule: str = "pareto_lora", base: str = "adamw", granularity: str = "layer",
-                 capture: str = "hooks", max_grad_norm: Optional[float] = None, **base_params):
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: choose one of {GRANULARITIES}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: must be > 0 (or None for no clipping)")
-        from distopt.registry import build_optimizer  # the registry lists this class too
-
-        if base == "mlfop_soap":
-            if base_params.get("pair_source") == "ranks":
-                raise ValueError("pair_source='ranks' under a two-objective rule: the rule hands every rank the same "
-                                 "reduced terms, so there is no per-rank pair to fold; use 'modality' or 'microstep'")
-            base_params["capture"] = "manual"  # the wrapper hands it the rule's two terms as micro-steps
-        self.base = build_optimizer({"name": base, "params": base_params}, params)
-        super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
-        self.param_groups = self.base.param_groups
-        self.state = self.base.state
-        self.rule, self.granularity, self.max_grad_norm = rule, granularity, max_grad_norm
+    def __init__(self, base: torch.optim.Optimizer, **options):
+        self.options = RuleOptions(**options)
+        if isinstance(base, TakesMicrosteps) and base.options.capture != "manual":
+            raise ValueError("TwoObjective hands its base the rule's two terms as micro-steps: build the base "
+                             "with capture='manual' (distopt.build_optimizer does)")
+        self.base = base
+        super().__init__([p for g in base.param_groups for p in g["params"]], {})
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.rule, self.granularity, self.max_grad_norm = self.options.rule, self.options.granularity, \
+            self.options.max_grad_norm
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
         self._groups: dict[str, list[int]] = {}  # group key -> indices into self._params
         for i, n in enumerate(names):
-            self._groups.setdefault("all" if granularity == "global" else module_of(n, i), []).append(i)
+            self._groups.setdefault("all" if self.granularity == "global" else module_of(n, i), []).append(i)
         self.comm = Comm()
         self._counts = {"steps_combined": 0, "steps_single_modality": 0}
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
-        self._capture = MicrostepCapture(self._params, self._on_microstep, capture)
+        self._capture = MicrostepCapture(self._params, self._on_microstep, self.options.capture)
 
     @property
     def counters(self) -> dict[str, int]:
         """The wrapper's step counts and the base optimizer's counters (eigh, QR, folds...)."""
         return {**getattr(self.base, "counters", {}), **self._counts}
 
-    @property
-    def last_stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float]:
         """The base optimizer's (ML-FOP-SOAP: |beta*| and eta*), for logging."""
-        return getattr(self.base, "last_stats", {})
+        return self.base.stats() if hasattr(self.base, "stats") else {}
+
+    @property
+    def in_window(self) -> bool:
+        return bool(self._sums) or getattr(self.base, "in_window", False)
+
+    def describe(self) -> str:
+        return f"TwoObjective({self.rule}, {self.granularity}, {type(self.base).__name__})"
 
     @contextlib.contextmanager
     def modality(self, tag: str) -> Iterator[None]:
@@ -223,7 +219,7 @@ class TwoObjective(torch.optim.Optimizer):
         self._clip(terms)
         self._sums.clear()
         self._capture.reset()
-        feed_microsteps = isinstance(self.base, MLFOPSOAP)
+        feed_microsteps = isinstance(self.base, TakesMicrosteps)
         total = [torch.zeros_like(p) for p in self._params]
         for tag, parts in zip(tags, terms):
             for acc, t in zip(total, parts):

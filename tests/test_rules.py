@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from distopt import build_optimizer, combine
+from distopt import build_optimizer
+from distopt.rules import combine
 from distopt.rules import module_of
 from sharded_worker import run_sharded, train
 
