@@ -1,22 +1,36 @@
-"""Per-micro-step gradient capture for a standard accumulation loop (K backward calls, then step()).
+"""Micro-step capture for a standard accumulation loop (K backward calls, then step()).
 
-`p.grad` keeps accumulating as autograd leaves it, so user code that reads or clips it before
-`step()` still works; the micro-step's own gradient is the difference to the previous snapshot.
-In `hooks` mode a post-accumulate-grad hook on each parameter queues one end-of-backward callback
-(as DDP does), so a micro-step is exactly one backward pass and the user's loop needs no extra
-call. In `manual` mode a framework that drives micro-steps itself calls `end_microstep()`.
-An optional tag (e.g. the modality of the loss being back-propagated) travels with each micro-step.
+In `hooks` mode a post-accumulate-grad hook on each parameter tells the sink, as autograd finishes
+each gradient, that `p.grad` is ready (so the sink can send it on its way while the rest of the
+backward still runs), and the first hook of a backward queues one end-of-backward callback (as DDP
+does): a micro-step is exactly one backward pass and the user's loop needs no extra call. In
+`manual` mode a framework that drives micro-steps itself sets `p.grad` (accumulating, as autograd
+would) and calls `end_microstep()`. An optional tag (the modality of the loss being
+back-propagated) travels with each micro-step.
+
+The sink may consume `p.grad` (set it to None) once it has taken it; `p.grad` then holds only what
+accumulated since. `touched()` reports a `p.grad` changed after the last backward (an in-place edit
+bumps the tensor's version counter; an assignment replaces the object), at no memory cost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
-Sink = Callable[[Optional[str], dict[torch.Tensor, torch.Tensor]], None]
+
+class CaptureSink(Protocol):
+    """Who receives the gradients: told when a micro-step begins, when each p.grad is ready (it may
+    take p.grad and set it to None), and when the micro-step ends."""
+
+    def microstep_begins(self, tag: Optional[str]) -> None: ...
+
+    def grad_ready(self, index: int, p: torch.Tensor) -> None: ...
+
+    def microstep_ends(self, tag: Optional[str]) -> None: ...
 
 
 @runtime_checkable
@@ -29,26 +43,28 @@ class TakesMicrosteps(Protocol):
 class MicrostepCapture:
     """mode: 'hooks' (a micro-step is one backward) or 'manual' (the caller calls end_microstep)."""
 
-    def __init__(self, params: Iterable[torch.Tensor], sink: Sink, mode: str = "hooks"):
+    def __init__(self, params: Iterable[torch.Tensor], sink: CaptureSink, mode: str = "hooks"):
         self.params = list(params)
         self.sink = sink
         self.tag: Optional[str] = None
-        self._snapshot: dict[torch.Tensor, torch.Tensor] = {}
-        self._queued = False
+        self._in_backward = False
+        self._versions: dict[int, tuple[int, int]] = {}  # param index -> (id, version) of p.grad after a backward
         self._handles = []
         if mode == "hooks":
             ref = weakref.ref(self)
-            for p in self.params:
-                self._handles.append(p.register_post_accumulate_grad_hook(lambda _p, ref=ref: ref()._on_grad()))
+            for i, p in enumerate(self.params):
+                self._handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i, ref=ref: ref()._on_grad(i, p)))
 
-    def _on_grad(self) -> None:
-        if not self._queued:
-            self._queued = True
+    def _on_grad(self, index: int, p: torch.Tensor) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            self.sink.microstep_begins(self.tag)
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        self.sink.grad_ready(index, p)
 
     def _end_of_backward(self) -> None:
-        self._queued = False
-        self.end_microstep()
+        self._in_backward = False
+        self._finish(self.tag)
 
     @contextlib.contextmanager
     def tagged(self, tag: str) -> Iterator[None]:
@@ -61,26 +77,31 @@ class MicrostepCapture:
 
     @torch.no_grad()
     def end_microstep(self, tag: Optional[str] = None) -> None:
-        """Hand the gradient each parameter gained since the last micro-step to the sink."""
-        deltas: dict[torch.Tensor, torch.Tensor] = {}
-        for p in self.params:
-            if p.grad is None:
-                continue
-            prev = self._snapshot.get(p)
-            deltas[p] = p.grad.clone() if prev is None else p.grad - prev
-            if prev is None:
-                self._snapshot[p] = p.grad.clone()
-            else:
-                prev.copy_(p.grad)
-        self.sink(tag if tag is not None else self.tag, deltas)
+        """Manual mode: the gradients set since the last micro-step form one micro-step."""
+        tag = tag if tag is not None else self.tag
+        self.sink.microstep_begins(tag)
+        for i, p in enumerate(self.params):
+            if p.grad is not None:
+                self.sink.grad_ready(i, p)
+        self._finish(tag)
 
-    def accumulated(self, p: torch.Tensor) -> Optional[torch.Tensor]:
-        """The gradient as it stood after the last captured micro-step."""
-        return self._snapshot.get(p)
+    def _finish(self, tag: Optional[str]) -> None:
+        self.sink.microstep_ends(tag)
+        self._versions = {i: (id(p.grad), p.grad._version) for i, p in enumerate(self.params) if p.grad is not None}
+
+    def touched(self) -> list[int]:
+        """Parameters whose p.grad changed after the last captured micro-step."""
+        out = []
+        for i, p in enumerate(self.params):
+            seen = self._versions.get(i)
+            now = None if p.grad is None else (id(p.grad), p.grad._version)
+            if now != seen:
+                out.append(i)
+        return out
 
     def reset(self) -> None:
         """Start a new accumulation window (called by the optimizer's step())."""
-        self._snapshot.clear()
+        self._versions = {}
 
     def remove(self) -> None:
         for h in self._handles:

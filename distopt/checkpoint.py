@@ -1,20 +1,26 @@
-"""Checkpoints of a training run, with MLFOPSOAP's sharded state keyed by parameter name and block.
+"""Checkpoints of a training run, with ML-FOP-SOAP's sharded state keyed by parameter name and block.
 
 Layout of `<root>/step-<N>/`:
     manifest.json        format, step, world size, blocks (name, ordinal, slices, owner, file),
                          optimizer hyper-parameters and runtime state (fisher_norm's running norms),
-                         sha256 of every file, user `extra`
+                         sha256 and size of every file, user `extra`
     model.pt             the model's state_dict (parameters are replicated; rank 0 writes it)
     optim-rank<R>.pt     the blocks rank R owned: {"<name>#<ordinal>": block state}; for any other
                          (replicated) optimizer, rank 0 writes its state_dict() as optim-rank0.pt
 
-Writing is atomic: everything goes to a hidden temporary directory, the manifest (with checksums)
-is written last, the directory is renamed to step-<N>, and only then is `<root>/latest` replaced
-(write + rename). A crash leaves at most a temporary directory that nothing points to. Loading
-verifies the manifest and every checksum before touching the model or optimizer, and finds each
-block by name, so a run can resume at another world size; it refuses a checkpoint whose block
-plan differs (other max_block or shapes) or that is corrupt, naming the problem and the steps
-that are still complete.
+Writing is atomic: everything goes to a hidden temporary directory; each rank hashes the file it
+wrote and rank 0 writes the manifest last, renames the directory to step-<N>, and only then
+replaces `<root>/latest` (write + rename). Re-saving a step first moves the old step-<N> aside
+(`.replaced-step-<N>-*`, still found as step N), and deletes it only once the new one is in place.
+`keep_last` prunes the oldest complete steps after a save. A crash leaves at most a temporary
+directory that nothing points to.
+
+Loading checks the manifest and the sizes of the files, then each rank hashes only the files it
+reads (model.pt and the rank files that hold its blocks; any rank's failure stops every rank),
+memory-maps them (a resharded run never holds a whole old rank's state in memory), finds each
+block by name, so a run can resume at another world size, and refuses a checkpoint whose block plan
+differs (other max_block or shapes) or that is corrupt, naming the problem and the steps that are
+still complete.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -56,12 +63,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _broadcast(value: Any) -> Any:
-    if _rank_world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _all_gather(value: Any) -> list[Any]:
+    rank, world = _rank_world()
+    if world == 1:
+        return [value]
+    out = [None] * world
+    dist.all_gather_object(out, value)
+    return out
 
 
 def _sharded(optimizer: torch.optim.Optimizer) -> bool:
@@ -91,60 +99,86 @@ def _block_key(name: str, ordinal: int) -> str:
 
 
 def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: Optional[dict] = None) -> Path:
-    """Collective: every rank calls it at the same step, after optimizer.step()."""
+                    extra: Optional[dict] = None, keep_last: Optional[int] = None) -> Path:
+    """Collective: every rank calls it at the same step, after optimizer.step(). keep_last: keep only
+    the newest N complete steps (None: all)."""
     name = _describe(optimizer)
     if getattr(optimizer, "in_window", False):
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
     optimizer = _stateful(optimizer)
     root = Path(root)
     rank, world = _rank_world()
-    tmp = _broadcast(root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
+    tmp = _all_gather(root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)[0]
     if rank == 0:
         tmp.mkdir(parents=True)
     _barrier()
+    written = {}
     mine = _optimizer_files(optimizer, rank)
     if mine is not None:
-        torch.save(mine, tmp / f"optim-rank{rank}.pt")
+        written[f"optim-rank{rank}.pt"] = _write(tmp / f"optim-rank{rank}.pt", mine)
     if rank == 0:
-        torch.save(model.state_dict(), tmp / "model.pt")
-    _barrier()
+        written["model.pt"] = _write(tmp / "model.pt", model.state_dict())
+    files = {k: v for per_rank in _all_gather(written) for k, v in per_rank.items()}  # each rank hashed its own
     final = root / f"step-{step}"
     if rank == 0:
         sharded = _sharded(optimizer)
-        files = ["model.pt"] + [f"optim-rank{r}.pt" for r in range(world if sharded else 1)]
         blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
                        file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        runtime = optimizer.runtime_state() if sharded else None
-        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name,
-                        blocks=blocks, param_groups=groups, runtime=runtime, sha256={f: _sha256(tmp / f) for f in files},
-                        extra=extra or {})
+        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name, blocks=blocks, param_groups=groups,
+                        runtime=optimizer.runtime_state() if sharded else None, files=files, extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        pointer = root / f".latest-{uuid.uuid4().hex[:8]}"
-        pointer.write_text(final.name)
-        os.replace(pointer, root / "latest")
+        _publish(root, tmp, final)
+        if keep_last:
+            for old in sorted(_step_dirs(root))[:-keep_last]:
+                shutil.rmtree(_step_dirs(root)[old], ignore_errors=True)
     _barrier()
     return final
 
 
+def _write(path: Path, obj: Any) -> dict:
+    torch.save(obj, path)
+    return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """tmp becomes `final` and `latest` points to it; an older `final` is deleted only afterwards."""
+    replaced = None
+    if final.exists():
+        replaced = root / f".replaced-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, replaced)
+    os.replace(tmp, final)
+    pointer = root / f".latest-{uuid.uuid4().hex[:8]}"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def _step_dirs(root: Path) -> dict[int, Path]:
+    """Step -> directory: step-<N>, or the copy a re-save moved aside if a crash left no step-<N>."""
+    dirs = {}
+    for d in sorted(root.glob(".replaced-step-*")) + sorted(root.glob("step-*")):
+        match = re.fullmatch(r"(?:\.replaced-)?step-(\d+)(?:-[0-9a-f]+)?", d.name)
+        if match and d.is_dir():
+            dirs[int(match.group(1))] = d
+    return dirs
+
+
 def complete_steps(root: str | os.PathLike) -> list[int]:
-    """Steps whose directory has a manifest and files that match their checksums, oldest first."""
-    root = Path(root)
+    """Steps whose directory has a valid manifest and every file at its recorded size, oldest first
+    (the sha256 of each file is checked by the ranks that read it, in load_checkpoint)."""
     steps = []
-    for d in sorted(root.glob("step-*")):
+    for step, d in _step_dirs(Path(root)).items():
         try:
-            _verify(d)
-            steps.append(int(d.name.split("-", 1)[1]))
-        except (CheckpointError, ValueError):
+            _check_manifest(d)
+            steps.append(step)
+        except CheckpointError:
             continue
     return sorted(steps)
 
 
-def _verify(path: Path) -> dict:
+def _check_manifest(path: Path) -> dict:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no manifest.json: it is not a complete distopt checkpoint")
@@ -154,24 +188,31 @@ def _verify(path: Path) -> dict:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({e})") from e
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for name, digest in manifest["sha256"].items():
+    for name, meta in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing (partial checkpoint)")
-        if _sha256(f) != digest:
-            raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
+        if f.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{path}: {name} does not match its checksum (truncated: {f.stat().st_size} bytes, "
+                                  f"the manifest says {meta['bytes']})")
     return manifest
+
+
+def _verify(path: Path, manifest: dict, names: set[str]) -> None:
+    for name in sorted(names):
+        if _sha256(path / name) != manifest["files"][name]["sha256"]:
+            raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt)")
 
 
 def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
     """The directory of `step`, or the one `latest` points to."""
     root = Path(root)
-    if step is not None:
-        return root / f"step-{step}"
-    pointer = root / "latest"
-    if not pointer.is_file():
-        raise CheckpointError(f"no checkpoint in {root}: {pointer} does not exist")
-    return root / pointer.read_text().strip()
+    if step is None:
+        pointer = root / "latest"
+        if not pointer.is_file():
+            raise CheckpointError(f"no checkpoint in {root}: {pointer} does not exist")
+        step = int(pointer.read_text().strip().split("-", 1)[1])
+    return _step_dirs(root).get(step, root / f"step-{step}")
 
 
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -180,16 +221,22 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
     outer, name, optimizer = optimizer, _describe(optimizer), _stateful(optimizer)
     path = resolve(root, step)
     try:
-        manifest = _verify(path)
+        manifest = _check_manifest(path)
+        if manifest["optimizer"] != name:
+            raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {name}")
+        if _sharded(optimizer):
+            _check_plan(path, manifest, optimizer)
+        needed = {"model.pt"} | (_files_of(manifest, optimizer) if _sharded(optimizer) else {"optim-rank0.pt"})
+        _verify(path, manifest, needed)
+        error = None
     except CheckpointError as e:
-        others = [s for s in complete_steps(root) if path.name != f"step-{s}"]
+        error = str(e)
+    errors = [e for e in _all_gather(error) if e]
+    if errors:  # every rank stops, with every rank's reason
+        others = [s for s in complete_steps(root) if _step_dirs(Path(root)).get(s) != path]
         hint = f"; complete checkpoints: steps {others} (pass step=...)" if others else ""
-        raise CheckpointError(f"{e}{hint}") from e
-    if manifest["optimizer"] != name:
-        raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {name}")
-    if _sharded(optimizer):
-        _check_plan(path, manifest, optimizer)
-    model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
+        raise CheckpointError("; ".join(sorted(set(errors))) + hint)
+    model.load_state_dict(_load(path / "model.pt"))
     if _sharded(optimizer):
         _load_blocks(path, manifest, optimizer)
         for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
@@ -197,9 +244,19 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
                 if k != "param_names":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     else:
-        outer.load_state_dict(torch.load(path / "optim-rank0.pt", weights_only=True)["state_dict"])
+        outer.load_state_dict(_load(path / "optim-rank0.pt")["state_dict"])
     _barrier()
     return manifest
+
+
+def _load(path: Path) -> Any:
+    """Memory-mapped: tensors are read from the page cache as they are copied, not all at once."""
+    return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+
+
+def _files_of(manifest: dict, optimizer) -> set[str]:
+    where = {b["key"]: b["file"] for b in manifest["blocks"]}
+    return {where[_block_key(b.name, b.ordinal)] for b, _ in optimizer.block_states()}
 
 
 def _check_plan(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
@@ -214,13 +271,26 @@ def _check_plan(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) ->
 
 
 def _load_blocks(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
-    """Each rank reads the blocks it owns now, from whichever rank's file holds them."""
+    """Each rank reads the blocks it owns now, one old rank's file at a time (memory-mapped)."""
     where = {b["key"]: b["file"] for b in manifest["blocks"]}
-    files: dict[str, dict] = {}
+    by_file: dict[str, list] = {}
     for b, target in optimizer.block_states():
-        key = _block_key(b.name, b.ordinal)
-        if where[key] not in files:
-            files[where[key]] = torch.load(path / where[key], weights_only=True)
-        target.clear()
-        target.update(files[where[key]][key])
+        by_file.setdefault(where[_block_key(b.name, b.ordinal)], []).append((b, target))
+    for file, targets in sorted(by_file.items()):
+        saved = _load(path / file)
+        for b, target in targets:
+            device = optimizer.block_device(b)
+            target.clear()
+            target.update(_to_device(saved[_block_key(b.name, b.ordinal)], device))
+        del saved
     optimizer.load_runtime_state(manifest["runtime"])
+
+
+def _to_device(value, device: torch.device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_device(v, device) for v in value]
+    return value

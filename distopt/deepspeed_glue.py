@@ -93,8 +93,18 @@ def initialize(model: torch.nn.Module, optimizer_spec: dict, ds_config: dict):
             raise ValueError(f"gradient clipping is set twice: DeepSpeed gradient_clipping={clip} and optimizer "
                              f"max_grad_norm={params['max_grad_norm']}; keep one")
         params["max_grad_norm"] = clip
-    optimizer = build_optimizer(spec, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    built = []
+
+    def make(_params):
+        """DeepSpeed calls this once the engine has set its device and placed the model, so the optimizer's
+        buffers and its first collective land on that device. It passes unnamed parameters; routing needs
+        the names, which are those of the same (moved) parameter objects."""
+        built.append(build_optimizer(spec, named))
+        return built[0]
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=make, model_parameters=[p for _, p in named],
+                                           config=cfg)
     if owns_gradient_communication(optimizer_spec["name"]):
         engine.enable_backward_allreduce = False
-    return engine, optimizer
+    return engine, built[0]

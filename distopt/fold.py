@@ -8,8 +8,8 @@ called once per item that takes part in a fold.
 `streaming` (canonical): z folds with the plain mean of the next equal-count chunk,
 z_j = FOP(z_{j-1}, mean(g_{2^(j-1)+1 .. 2^j})), the MLMC-style telescoping. Level 1 is micro-step 1
 against 2 (with modality-pure interleaved micro-batches: text against image), higher levels fold
-sampling variance. ceil(log2 K) folds; a chunk is summed raw and prepared once, so K = 8 costs four
-rotations, not eight; two buffers.
+sampling variance. ceil(log2 K) folds; a chunk is summed raw (by autograd, in p.grad, before it is
+reduced at all) and prepared once, so K = 8 costs four rotations, not eight; two buffers.
 
 `tree`: a binary counter. Micro-step 1 folds with 2, 3 with 4, the pairs with each other, and so
 on: every level-1 fold pairs two single micro-steps. K - 1 folds, every micro-step prepared, at
@@ -32,7 +32,10 @@ class TreeFold:
         self.combine, self.prepare = combine, prepare
         self.stack: list[tuple[Any, int]] = []
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any, count: int = 1) -> None:
+        """One micro-step's gradient (count = 1: every level-1 fold pairs single micro-steps)."""
+        if count != 1:
+            raise ValueError(f"the tree schedule folds single micro-steps, got a sum of {count}")
         node = (self.prepare(item), 1)
         while self.stack and self.stack[-1][1] == node[1]:
             older, n = self.stack.pop()
@@ -54,12 +57,13 @@ class StreamingFold:
         self.z: Optional[tuple[Any, int]] = None
         self.chunk: Optional[tuple[Any, int]] = None  # raw running sum of the current chunk, and its count
 
-    def push(self, item: Any) -> None:
+    def push(self, item: Any, count: int = 1) -> None:
+        """The raw sum of `count` micro-steps' gradients (one micro-step, or a whole chunk reduced at once)."""
         if self.z is None:
-            self.z = (self.prepare(item), 1)
+            self.z = (self.prepare(item if count == 1 else self.scale(item, 1.0 / count)), count)
             return
-        self.chunk = (item, 1) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + 1)
-        if self.chunk[1] == self.z[1]:
+        self.chunk = (item, count) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + count)
+        if self.chunk[1] >= self.z[1]:
             self._fold_chunk()
 
     def _fold_chunk(self) -> None:

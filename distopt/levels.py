@@ -14,7 +14,7 @@ level is global it is completed by one small fp64 all-reduce, the only communica
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -30,22 +30,27 @@ ETA_FACTORS = {"mean": 1.0, "sum": 2.0, "none": 0.0}
 class Levels:
     def __init__(self, blocks: dict[int, Block], n_params: int, segments: dict[int, tuple[int, int]], level: str,
                  *, tolerance: float, eta_convention: str, modality_weighting: str, modality_weight_beta: float,
-                 all_reduce_sum: AllReduce, needs_sums: bool, counters):
+                 all_reduce_sum: AllReduce, needs_sums: bool, counters, device: torch.device):
         self.blocks, self.n_params, self.level = blocks, n_params, level
         self.segments = segments
         self.max_segments = max([heads for _, heads in segments.values()] + [1])
         self.tolerance, self.eta_convention = tolerance, eta_convention
         self.modality_weighting, self.modality_weight_beta = modality_weighting, modality_weight_beta
         self.all_reduce_sum, self.needs_sums, self.counters = all_reduce_sum, needs_sums, counters
+        self.device = device
         self.modality_norm_ema: dict[str, float] = {}  # fisher_norm's running natural-gradient norms
         self.betas: list[torch.Tensor] = []            # |beta*| of this window's folds, for stats()
+        self.guarded = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no host sync
+
+    def begin_window(self) -> None:
+        self.betas = []
 
     # -- tables ------------------------------------------------------------------------------------
 
-    def table(self, local: dict[int, torch.Tensor], width: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    def table(self, local: dict[int, torch.Tensor], width: int) -> torch.Tensor:
         """Blocks' partials (n_segments, width) summed per parameter into a (params, segments, width)
         table; over ranks too when a parameter spans owners or the level is global."""
-        table = torch.zeros(self.n_params, self.max_segments, width, dtype=torch.float64, device=device)
+        table = torch.zeros(self.n_params, self.max_segments, width, dtype=torch.float64, device=self.device)
         self.add_into(table, local)
         return self.all_reduce_sum(table) if self.needs_sums else table
 
@@ -70,7 +75,7 @@ class Levels:
         for i in b1:
             s, beta, guarded = fop_coefficients(self.lookup(table, i, metrics[i].n_segments), self.tolerance)
             self.betas.append(beta.abs())
-            self.counters["fop_beta_guarded"] += int(guarded.sum())
+            self.guarded += guarded.sum()
             out[i] = fop_combine(a[i], d[i], metrics[i].expand(s, a[i]), metrics[i].expand(beta, a[i]))
         self.counters["fop_folds"] += len(b1)
         return out
@@ -101,13 +106,9 @@ class Levels:
                 torch.ones(n, dtype=torch.float64, device=partials.device)
         return eta
 
-    def take_stats(self, etas: list[torch.Tensor]) -> dict[str, float]:
-        """|beta*| and eta* of the window that just ended, over this rank's blocks."""
-        out = {}
-        for name, values in (("beta_abs", self.betas), ("eta", etas)):
-            if values:
-                flat = torch.cat([v.reshape(-1) for v in values]).double()
-                out.update({f"{name}_mean": float(flat.mean()), f"{name}_min": float(flat.min()),
-                            f"{name}_max": float(flat.max())})
-        self.betas = []
-        return out
+    def take_betas(self) -> list[torch.Tensor]:
+        """|beta*| of the window that just ended; its guard count joins the counters (one host sync)."""
+        self.counters["fop_beta_guarded"] += int(self.guarded)
+        self.guarded.zero_()
+        betas, self.betas = self.betas, []
+        return betas

@@ -11,29 +11,36 @@ micro-steps) and g_1..g_K its micro-step parts:
 The metric M is SOAP's state before this step (eigenbasis Q, dvec = sqrt(v) + eps). Until v exists
 (a block's first two steps) M is a scalar and FOP is the plain mean, so nothing is folded.
 
-This class tells the story of one step; the rooms it walks through are distopt.window (the
-micro-steps of one step), distopt.distributor (where reduced gradients come from and updates go),
-distopt.levels (layer, head or global FOP scalars) and distopt.soap (the update). Options:
-distopt.options.MLFOPOptions; docs/algorithm.md lists every interpretation with its option name.
+This class tells the story of one step; the rooms it walks through are distopt.capture (each
+backward's gradients as autograd produces them), distopt.window (when they leave the rank, and what
+one step's micro-steps leave on the owner), distopt.distributor (where reduced gradients come from
+and updates go), distopt.levels (layer, head or global FOP scalars) and distopt.soap (the update).
+Options: distopt.options.MLFOPOptions; docs/algorithm.md lists every interpretation with its option.
+
+Low-precision parameters (bf16, fp16) get an fp32 master copy of each block, held by its owner with
+the rest of the block's state; the owner updates the master and writes the rounded value back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from fnmatch import fnmatchcase
 from typing import Iterable, Iterator, Mapping, Optional
 
 import torch
 
 from distopt.capture import MicrostepCapture
-from distopt.distributor import Distributor, make_distributor
+from distopt.distributor import Distributor, check_vector, disagreement, make_distributor
 from distopt.fop import BlockMetric
 from distopt.levels import Bundle, Levels
 from distopt.options import MLFOPOptions
 from distopt.plan import Block
 from distopt.soap import SOAP, Layout, soap_update, state_dtype
-from distopt.window import Window, WindowSpec
+from distopt.window import KEEP, REDUCE, STASH, Schedule, Window
+
+COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def attention_head_splits(num_heads: int, num_kv_heads: Optional[int] = None) -> dict[str, tuple[int, int]]:
@@ -41,6 +48,11 @@ def attention_head_splits(num_heads: int, num_kv_heads: Optional[int] = None) ->
     kv = num_kv_heads or num_heads
     return {"*q_proj.weight": (num_heads, 0), "*k_proj.weight": (kv, 0),
             "*v_proj.weight": (kv, 0), "*o_proj.weight": (num_heads, 1)}
+
+
+def _code(text: str) -> int:
+    """A small integer for a name (its square stays exact in fp64 sums over any number of ranks)."""
+    return zlib.crc32(text.encode()) % 2**16
 
 
 class MLFOPSOAP(SOAP):
@@ -52,20 +64,30 @@ class MLFOPSOAP(SOAP):
     """
 
     Options = MLFOPOptions
-    COUNTERS = SOAP.COUNTERS + ("microsteps", "microstep_seconds", "fop_folds", "fop_beta_guarded",
-                                "fop_metric_not_ready", "fop_unpaired_steps", "skipped_nonfinite_steps")
+    COUNTERS = SOAP.COUNTERS + ("microsteps", "reductions", "microstep_seconds", "host_syncs", "fop_folds",
+                                "fop_beta_guarded", "fop_metric_not_ready", "fop_unpaired_steps",
+                                "skipped_nonfinite_steps")
 
     def __init__(self, params: Iterable, *, process_group=None, distributor: Optional[Distributor] = None,
                  **options):
         super().__init__(params, **options)
         o: MLFOPOptions = self.options
-        self.distributor = distributor or make_distributor(process_group, o.bucket_mb)
-        o.check_world(self.distributor.world)
         self._params = [p for g in self.param_groups for p in g["params"]]
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            raise ValueError(f"parameters live on several devices {sorted(map(str, devices))}; MLFOPSOAP shards "
+                             "over ranks, one device per rank: move the model to one device first")
+        comm_dtype = COMM_DTYPES[o.comm_dtype]
+        if any(state_dtype(p) == torch.float64 for p in self._params):
+            comm_dtype = torch.float64  # fp64 parameters reduce in fp64
+        self.distributor = distributor or make_distributor(process_group, o.bucket_mb, comm_dtype)
+        self.distributor.set_device(next(iter(devices)) if devices else torch.device("cpu"))
+        o.check_world(self.distributor.world)
+        sequence = f"{o.fop}|{o.pair_source}|{o.fold_schedule}|{o.level}|{[str(p.dtype) for p in self._params]}"
         self.plan = self.distributor.make_plan(
             [(self.routes[p].name or f"param{i}", tuple(p.shape)) for i, p in enumerate(self._params)],
-            o.max_block, self._block_rotations)
+            o.max_block, self._block_precond, sequence)
         self._blocks = {b.index: b for b in self.plan.blocks}
         segments = self._plan_head_segments(o.head_splits) if o.level == "head" else {}
         self.levels = Levels(self._blocks, len(self._params), segments, o.level, tolerance=o.fop_tolerance,
@@ -73,20 +95,22 @@ class MLFOPSOAP(SOAP):
                              modality_weight_beta=o.modality_weight_beta,
                              all_reduce_sum=self.distributor.all_reduce_sum,
                              needs_sums=o.level == "global" or bool(self.plan.split_params()),
-                             counters=self.counters)
-        self._spec = WindowSpec(self._params, self._blocks, self.distributor, self._to_layout, o.pair_source,
-                                o.fold_schedule, o.fop, self._comm_dtype())
+                             counters=self.counters, device=self.distributor.device)
+        self.schedule = Schedule(o.fop, o.pair_source, o.fold_schedule)
         self._window: Optional[Window] = None
-        self._stats: dict[str, float] = {}
-        sharded = self.distributor.world > 1
-        self._capture = MicrostepCapture(self._params, self._on_microstep, o.capture) if o.fop or sharded else None
+        self._action, self._tag = KEEP, ""
+        self._taken: set[int] = set()
+        self._stats: Optional[tuple] = None
+        self.window_peak_bytes = 0
+        self._capture = MicrostepCapture(self._params, self, o.capture)
 
     # -- set-up ------------------------------------------------------------------------------------
 
-    def _block_rotations(self, param: int, shape: tuple[int, ...]) -> tuple[bool, ...]:
-        """Which dims of a block's own preconditioning layout are rotated (the plan's cost model)."""
+    def _block_precond(self, param: int, shape: tuple[int, ...]):
+        """A block's own preconditioning dims (size, rotated), for the plan's cost and memory model."""
         p = self._params[param]
-        return self.layout(p, self._group_of[p], shape).preconditioned
+        layout = self.layout(p, self._group_of[p], shape)
+        return tuple(zip(layout.precond_shape, layout.preconditioned))
 
     def _plan_head_segments(self, head_splits: Mapping[str, tuple[int, int]]) -> dict[int, tuple[int, int]]:
         segments = {}
@@ -119,40 +143,72 @@ class MLFOPSOAP(SOAP):
             self.distributor.describe_plan()
         super()._print_summary_once()
 
-    def _to_layout(self, b: Block, flat: torch.Tensor) -> torch.Tensor:
-        return self.block_layout(b).to_precond(flat.view(b.shape).to(state_dtype(self._params[b.param])))
+    def _to_layout(self, b: Block, grad: torch.Tensor) -> torch.Tensor:
+        return self.block_layout(b).to_precond(grad.reshape(b.shape).to(state_dtype(self._params[b.param])))
 
-    def _comm_dtype(self) -> torch.dtype:
-        dtype = torch.float32
-        for p in self._params:
-            dtype = torch.promote_types(dtype, state_dtype(p))
-        return dtype
-
-    # -- micro-steps -------------------------------------------------------------------------------
+    # -- micro-steps (distopt.capture calls these as autograd produces gradients) ----------------
 
     @contextlib.contextmanager
     def modality(self, tag: str) -> Iterator[None]:
         """Micro-steps back-propagated inside this block belong to modality `tag` (pair_source='modality')."""
-        if self._capture is None:
-            yield
-            return
         with self._capture.tagged(tag):
             yield
 
     def end_microstep(self, modality: Optional[str] = None) -> None:
         """Mark the end of a micro-step when capture='manual' (frameworks that drive micro-steps)."""
-        if self._capture is not None:
-            self._capture.end_microstep(modality)
+        self._capture.end_microstep(modality)
 
-    def _on_microstep(self, tag: Optional[str], deltas: dict[torch.Tensor, torch.Tensor]) -> None:
+    def microstep_begins(self, tag: Optional[str]) -> None:
         if self.options.pair_source == "modality" and self.options.fop and tag is None:
             raise RuntimeError("pair_source='modality': run each backward inside `with optimizer.modality(tag):`")
+        w = self._window = self._window or self._open_window()
+        k = w.microsteps + 1
+        self._action, self._taken, self._tag = self.schedule.action(k), set(), tag or ""
+        if self._action == REDUCE:
+            self._open("chunk", k, k - w.last_reduced, self.distributor.world)
+
+    def grad_ready(self, index: int, p: torch.Tensor) -> None:
+        """A parameter's gradient of this micro-step is complete: keep it, send it, or stash it."""
         start = time.perf_counter()
-        if self._window is None:
-            self._window = self._open_window()
-        self._window.add(tag, deltas)
-        self.counters["microsteps"] += 1
+        w = self._window
+        w.present.add(index)
+        self._taken.add(index)
+        if self._action == REDUCE:
+            self.distributor.add(index, p.grad)
+            p.grad = None
+        elif self._action == STASH:
+            stash = w.stash.setdefault(self._tag, {})
+            stash[index] = p.grad if index not in stash else stash[index].add_(p.grad)
+            p.grad = None
         self.counters["microstep_seconds"] += time.perf_counter() - start
+
+    def microstep_ends(self, tag: Optional[str]) -> None:
+        """The backward ended: fold the reductions that arrived, then send the rest of this one."""
+        start = time.perf_counter()
+        w = self._window
+        w.microsteps += 1
+        self.counters["microsteps"] += 1
+        if self._action == STASH:
+            w.stash.setdefault(self._tag, {})
+            w.stash_microsteps[self._tag] = w.stash_microsteps.get(self._tag, 0) + 1
+        self._receive(w)
+        if self._action == REDUCE:
+            for i, p in enumerate(self._params):  # earlier kept micro-steps of parameters unused in this one
+                if i not in self._taken and p.grad is not None:
+                    self.distributor.add(i, p.grad)
+                    p.grad = None
+            self.distributor.close()
+            w.last_reduced = w.microsteps
+        self.counters["microstep_seconds"] += time.perf_counter() - start
+
+    def _receive(self, w: Window) -> None:
+        for piece in self.distributor.take():
+            w.receive(piece)
+            self.window_peak_bytes = max(self.window_peak_bytes, w.held_bytes())
+
+    def _open(self, group: str, k: int, microsteps: int, ranks: int) -> None:
+        self.distributor.open(group, microsteps, ranks, (k, microsteps, _code(group), 0, 0))
+        self.counters["reductions"] += 1
 
     def _open_window(self) -> Window:
         """The metric of every owned block whose SOAP state has a second moment (frozen for the window)."""
@@ -164,38 +220,101 @@ class MLFOPSOAP(SOAP):
                 metrics[b.index] = BlockMetric(st["Q"], st["exp_avg_sq"].sqrt() + eps, self.levels.segments.get(b.index))
             elif self.options.fop:
                 self.counters["fop_metric_not_ready"] += 1
-        self.levels.betas = []
-        return Window(self._spec, metrics, self.levels)
+        self.levels.begin_window()
+        return Window(metrics, self.levels, self.options.fold_schedule, self.options.fop, self.distributor.world,
+                      self._to_layout, self._blocks)
 
     # -- the step ----------------------------------------------------------------------------------
 
     def _update(self) -> None:
-        if self._capture is None:  # one process, FOP off: plain SOAP on p.grad
-            self._soap_on_grads()
-            return
-        self._check_untouched()
-        w = self._window
-        self._capture.reset()
-        if w is None:
-            return
+        """Agree -> flush -> fold -> boundary sums -> SOAP on the owned blocks -> write the updates back."""
+        w = self._window or self._open_window()
+        self._window = None
         try:
+            if not self._agree(w):
+                return
+            self._flush(w)
+            self._receive(w)
+            self._verify_reductions()
             self._step_window(w)
         finally:
-            self._window = None
+            self._capture.reset()
 
-    def _soap_on_grads(self) -> None:
-        scale = self._clip_scale(sum(float(p.grad.double().square().sum()) for p in self._params if p.grad is not None))
-        for b in self.distributor.owned:
-            p = self._params[b.param]
+    def _agree(self, w: Window) -> bool:
+        """One small all-reduce, inspected on every rank alike (so every rank takes the same branch):
+        equal micro-step counts and modality tags, no p.grad edited after the last backward, and
+        gradients only where a backward produced them. False: nothing to do this step."""
+        stray = [i for i, p in enumerate(self._params) if p.grad is not None] if not w.microsteps else []
+        touched = self._capture.touched() if w.microsteps else []
+        tags = "\0".join(sorted(w.stash))
+        vector = check_vector((w.microsteps, _code(tags), w.last_reduced, len(touched), len(stray)),
+                              self.distributor.device)
+        summed = self.distributor.all_reduce_sum(vector).tolist()
+        self.counters["host_syncs"] += 1
+        differ = disagreement(summed[:7])
+        if differ:
+            what = ["micro-step counts", "modality tags", "reduction points"][differ[0]]
+            raise RuntimeError(f"ranks disagree on the {what} of this step (this rank: {w.microsteps} micro-steps, "
+                               f"tags {sorted(w.stash)}): every rank must run the same number of backward passes, "
+                               "with the same modalities, between two step() calls")
+        if summed[7]:
+            names = [self.routes[self._params[i]].name or f"param{i}" for i in touched]
+            raise RuntimeError(f"p.grad changed after the last backward (e.g. by clip_grad_norm_) on some rank "
+                               f"(here: {names[:3]}); MLFOPSOAP consumes each micro-step's gradient as backward "
+                               "produces it, so clip with MLFOPSOAP(max_grad_norm=...) instead")
+        if summed[9] and self.options.fop:
+            raise RuntimeError("step() found gradients that no backward produced (assigned to p.grad?): ML-FOP-SOAP "
+                               "folds micro-steps, which it captures during backward; run loss.backward(), or use "
+                               "capture='manual' and call end_microstep() after setting p.grad")
+        return bool(w.microsteps or summed[9])
+
+    def _flush(self, w: Window) -> None:
+        """What the schedule left for step(): the tail, each modality's stash, or the rank-parity groups."""
+        world, rank, k = self.distributor.world, self.distributor.rank, w.microsteps
+        if self.options.fop and self.options.pair_source == "modality":
+            for tag in sorted(w.stash):
+                self._open(tag, k, w.stash_microsteps[tag], world)
+                for i in range(len(self._params)):
+                    self.distributor.add(i, w.stash[tag].get(i))
+                self.distributor.close()
+            w.stash.clear()
+        elif self.options.fop and self.options.pair_source == "ranks":
+            for parity, name in ((0, "even"), (1, "odd")):
+                self._open(name, k, k, (world + 1 - parity) // 2)
+                for i, p in enumerate(self._params):
+                    self.distributor.add(i, p.grad if rank % 2 == parity else None)
+                self.distributor.close()
+            self._drop_grads(w)
+        elif self.schedule.tail(k) or not k:
+            self._open("chunk", k, k - w.last_reduced, world)
+            for i, p in enumerate(self._params):
+                if p.grad is not None:
+                    w.present.add(i)
+                self.distributor.add(i, p.grad)
+            self.distributor.close()
+            self._drop_grads(w)
+
+    def _drop_grads(self, w: Window) -> None:
+        for i, p in enumerate(self._params):
             if p.grad is not None:
-                g = self._to_layout(b, p.grad[b.slices])
-                soap_update(self.block_state(b), p.data[b.slices], g * scale if scale != 1.0 else g,
-                            self.block_layout(b), self._group_of[p], self.counters)
+                w.present.add(i)
+                p.grad = None
+
+    def _verify_reductions(self) -> None:
+        checks = self.distributor.checks()
+        if not checks:
+            return
+        self.counters["host_syncs"] += 1
+        for j, summed in enumerate(torch.stack(checks).tolist()):
+            differ = disagreement(summed)
+            if differ:
+                what = ["micro-step index", "micro-step count", "group (modality tag)"][min(differ[0], 2)]
+                raise RuntimeError(f"ranks disagree on the {what} of reduction #{j} of this step: every rank must run "
+                                   "the same micro-steps, with the same modalities")
 
     def _step_window(self, w: Window) -> None:
-        """Drain -> fold -> boundary sums -> SOAP on the owned blocks -> write the updates back."""
-        w.drain()
         folded = w.folded() if self.options.fop else None
+        self.window_peak_bytes = max(self.window_peak_bytes, w.held_bytes())
         if self.options.fop and folded is None:
             self.counters["fop_unpaired_steps"] += 1
         fop_items = {i: x * w.microsteps for i, x in folded.items()} if folded else {}
@@ -203,26 +322,29 @@ class MLFOPSOAP(SOAP):
         if scale is None:
             self.counters["skipped_nonfinite_steps"] += 1
             return
-        updated = {}
         for b in self.distributor.owned:
-            if b.param not in present:
-                continue
-            updated[b.index] = self._update_block(b, w, fop_items, scale, eta)
-        self.distributor.write_back(self._params, updated)
-        self._stats = self.levels.take_stats(list(eta.values()))
+            if b.param in present:
+                self._update_block(b, w, fop_items, scale, eta)
+        self.distributor.write_back(self._params)
+        self._stats = (self.levels.take_betas(), list(eta.values()))
 
-    def _update_block(self, b: Block, w: Window, fop_items: Bundle, scale: float, eta: dict) -> torch.Tensor:
+    def _update_block(self, b: Block, w: Window, fop_items: Bundle, scale: float, eta: dict) -> None:
         p = self._params[b.param]
+        st = self.block_state(b)
         view = p.data[b.slices]
+        low_precision = state_dtype(p) != p.dtype
+        if low_precision and "master" not in st:
+            st["master"] = view.to(state_dtype(p))  # the block's fp32 master copy, on its owner only
+        target = st["master"] if low_precision else view
         g = w.plain[b.index] * scale if scale != 1.0 else w.plain[b.index]
         moment, lr_scale = None, 1.0
         if b.index in fop_items:
             metric = w.metrics[b.index]
             moment = metric.finish(fop_items[b.index] * scale if scale != 1.0 else fop_items[b.index])
             lr_scale = metric.expand(eta[b.index], fop_items[b.index])
-        soap_update(self.block_state(b), view, g, self.block_layout(b), self._group_of[p], self.counters,
-                    moment, lr_scale)
-        return view
+        soap_update(st, target, g, self.block_layout(b), self._group_of[p], self.counters, moment, lr_scale)
+        if low_precision:
+            view.copy_(target)
 
     def _clip_scale(self, norm_sq: float) -> float:
         """max_grad_norm / ||G|| when the global norm exceeds max_grad_norm, else 1."""
@@ -232,42 +354,44 @@ class MLFOPSOAP(SOAP):
         norm = norm_sq ** 0.5
         return max_norm / (norm + 1e-6) if norm > max_norm else 1.0
 
-    def _check_untouched(self) -> None:
-        for p in self._params:
-            captured = self._capture.accumulated(p)
-            if captured is not None and (p.grad is None or not _same(p.grad, captured)):
-                raise RuntimeError("p.grad changed after the last backward (e.g. by clip_grad_norm_); MLFOPSOAP folds "
-                                   "the captured micro-step gradients, so clip with MLFOPSOAP(max_grad_norm=...) "
-                                   "instead")
-
     def _boundary_sums(self, w: Window, fop_items: Bundle):
         """One fp64 all-reduce for: a non-finite flag, the squared global norm, which parameters had a
         gradient on some rank, and the eta* partials. Returns (present params, clip scale or None, eta)."""
         n, segs = len(self._params), self.levels.max_segments
-        vec = torch.zeros(2 + n + n * segs * 2, dtype=torch.float64)
-        for i in w.present:
-            vec[2 + i] = 1.0
+        vec = torch.zeros(2 + n + n * segs * 2, dtype=torch.float64, device=self.distributor.device)
+        if w.present:
+            vec[2 + torch.tensor(sorted(w.present), device=vec.device)] = 1.0
         eta_local = {}
         for i, g in w.plain.items():
             sq = g.square().sum(dtype=torch.float64)
-            vec[0] += float(not torch.isfinite(sq))
+            vec[0] += (~torch.isfinite(sq)).double()
             vec[1] += sq
             if i in fop_items:
-                vec[0] += float(not torch.isfinite(fop_items[i]).all())
+                vec[0] += (~torch.isfinite(fop_items[i]).all()).double()
                 eta_local[i] = w.metrics[i].eta_partials(w.metrics[i].prepare(g), fop_items[i])
         self.levels.add_into(vec[2 + n:].view(n, segs, 2), eta_local)
         vec = self.distributor.all_reduce_sum(vec)
-        if vec[0] > 0:
+        head = vec[:2 + n].tolist()
+        self.counters["host_syncs"] += 1
+        if head[0] > 0:
             return set(), None, {}
-        present = {i for i in range(n) if vec[2 + i] > 0}
-        scale = self._clip_scale(float(vec[1]))
+        present = {i for i in range(n) if head[2 + i] > 0}
+        scale = self._clip_scale(head[1])
         return present, scale, self.levels.eta(vec[2 + n:].view(n, segs, 2), eta_local)
 
     # -- what others read --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
         """|beta*| and eta* (mean, min, max) of the last step, over this rank's blocks."""
-        return dict(self._stats)
+        if self._stats is None:
+            return {}
+        out = {}
+        for name, values in zip(("beta_abs", "eta"), self._stats):
+            if values:
+                flat = torch.cat([v.reshape(-1) for v in values]).double()
+                out.update({f"{name}_mean": float(flat.mean()), f"{name}_min": float(flat.min()),
+                            f"{name}_max": float(flat.max())})
+        return out
 
     @property
     def in_window(self) -> bool:
@@ -277,9 +401,19 @@ class MLFOPSOAP(SOAP):
     def describe(self) -> str:
         return type(self).__name__
 
+    def block_device(self, b: Block) -> torch.device:
+        return self._params[b.param].device
+
     def block_states(self) -> list[tuple[Block, dict]]:
         """The state of every block this rank owns (what a checkpoint saves)."""
         return [(b, self.block_state(b)) for b in self.distributor.owned]
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for the optimizer, by kind (sums of tensor sizes, not allocator figures):
+        block state now (SOAP state and fp32 masters), the window's peak, the communication buffers' peak."""
+        state = sum(_nbytes(st) for _, st in self.block_states())
+        return {"state": state, "window_peak": self.window_peak_bytes,
+                "comm_peak": self.distributor.meter.peak["total"]}
 
     def runtime_state(self) -> dict:
         """State that is not per block: fisher_norm's running norms."""
@@ -301,10 +435,14 @@ class MLFOPSOAP(SOAP):
 
     def close(self) -> None:
         """Remove the gradient hooks."""
-        if self._capture is not None:
-            self._capture.remove()
+        self._capture.remove()
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal, counting NaN as equal to NaN (a NaN gradient is handled by the non-finite skip)."""
-    return torch.equal(a, b) or bool(((a == b) | (a.isnan() & b.isnan())).all())
+def _nbytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_nbytes(v) for v in value)
+    return 0

@@ -113,6 +113,7 @@ LEVELS = ("layer", "head", "global")
 ETA_CONVENTIONS = ("mean", "sum", "none")
 MODALITY_WEIGHTINGS = ("none", "fisher_norm")
 CAPTURE_MODES = ("hooks", "manual")
+COMM_DTYPES = ("fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,8 @@ class MLFOPOptions(SOAPOptions):
     norm (level 'global', pair_source 'modality').  fop_tolerance: beta* = 0 when g_perp is negligible.
     capture: 'hooks' (a micro-step is one backward) | 'manual' (call end_microstep()).
     max_block: cut sides longer than this into blocks.  max_grad_norm: clip the accumulated gradient's
-    global norm.  bucket_mb: size of the reduction buckets.
+    global norm.  bucket_mb: size of the reduction buckets.  comm_dtype: 'fp32' (default) or 'bf16',
+    the dtype gradients are reduced in (fp64 parameters always reduce in fp64).
     """
 
     fop: bool = True
@@ -143,6 +145,7 @@ class MLFOPOptions(SOAPOptions):
     max_block: Optional[int] = None
     max_grad_norm: Optional[float] = None
     bucket_mb: float = 25.0
+    comm_dtype: str = "fp32"
 
     def __post_init__(self):
         super().__post_init__()
@@ -170,6 +173,7 @@ class MLFOPOptions(SOAPOptions):
         _check(self.max_grad_norm is None or (_number(self.max_grad_norm) and self.max_grad_norm > 0),
                "max_grad_norm", self.max_grad_norm, "must be > 0 (or None for no clipping)")
         _check(_number(self.bucket_mb) and self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
+        _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
 
     def check_world(self, world: int) -> None:
         """Checks that need the number of ranks."""

@@ -121,7 +121,8 @@ class TwoObjective(torch.optim.Optimizer):
         self._counts = {"steps_combined": 0, "steps_single_modality": 0}
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
-        self._capture = MicrostepCapture(self._params, self._on_microstep, self.options.capture)
+        self._tag: Optional[str] = None
+        self._capture = MicrostepCapture(self._params, self, self.options.capture)
 
     @property
     def counters(self) -> dict[str, int]:
@@ -147,27 +148,37 @@ class TwoObjective(torch.optim.Optimizer):
     def end_microstep(self, modality: Optional[str] = None) -> None:
         self._capture.end_microstep(modality)
 
-    def _on_microstep(self, tag: Optional[str], deltas: dict[torch.Tensor, torch.Tensor]) -> None:
+    # capture sink: each micro-step's gradients go into its modality's sum (p.grad is consumed)
+
+    def microstep_begins(self, tag: Optional[str]) -> None:
         if tag is None:
             raise RuntimeError(f"{self.rule}: run each backward inside `with optimizer.modality(tag):`")
-        acc = self._sums.setdefault(tag, {})
-        for p, g in deltas.items():
-            acc[p] = g if p not in acc else acc[p] + g
+        self._tag = tag
+
+    def grad_ready(self, index: int, p: torch.Tensor) -> None:
+        acc = self._sums.setdefault(self._tag, {})
+        acc[p] = p.grad if p not in acc else acc[p].add_(p.grad)
+        p.grad = None
+
+    def microstep_ends(self, tag: Optional[str]) -> None:
+        pass
 
     def _reduced(self) -> tuple[dict[str, list[torch.Tensor]], list[bool]]:
         """Per tag, every parameter's gradient averaged over ranks, and whether any rank's backward
         reached it: one all-reduce in the gradients' own precision (dot products are taken in fp64).
         Ranks must have seen the same tags (the layout depends on them): a checksum is compared first."""
         tags = sorted(self._sums)
+        device = self._params[0].device
         if self.comm.world > 1:
             code = zlib.crc32("\0".join(tags).encode()) % 2**20  # code^2 sums stay exact in fp64
-            check = self.comm.all_reduce_sum(torch.tensor([code, code * code], dtype=torch.float64))
+            check = self.comm.all_reduce_sum(torch.tensor([code, code * code], dtype=torch.float64, device=device))
             world = self.comm.world
             if check[0] != world * code or check[1] != world * code**2:  # zero variance: every rank sent `code`
                 raise RuntimeError(f"{self.rule}: ranks saw different modalities this step (this rank: {tags}); "
                                    "every rank must run the same modality in each micro-step")
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in self._params])
-        present = torch.tensor([any(p in self._sums[t] for t in tags) for p in self._params], dtype=dtype)
+        present = torch.tensor([any(p in self._sums[t] for t in tags) for p in self._params], dtype=dtype,
+                               device=device)
         flat = torch.cat([self._sums[t].get(p, torch.zeros_like(p)).reshape(-1).to(dtype)
                           for t in tags for p in self._params] + [present])
         if self.comm.world > 1:
@@ -219,22 +230,22 @@ class TwoObjective(torch.optim.Optimizer):
         self._clip(terms)
         self._sums.clear()
         self._capture.reset()
-        feed_microsteps = isinstance(self.base, TakesMicrosteps)
-        total = [torch.zeros_like(p) for p in self._params]
-        for tag, parts in zip(tags, terms):
-            for acc, t in zip(total, parts):
-                acc.add_(t.to(acc.dtype))
-            if feed_microsteps:
-                self._write_grads(total, present, copy=True)
+        if isinstance(self.base, TakesMicrosteps):  # each term is one tagged micro-step; their sum is the update
+            for tag, parts in zip(tags, terms):
+                self._accumulate_grads(parts, present)
                 self.base.end_microstep(tag)
-        self._write_grads(total, present, copy=False)
+        else:
+            for parts in terms:
+                self._accumulate_grads(parts, present)
         return self.base.step(closure)
 
-    def _write_grads(self, grads: list[torch.Tensor], present: list[bool], copy: bool) -> None:
-        """p.grad for the base optimizer; None where no rank's backward reached p (so the base skips it,
-        as it would without the wrapper)."""
+    def _accumulate_grads(self, grads: list[torch.Tensor], present: list[bool]) -> None:
+        """p.grad += g, as autograd would; p.grad stays None where no rank's backward reached p (so the
+        base skips it, as it would without the wrapper)."""
         for p, g, seen in zip(self._params, grads, present):
-            p.grad = (g.clone() if copy else g) if seen else None
+            if seen:
+                g = g.to(p.dtype)
+                p.grad = g.clone() if p.grad is None else p.grad + g
 
     def state_dict(self) -> dict:
         return self.base.state_dict()

@@ -1,7 +1,7 @@
 """The run configuration: one YAML file, typed sections, errors that name the field and the fix.
 
     run:        name, out_dir, seed (initialisation, batch order, augmentation)
-    model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides
+    model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides, dtype
     data:       cache_dir, seed (the split and the VQ codebook), codebook_size, val_fraction, augment,
                 text_format (plain | instruct)
     lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
@@ -10,7 +10,7 @@
     schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
     logging:    every, tensorboard, progress
     eval:       every, batches, samples_png, generated_digits
-    checkpoint: every, resume (auto | none | <path>)
+    checkpoint: every, resume (auto | none | <path>), keep_last
     deepspeed:  extra DeepSpeed JSON keys (distopt.deepspeed_glue builds and validates the engine's JSON)
 """
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 import yaml
 
 from distopt.options import MLFOPOptions, OptionError, RuleOptions
@@ -46,6 +47,7 @@ class ModelConfig:
     size: str = "tiny"
     pretrained: Optional[str] = None
     overrides: dict = field(default_factory=dict)
+    dtype: str = "float32"  # bfloat16: bf16 parameters and compute; the optimizer keeps fp32 masters on block owners
 
 
 @dataclass
@@ -111,6 +113,7 @@ class EvalConfig:
 class CheckpointConfig:
     every: int = 0
     resume: str = "auto"
+    keep_last: Optional[int] = 3  # the newest N complete checkpoints are kept (null: all)
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Config:
 
 
 FAMILIES = {"emu3": ("tiny", "emu3_8b"), "janus": ("tiny", "janus_1_3b")}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULES = ("constant", "cosine")
 RESUME = ("auto", "none")
 
@@ -175,6 +179,7 @@ def _validate_model(m: ModelConfig) -> None:
     _check(m.family in FAMILIES, "model.family", f"{m.family!r} is unknown; choose one of {sorted(FAMILIES)}")
     sizes = FAMILIES[m.family]
     _check(m.size in sizes, "model.size", f"{m.size!r} is not a {m.family} size; choose one of {sizes}")
+    _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {tuple(DTYPES)}")
     if m.pretrained is not None:
         _check(Path(m.pretrained).is_dir(), "model.pretrained",
                f"{m.pretrained!r} is not a directory; point it at a local checkpoint (nothing is downloaded)")
@@ -233,6 +238,8 @@ def _validate_eval(e: EvalConfig) -> None:
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
+    _check(c.keep_last is None or (isinstance(c.keep_last, int) and c.keep_last >= 1), "checkpoint.keep_last",
+           f"{c.keep_last!r} must be an integer >= 1 or null (keep every checkpoint)")
     if c.resume not in RESUME:
         _check(Path(c.resume).is_dir(), "checkpoint.resume",
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
-from launcher.config import Config, ConfigError, load_config
+from launcher.config import DTYPES, Config, ConfigError, load_config
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import build_model
 from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, collate
@@ -118,7 +118,7 @@ def train(cfg: Config) -> dict:
         log_now = (step + 1) % cfg.logging.every == 0 or last
         result = run_step(run, log_now)
         run.history["train"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **result.losses})
-        if not all_ranks_finite(result.losses):
+        if not all_ranks_finite(result.losses, run.engine.device):
             run.history["diverged"] = True
             break
         if log_now:
@@ -148,7 +148,7 @@ def set_up(cfg: Config) -> Run:
     sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
                                 world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
                                 grad_accum=cfg.batch.grad_accum, text_format=cfg.data.text_format)
-    model = build_model(cfg.model, vocab)
+    model = build_model(cfg.model, vocab).to(DTYPES[cfg.model.dtype])  # bf16: parameters and compute, no autocast
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
     ds_config = deepspeed_glue.engine_config(cfg.batch.micro_batch_size, cfg.batch.grad_accum, world,
@@ -188,16 +188,18 @@ def resume(run: Run) -> None:
 
 def run_step(run: Run, probe_geometry: bool) -> StepResult:
     """The K micro-steps of one optimizer step: forward, backward inside the micro-batch's modality
-    (for the optimizer and the gradient probe), and engine.step(), which steps at the boundary."""
+    (for the optimizer and the gradient probe), and engine.step(), which steps at the boundary. Losses
+    stay on the device until the step is done: no host synchronisation between micro-steps."""
     engine, opt = run.engine, run.opt
     probe = ModalityGradProbe(run.model.named_parameters()) if probe_geometry else None
-    losses: dict[str, list[float]] = {}
+    sums = {kind: torch.zeros(2, dtype=torch.float64, device=engine.device) for kind in ("text", "image")}
     seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
     in_backward = _optimizer_seconds(opt)
     t0 = time.perf_counter()
     tokens = 0
     for batch in run.sampler.next_step():
-        tokens = int(batch["input_ids"].numel())
+        batch = to_device(batch, engine.device, DTYPES[run.cfg.model.dtype])
+        tokens = batch["input_ids"].numel()
         t = time.perf_counter()
         result = engine(batch)
         seconds["forward"] += time.perf_counter() - t
@@ -208,9 +210,9 @@ def run_step(run: Run, probe_geometry: bool) -> StepResult:
                     tagged.enter_context(owner.modality(batch["modality"]))
             engine.backward(result["loss"])
         seconds["backward"] += time.perf_counter() - t
-        for kind in ("text", "image"):
-            if float(result[f"n_{kind}"]) > 0:
-                losses.setdefault(kind, []).append(float(result[f"{kind}_loss"].detach()))
+        for kind in ("text", "image"):  # (sum of micro-step losses, micro-steps) of the kind
+            seen = result[f"n_{kind}"] > 0
+            sums[kind] += torch.stack([torch.where(seen, result[f"{kind}_loss"].detach(), 0.0).double(), seen.double()])
         t = time.perf_counter()
         engine.step()
         seconds["optimizer"] += time.perf_counter() - t
@@ -220,22 +222,25 @@ def run_step(run: Run, probe_geometry: bool) -> StepResult:
     seconds["backward"] -= folded
     seconds["optimizer"] += folded
     seconds["step"] = time.perf_counter() - t0
-    return StepResult({k: sum(v) / len(v) for k, v in losses.items()}, seconds, tokens, probe)
+    host = {kind: v.tolist() for kind, v in sums.items()}
+    return StepResult({k: total / n for k, (total, n) in host.items() if n}, seconds, tokens, probe)
+
+
+def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """A collated batch on the engine's device; floating inputs (pixels) in the model's dtype."""
+    return {k: (v.to(device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
+                if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def _optimizer_seconds(opt) -> float:
     return float(getattr(opt, "counters", {}).get("microstep_seconds", 0.0))
 
 
-def all_ranks_finite(losses: dict[str, float]) -> bool:
+def all_ranks_finite(losses: dict[str, float], device: torch.device) -> bool:
     """Every rank stops together on a non-finite loss (no rank is left waiting in a collective)."""
-    finite = torch.tensor([float(all(math.isfinite(v) for v in losses.values()))], device=_device())
+    finite = torch.full((1,), float(all(math.isfinite(v) for v in losses.values())), device=device)
     dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     return bool(finite.item())
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def log_step(run: Run, step: int, result: StepResult) -> None:
@@ -246,7 +251,7 @@ def log_step(run: Run, step: int, result: StepResult) -> None:
     run.history["grad"].append({"step": step, **geometry})
     values = {f"loss/{k}": v for k, v in result.losses.items()}
     values.update({f"time/{k}_s": v for k, v in result.seconds.items()})
-    values.update({"lr": opt.param_groups[0]["lr"], **memory_stats(_device()),
+    values.update({"lr": opt.param_groups[0]["lr"], **memory_stats(run.engine.device),
                    "throughput/tokens_per_s": result.tokens_per_micro * cfg.batch.grad_accum * run.world
                    / result.seconds["step"], **geometry})
     values.update({f"optimizer/{k}": float(v) for k, v in getattr(opt, "counters", {}).items()})
@@ -262,7 +267,8 @@ def log_step(run: Run, step: int, result: StepResult) -> None:
 def evaluate_and_sample(run: Run, step: int) -> None:
     """Validation losses, the digit judge's accuracy on generated images, and a PNG grid of samples."""
     cfg = run.cfg
-    results = evaluate(run.model, run.val_batches)
+    dtype = DTYPES[cfg.model.dtype]
+    results = evaluate(run.model, [to_device(b, run.engine.device, dtype) for b in run.val_batches])
     if run.judge is not None:
         images, digits = generate_digits(run.model, run.vocab, run.vq, cfg.eval.generated_digits, cfg.data.text_format)
         results["val/generated_digit_accuracy"] = run.judge.accuracy(images, digits)
@@ -274,7 +280,7 @@ def evaluate_and_sample(run: Run, step: int) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    save_checkpoint(run.checkpoints, step, run.model, run.opt,
+    save_checkpoint(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last,
                     extra={"sampler": run.sampler.state_dict(), "scheduler": run.scheduler.state_dict()})
 
 

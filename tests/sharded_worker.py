@@ -77,20 +77,46 @@ def build(config, dtype, world):
         p.requires_grad_(any(n == m for m, _ in named))
     if config.get("shuffle"):
         random.Random(7 + (dist.get_rank() if config.get("shuffle") == "per_rank" else 0)).shuffle(named)
-    if config.get("no_reduce"):  # a backend without reduce: the comm layer must fall back
-        def refuse(*args, **kwargs):
-            raise RuntimeError("reduce is not supported by this backend")
-        dist.reduce = refuse
+    if config.get("fail_at") is not None and dist.get_rank() == 1:  # rank 1's n-th reduce-scatter raises
+        calls, original = [0], dist.reduce_scatter_single
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == config["fail_at"]:
+                raise RuntimeError("injected failure")
+            return original(*args, **kwargs)
+        dist.reduce_scatter_single = failing
     opts = dict(lr=0.02, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=2, verbose=False,
                 max_block=config.get("max_block"), pair_source=config.get("pair_source", "microstep"),
-                fop=config.get("fop", True), max_grad_norm=config.get("max_grad_norm"))
+                fop=config.get("fop", True), max_grad_norm=config.get("max_grad_norm"),
+                fold_schedule=config.get("schedule", "streaming"), bucket_mb=config.get("bucket_mb", 25.0))
     if config.get("reference") and opts["pair_source"] == "ranks":
         opts["pair_source"] = "modality"
     if config.get("reference"):
         opts["capture"] = "manual"
     if config.get("rule"):
         return model, two_objective(config, named, opts)
+    if config.get("reference") and dtype == torch.bfloat16:  # fp32 shadows play the owners' fp32 masters
+        model.shadows = [(p, torch.nn.Parameter(p.detach().float().clone())) for _, p in named]
+        named = [(n, s) for (n, _), (_, s) in zip(named, model.shadows)]
     return model, MLFOPSOAP(named, **opts)
+
+
+def masters_of(model, opt):
+    """fp32 masters by block: the owners' (bf16 parameters), or the reference's fp32 shadows."""
+    if hasattr(model, "shadows"):
+        return {f"{b.name}#{b.ordinal}": opt._params[b.param].detach()[b.slices].clone() for b in opt.plan.blocks}
+    return {f"{b.name}#{b.ordinal}": st["master"].clone() for b, st in opt.block_states() if "master" in st}
+
+
+def backward(model, loss):
+    """loss.backward(); a bf16 reference then moves each rank's bf16 gradient into its fp32 shadow, where
+    the ranks' gradients are summed in fp32 as the sharded run's reduction does."""
+    loss.backward()
+    for p, shadow in getattr(model, "shadows", []):
+        if p.grad is not None:
+            shadow.grad = p.grad.float() if shadow.grad is None else shadow.grad + p.grad.float()
+            p.grad = None
 
 
 def two_objective(config, named, opts):
@@ -100,15 +126,17 @@ def two_objective(config, named, opts):
     if base == "adamw":
         opts = {k: opts[k] for k in ("lr", "betas", "weight_decay")}
     elif base == "soap":
-        opts = {k: v for k, v in opts.items() if k not in ("max_block", "pair_source", "fop")}
+        opts = {k: v for k, v in opts.items() if k not in ("max_block", "pair_source", "fop", "fold_schedule",
+                                                             "bucket_mb")}
     return build_optimizer({"name": config["rule"], "params": dict(base=base, max_grad_norm=clip, **opts)}, named)
 
 
 def train(config, rank, world):
-    dtype = torch.float64 if config.get("fp64", True) else torch.float32
+    dtype = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}[config.get("dtype", "fp64")]
     model, opt = build(config, dtype, world)
-    k_micro, data_world = config["K"], config["W"]
-    history = []
+    initial = {p: p.detach().float().clone() for p in model.parameters()}
+    k_micro, data_world = config["K"] + (rank if config.get("uneven_k") else 0), config["W"]
+    history, first_masters = [], None
     if config.get("load"):
         load_checkpoint(config["load"], model, opt)
     for step in range(config.get("start", 0), config.get("steps", 5)):
@@ -120,7 +148,8 @@ def train(config, rank, world):
                 (loss_of(model, step, rank, k, dtype, world=world) / k_micro).backward()
             elif config.get("reference"):
                 for r in range(data_world):
-                    (loss_of(model, step, r, k, dtype, nan=(step, r) == config.get("nan_at")) / (k_micro * data_world)).backward()
+                    backward(model, loss_of(model, step, r, k, dtype, nan=(step, r) == config.get("nan_at"))
+                             / (k_micro * data_world))
                     if config.get("pair_source") == "ranks":
                         opt.end_microstep("even" if r % 2 == 0 else "odd")
                 if config.get("pair_source") != "ranks":
@@ -131,15 +160,26 @@ def train(config, rank, world):
             os._exit(17)
         opt.step()
         opt.zero_grad()
+        for p, shadow in getattr(model, "shadows", []):
+            p.data.copy_(shadow.data)
+        if step == 1 and not config.get("rule"):  # the first update: the forwards used the same bf16 parameters
+            first_masters = masters_of(model, opt)
         history.append([p.detach().clone() for p in model.parameters()])
         if config.get("save_at") == step:
             save_checkpoint(config["save"], step, model, opt)
     if config.get("rule"):
         return dict(history=history, counters=dict(opt.counters), calls=dict(opt.comm.calls))
+    if hasattr(model, "shadows"):
+        initial = {shadow: initial[p] for p, shadow in model.shadows}
+    initial_masters = {f"{b.name}#{b.ordinal}": initial[opt._params[b.param]][b.slices] for b in opt.plan.blocks}
     return dict(history=history, counters=dict(opt.counters), sent=dict(opt.distributor.sent),
                 calls=dict(opt.distributor.calls), owned=len(opt.distributor.owned),
-                numel=sum(b.numel for b in opt.plan.blocks),
-                max_owned=max(sum(b.numel for b in opt.plan.owned(r)) for r in range(world)))
+                numel=sum(b.numel for b in opt.plan.blocks), slot=opt.plan.slot,
+                buckets=getattr(opt.distributor, "n_buckets", 1), masters=masters_of(model, opt),
+                first_masters=first_masters if config.get("steps", 5) > 1 else None,
+                initial_masters=initial_masters, memory=opt.memory_bytes(),
+                state_numel=sum(b.state_numel for b in opt.distributor.owned),
+                owned_numel=sum(b.numel for b in opt.distributor.owned))
 
 
 def worker(rank, world, configs, out_dir):
@@ -161,3 +201,28 @@ def run_sharded(world, configs, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     torch.multiprocessing.spawn(worker, args=(world, configs, out_dir), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def run_failing(world, configs, out_dir, timeout=120):
+    """Run configs on `world` gloo ranks that are expected to fail, without killing the survivors when
+    the first one dies (as spawn would): returns (exit codes, error text per rank, seconds taken)."""
+    import time
+
+    os.makedirs(out_dir, exist_ok=True)
+    context = torch.multiprocessing.get_context("spawn")
+    procs = [context.Process(target=worker, args=(r, world, configs, out_dir)) for r in range(world)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(0.0, timeout - (time.monotonic() - start)))
+    seconds = time.monotonic() - start
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    errors = []
+    for r in range(world):
+        path = os.path.join(out_dir, f"error{r}.txt")
+        errors.append(open(path).read() if os.path.exists(path) else "")
+    return [p.exitcode for p in procs], errors, seconds

@@ -111,3 +111,27 @@ def test_a_replicated_optimizer_round_trips_too(tmp_path):
     _, mlfop = build({"K": 2}, torch.float64, 1)
     with pytest.raises(CheckpointError, match="holds SOAP state; this run uses MLFOPSOAP"):
         load_checkpoint(tmp_path, torch.nn.Linear(4, 3), mlfop)
+
+
+def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, monkeypatch):
+    model, opt = build({"K": 2}, torch.float64, 1)
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, model, opt, keep_last=2)
+    assert complete_steps(tmp_path) == [3, 4]
+    # re-saving step 4 crashes after the old copy was moved aside: step 4 is still there, and loads
+    import distopt.checkpoint as ckpt
+
+    real, calls = ckpt.os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path, 4, model, opt)
+    monkeypatch.setattr(ckpt.os, "replace", real)
+    assert not (tmp_path / "step-4").exists() and complete_steps(tmp_path) == [3, 4]
+    assert load_checkpoint(tmp_path, model, opt)["step"] == 4

@@ -188,10 +188,18 @@ def test_hooks_capture_the_standard_loop():
         assert torch.equal(a, b)
 
 
-def test_changing_p_grad_after_backward_is_refused():
+@pytest.mark.parametrize("edit", ["in_place", "assigned"])
+def test_changing_p_grad_after_backward_is_refused(edit):
+    """Streaming folds reduce micro-steps 1, 2, 4, ...: after 3 micro-steps p.grad holds micro-step 3
+    (kept for the tail), after 2 it was consumed (None). Editing the first or assigning the second is
+    what clip_grad_norm_ or a hand-written loop would do; both are refused, not silently folded."""
     opt, (p,), gen = make()
-    feed(opt, [p], [[g] for g in micro_grads(gen, p.shape, 2)])
-    p.grad.mul_(0.3)  # what clip_grad_norm_ does
+    feed(opt, [p], [[g] for g in micro_grads(gen, p.shape, 3 if edit == "in_place" else 2)])
+    if edit == "in_place":
+        p.grad.mul_(0.3)  # what clip_grad_norm_ does
+    else:
+        assert p.grad is None, "the reduction at micro-step 2 consumes p.grad"
+        p.grad = torch.ones_like(p)
     with pytest.raises(RuntimeError, match="max_grad_norm"):
         opt.step()
 
