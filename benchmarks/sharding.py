@@ -1,30 +1,34 @@
-"""Sharded vs replicated ML-FOP-SOAP at world sizes 1, 2, 4 (gloo on CPU), side by side in one run.
+"""Sharded ML-FOP-SOAP at world sizes 1, 2, 4 (gloo on CPU), K = 1, 4, 8, fp32 and bf16 parameters,
+side by side in one run, against the formulas of docs/distributed.md.
 
-Per world size N:
-- optimizer-state bytes on the fullest rank, against the goal 1.15 * total / N + largest block
-  (the largest block's fp32 m and v), and what a replicated optimizer keeps on every rank;
-- bytes one rank puts into collectives per optimizer step, against the formula
-  K * (all blocks' gradient bytes) [reduce-to-owner, every micro-step] + (largest rank share)
-  [its slot of the parameter all-gather]; the small fp64 all-reduce is the difference;
+Per configuration, on the fullest rank:
+- bytes held: optimizer state (SOAP state and fp32 masters), the fold window's peak, the
+  communication buffers' peak (opt.memory_bytes(): sums of tensor sizes), gradients (p.grad at the
+  end of a backward that keeps it) and parameters;
+- bytes this rank hands to each kind of collective per optimizer step (opt.distributor.sent), against
+  the formula: reduce_scatter R * world * W * s_c with R = ceil(log2 K) + 1 reductions for the
+  streaming fold, all_gather W * s_p (W the slot, s_c and s_p the element sizes);
 - the time of a whole training step (K forward/backward + step) for the sharded optimizer and for a
-  replicated one (every rank holds all state and computes every block; gradients all-reduced per
-  micro-step so that it folds the same global micro-gradients).
+  replicated one (every rank holds all state and computes every block; gradients all-reduced every
+  micro-step, as DDP does without no_sync, so it folds the same global micro-gradients).
 
-    python benchmarks/sharding.py [--quick]
+    python benchmarks/sharding.py [--quick]      writes benchmarks/results/sharding[-quick].{md,json}
 
-Model: a transformer-shaped Llama decoder built from a config (hidden 256, 4 layers, vocab 1024),
-fp32, max_block 256, K = 4 micro-steps of 4 x 64 tokens per rank. With 2 CPU cores, 4 ranks
-oversubscribe the machine, so their times measure contention as much as the optimizer.
+Model: a Llama-shaped decoder built from a config (hidden 256, 4 layers, vocab 1024), max_block 256,
+micro-batches of 4 x 64 tokens per rank. With 2 CPU cores, 4 ranks oversubscribe the machine, so
+their times measure contention as much as the optimizer: read the ratios, not the seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import statistics
-import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -32,87 +36,105 @@ import torch.multiprocessing as mp
 
 from distopt import MLFOPSOAP
 
-K = 4
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def model_and_data(rank: int):
+def model_and_data(rank: int, k: int, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(dtype)
     gen = torch.Generator().manual_seed(rank)
-    data = [torch.randint(0, 1024, (4, 64), generator=gen) for _ in range(K)]
-    return model, data
+    return model, [torch.randint(0, 1024, (4, 64), generator=gen) for _ in range(k)]
 
 
-def state_bytes(opt) -> int:
-    total = 0
-
-    def walk(v):
-        nonlocal total
-        if torch.is_tensor(v):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, list):
-            for x in v:
-                walk(x)
-
-    walk(dict(opt.state))
-    return total
-
-
-def run(rank: int, world: int, steps: int, out_dir: str) -> None:
+def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rdv", rank=rank, world_size=world)
     torch.set_num_threads(max(1, 2 // world))
     singles = [dist.new_group([r]) for r in range(world)]
-    rows = {}
-    for mode in ("sharded", "replicated"):
-        model, data = model_and_data(rank)
-        opts = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
-        if mode == "sharded":
-            opt = MLFOPSOAP(model.named_parameters(), **opts)
-        else:
-            opt = MLFOPSOAP(model.named_parameters(), capture="manual", process_group=singles[rank], **opts)
-        times = []
-        for step in range(steps):
-            dist.barrier()
-            start = time.perf_counter()
-            for tokens in data:
-                (model(tokens, labels=tokens).loss / K).backward()
-                if mode == "replicated":
-                    for p in model.parameters():
-                        dist.all_reduce(p.grad)
-                        p.grad.div_(world)
-                    opt.end_microstep()
-            opt.step()
-            opt.zero_grad()
-            dist.barrier()
-            times.append(time.perf_counter() - start)
-        sent_per_step = sum(opt.distributor.sent.values()) / steps
-        rows[mode] = dict(time=statistics.median(times[2:]), state=state_bytes(opt), sent=sent_per_step,
-                          blocks=[(b.numel, b.owner) for b in opt.plan.blocks])
+    rows = []
+    for k, dtype_name in configs:
+        row = dict(k=k, dtype=dtype_name)
+        for mode in ("sharded", "replicated"):
+            model, data = model_and_data(rank, k, DTYPES[dtype_name])
+            opts = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
+            if mode == "sharded":
+                opt = MLFOPSOAP(model.named_parameters(), **opts)
+            else:
+                opt = MLFOPSOAP(model.named_parameters(), capture="manual", process_group=singles[rank], **opts)
+            times, grad_bytes = [], 0
+            for step in range(steps):
+                dist.barrier()
+                start = time.perf_counter()
+                for tokens in data:
+                    (model(tokens, labels=tokens).loss / k).backward()
+                    if mode == "replicated":
+                        for p in model.parameters():
+                            dist.all_reduce(p.grad)
+                            p.grad.div_(world)
+                        grad_bytes = max(grad_bytes, sum(p.grad.numel() * p.grad.element_size()
+                                                         for p in model.parameters()))
+                        opt.end_microstep()
+                opt.step()
+                opt.zero_grad()
+                dist.barrier()
+                times.append(time.perf_counter() - start)
+            row[mode] = dict(time=statistics.median(times[2:]), memory=opt.memory_bytes(), grad_bytes=grad_bytes,
+                             param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                             sent={kind: v / steps for kind, v in opt.distributor.sent.items()},
+                             slot=opt.plan.slot, reductions=opt.counters["reductions"] / steps)
+            opt.close()
+        rows.append(row)
     torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
 
-def summarize(world: int, per_rank: list[dict]) -> dict:
-    sharded = [r["sharded"] for r in per_rank]
-    blocks = sharded[0]["blocks"]
-    total_state = sum(r["state"] for r in sharded)
-    largest_block_state = max(n for n, _ in blocks) * 4 * 2  # fp32 m and v of the largest block
-    share = [sum(n for n, o in blocks if o == r) for r in range(world)]
-    bytes_fp32 = 4
-    formula = (K * sum(n for n, _ in blocks) + max(share)) * bytes_fp32 if world > 1 else 0
-    return dict(world=world,
-                state_max=max(r["state"] for r in sharded), state_goal=1.15 * total_state / world + largest_block_state,
-                state_replicated=per_rank[0]["replicated"]["state"],
-                sent=statistics.mean(r["sent"] for r in sharded), formula=formula,
-                t_sharded=statistics.median(r["time"] for r in sharded),
-                t_replicated=statistics.median(r["replicated"]["time"] for r in per_rank))
+def formula(world: int, k: int, dtype: str, slot: int) -> dict:
+    """docs/distributed.md: bytes handed to each collective per rank and step (streaming fold)."""
+    if world == 1:
+        return {"reduce_scatter": 0, "all_gather": 0}
+    reductions = math.ceil(math.log2(k)) + 1
+    return {"reduce_scatter": reductions * world * slot * 4,  # fp32 reductions
+            "all_gather": slot * (2 if dtype == "bf16" else 4)}
+
+
+def summarize(world: int, per_rank: list[list[dict]]) -> list[dict]:
+    out = []
+    for i, row in enumerate(per_rank[0]):
+        sharded = [r[i]["sharded"] for r in per_rank]
+        fullest = max(sharded, key=lambda s: sum(s["memory"].values()))
+        expected = formula(world, row["k"], row["dtype"], fullest["slot"])
+        out.append(dict(world=world, k=row["k"], dtype=row["dtype"], memory=fullest["memory"],
+                        params=fullest["param_bytes"], grads=fullest["param_bytes"],
+                        replicated_state=per_rank[0][i]["replicated"]["memory"]["state"],
+                        sent={kind: fullest["sent"].get(kind, 0.0) for kind in ("reduce_scatter", "all_gather",
+                                                                                 "all_reduce")},
+                        formula=expected, reductions=fullest["reductions"],
+                        t_sharded=statistics.median(s["time"] for s in sharded),
+                        t_replicated=statistics.median(r[i]["replicated"]["time"] for r in per_rank)))
+    return out
+
+
+def markdown(rows: list[dict], steps: int) -> str:
+    mib = 2**20
+    lines = [f"torch {torch.__version__}, {os.cpu_count()} CPUs, steps={steps} (median after 2 warm-up); bytes per "
+             "rank on the fullest rank; sent = bytes handed to each collective per step", "",
+             "| ranks | K | params | state MiB | window MiB | comm MiB | grads MiB | params MiB | replicated state MiB |"
+             " reductions/step | reduce-scatter MiB (formula) | all-gather MiB (formula) | all-reduce KiB |"
+             " step s sharded | step s replicated | sharded/replicated |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m, s, f = r["memory"], r["sent"], r["formula"]
+        lines.append(f"| {r['world']} | {r['k']} | {r['dtype']} | {m['state'] / mib:.2f} | {m['window_peak'] / mib:.2f} | "
+                     f"{m['comm_peak'] / mib:.2f} | {r['grads'] / mib:.2f} | {r['params'] / mib:.2f} | "
+                     f"{r['replicated_state'] / mib:.2f} | {r['reductions']:.0f} | "
+                     f"{s['reduce_scatter'] / mib:.2f} ({f['reduce_scatter'] / mib:.2f}) | "
+                     f"{s['all_gather'] / mib:.2f} ({f['all_gather'] / mib:.2f}) | {s['all_reduce'] / 1024:.1f} | "
+                     f"{r['t_sharded']:.3f} | {r['t_replicated']:.3f} | {r['t_sharded'] / r['t_replicated']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -121,23 +143,20 @@ def main() -> None:
     ap.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     args = ap.parse_args()
     steps = 4 if args.quick else 8
+    configs = [(k, dtype) for dtype in ("fp32", "bf16") for k in (1, 4, 8)]
     rows = []
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as d:
-            mp.spawn(run, args=(world, steps, d), nprocs=world, join=True)
-            rows.append(summarize(world, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
-                                          for r in range(world)]))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, K={K}, steps={steps} (median after 2 warm-up)\n")
-    print("| ranks | state bytes/rank (max) | goal 1.15*total/N+largest | replicated state/rank | "
-          "bytes sent/step/rank | formula K*reduce+all-gather | sent/formula | step s sharded | step s replicated |"
-          " sharded/replicated |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ratio = r["sent"] / r["formula"] if r["formula"] else float("nan")
-        print(f"| {r['world']} | {r['state_max'] / 2**20:.2f} MiB | {r['state_goal'] / 2**20:.2f} MiB | "
-              f"{r['state_replicated'] / 2**20:.2f} MiB | {r['sent'] / 2**20:.2f} MiB | {r['formula'] / 2**20:.2f} MiB | "
-              f"{ratio:.3f} | {r['t_sharded']:.3f} | {r['t_replicated']:.3f} | {r['t_sharded'] / r['t_replicated']:.2f} |")
-    sys.stdout.flush()
+            mp.spawn(run, args=(world, configs, steps, d), nprocs=world, join=True)
+            rows += summarize(world, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
+                                      for r in range(world)])
+    table = markdown(rows, steps)
+    name = "sharding-quick" if args.quick else "sharding"
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text("# `python benchmarks/sharding.py" + (" --quick" if args.quick else "")
+                                        + "`\n\n" + table)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print(table)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,10 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> None:
             s.bind(("127.0.0.1", 0))
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(s.getsockname()[1]))
-    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timeout)
+    # DeepSpeed's MPI discovery overwrites MASTER_PORT with its `distributed_port` (29500 by default):
+    # hand it the port the job chose, so that two mpirun jobs on one node do not collide
+    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timeout,
+                               distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
 
 
 def engine_config(micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: Optional[float],

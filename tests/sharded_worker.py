@@ -37,11 +37,12 @@ class Net(torch.nn.Module):
 
     def __init__(self, dtype, hidden: int = 8):
         super().__init__()
-        self.embed = torch.nn.Embedding(VOCAB(hidden), hidden, dtype=dtype)        # Adam path
-        self.l1 = torch.nn.Linear(hidden, hidden, dtype=dtype)
-        self.l2 = torch.nn.Linear(hidden, hidden, dtype=dtype)
-        self.extra = torch.nn.Linear(hidden, hidden, bias=False, dtype=dtype)      # used on even steps only
-        self.head = torch.nn.Linear(hidden, hidden, dtype=dtype)                   # Adam path (output head)
+        kw = dict(dtype=dtype, device="cpu")  # explicit: the placement test makes 'meta' the default device
+        self.embed = torch.nn.Embedding(VOCAB(hidden), hidden, **kw)        # Adam path
+        self.l1 = torch.nn.Linear(hidden, hidden, **kw)
+        self.l2 = torch.nn.Linear(hidden, hidden, **kw)
+        self.extra = torch.nn.Linear(hidden, hidden, bias=False, **kw)      # used on even steps only
+        self.head = torch.nn.Linear(hidden, hidden, **kw)                   # Adam path (output head)
 
     def forward(self, tokens, step):
         h = self.l2(torch.tanh(self.l1(self.embed(tokens).mean(1))))
@@ -53,7 +54,8 @@ class Net(torch.nn.Module):
 def batch(step, rank, k, dtype, width):
     gen = torch.Generator().manual_seed(1000 * step + 31 * rank + k)
     n = 12 if rank < 0 else 16
-    return torch.randint(0, VOCAB(width), (n, 5), generator=gen), torch.randn(n, width, generator=gen, dtype=dtype)
+    return (torch.randint(0, VOCAB(width), (n, 5), generator=gen, device="cpu"),
+            torch.randn(n, width, generator=gen, dtype=dtype, device="cpu"))
 
 
 def loss_of(model, step, rank, k, dtype, nan=False, world=None):
@@ -89,7 +91,8 @@ def build(config, dtype, world):
     opts = dict(lr=0.02, betas=(0.9, 0.95), weight_decay=0.01, precondition_frequency=2, verbose=False,
                 max_block=config.get("max_block"), pair_source=config.get("pair_source", "microstep"),
                 fop=config.get("fop", True), max_grad_norm=config.get("max_grad_norm"),
-                fold_schedule=config.get("schedule", "streaming"), bucket_mb=config.get("bucket_mb", 25.0))
+                fold_schedule=config.get("schedule", "streaming"), bucket_mb=config.get("bucket_mb", 25.0),
+                level=config.get("level", "layer"))
     if config.get("reference") and opts["pair_source"] == "ranks":
         opts["pair_source"] = "modality"
     if config.get("reference"):
@@ -132,6 +135,15 @@ def two_objective(config, named, opts):
 
 
 def train(config, rank, world):
+    """One rank's run. meta_default: every tensor created without a device lands on 'meta', where
+    mixing it with the CPU parameters (or handing it to gloo) fails: a device-placement check."""
+    if config.get("meta_default"):
+        with torch.device("meta"):
+            return _train(config, rank, world)
+    return _train(config, rank, world)
+
+
+def _train(config, rank, world):
     dtype = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}[config.get("dtype", "fp64")]
     model, opt = build(config, dtype, world)
     initial = {p: p.detach().float().clone() for p in model.parameters()}

@@ -236,3 +236,19 @@ def test_plan_balances_bytes_as_well_as_compute():
     assert plan.slot <= 1.15 * sum(shares) / 4, shares
     loads = [r["cost"] for r in plan.summary()]
     assert max(loads) <= 1.3 * sum(loads) / 4, loads
+
+
+def test_every_tensor_the_optimizer_makes_is_on_the_gradients_device(tmp_path):
+    """Run with 'meta' as the default device (parameters and data explicitly on the CPU): a buffer,
+    table or flag created without its gradient's device would be a meta tensor, and adding it to a CPU
+    tensor or reducing it with gloo fails. Each run must succeed and equal the unguarded one bit for
+    bit, in one process and on two ranks, for the schedules, pair sources, dtypes and blocks."""
+    configs = [dict(K=4, max_block=4), dict(K=3, dtype="bf16"), dict(K=2, pair_source="ranks", max_grad_norm=0.1),
+               dict(K=4, schedule="tree", level="global"), dict(K=2, fop=False)]
+    for world in (1, 2):
+        runs = [dict(c, W=world, steps=3, meta_default=guard) for c in configs for guard in (False, True)
+                if world == 2 or c.get("pair_source") != "ranks"]
+        results = run_sharded(world, runs, str(tmp_path / f"w{world}"))
+        for plain, guarded in zip(results[0][::2], results[0][1::2]):
+            for a, b in zip(plain["history"][-1], guarded["history"][-1]):
+                assert b.device.type == "cpu" and torch.equal(a, b)

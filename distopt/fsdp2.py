@@ -1,0 +1,224 @@
+"""The FSDP2 distributor: parameters, gradients and optimizer state all sharded.
+
+The user shards the model as PyTorch documents (`fully_shard` per decoder layer, then the root, with
+a MixedPrecisionPolicy) and hands `model.named_parameters()` to the optimizer: DTensors, each rank
+holding dim-0 rows of every parameter (`Shard(0)`; HSDP adds a `Replicate()` mesh dimension). FSDP2
+reduce-scatters every backward's gradient and calls the post-accumulate-grad hooks with p.grad this
+rank's rows of the mean over ranks, so the window's schedule applies as it is: keep (FSDP2 adds the
+next micro-step's rows into p.grad), or take p.grad and *redistribute*: one all-to-all within the
+shard group sends every block's rows to the block's owner (Distributed Shampoo's lossless
+fully_shard distributor, at block granularity), ceil(log2 K) + 1 times per step for the streaming
+fold. At step() the owners' updated blocks go back to the rows' holders by the reverse all-to-all.
+
+Owners are chosen within the shard group; under HSDP every replica group computes the same blocks
+from the same (all-reduced) gradients, so replicas stay identical with no optimizer traffic between
+them. The owner keeps an fp32 master of each block (fetched once from the shards by all-to-all, and
+kept with the block's state in checkpoints): it cannot update a DTensor's rows in place.
+
+Rows follow `torch.chunk` (FSDP2's split): with n rows on S ranks, rank i holds
+[min(i c, n), min((i + 1) c, n)) with c = ceil(n / S), possibly none.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.distributed.tensor import DTensor, Replicate, Shard
+
+from distopt.comm import Comm
+from distopt.distributor import Distributor, check_vector
+from distopt.plan import Block
+from distopt.window import Piece
+
+
+def rows_of(n: int, world: int, rank: int) -> tuple[int, int]:
+    """The dim-0 rows rank `rank` of `world` holds of an n-row parameter (torch.chunk's split)."""
+    chunk = math.ceil(n / world) if n else 0
+    return min(rank * chunk, n), min((rank + 1) * chunk, n)
+
+
+def shard_dim(p: DTensor) -> int:
+    """The mesh dimension p is sharded over (its other dimensions must replicate it)."""
+    dims = [i for i, placement in enumerate(p.placements) if placement == Shard(0)]
+    others = [placement for i, placement in enumerate(p.placements) if i not in dims]
+    if len(dims) != 1 or any(placement != Replicate() for placement in others):
+        raise ValueError(f"a parameter of shape {tuple(p.shape)} has placements {p.placements}: the FSDP2 distributor "
+                         "needs Shard(0) on one mesh dimension and Replicate() on the others (fully_shard's default; "
+                         "HSDP's (Replicate(), Shard(0)))")
+    return dims[0]
+
+
+@dataclass
+class _Exchange:
+    """One redistribution in flight: the all-to-all's buffers and work handle."""
+
+    piece: Piece
+    grads: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # param -> local rows of p.grad
+    recv: Optional[torch.Tensor] = None
+    send: Optional[torch.Tensor] = None
+    work: object = None
+    check: Optional[tuple] = None
+
+
+class FSDP2Distributor(Distributor):
+    """Owners within the shard group of FSDP2-sharded (DTensor) parameters; see the module docstring."""
+
+    replicated_params = False
+    divisor = 1  # FSDP2 hands over the mean over ranks already
+
+    def __init__(self, params: list[DTensor], comm_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        mesh = params[0].device_mesh
+        dims = {shard_dim(p) for p in params}
+        if len(dims) != 1 or any(p.device_mesh != mesh for p in params):
+            raise ValueError("the FSDP2 distributor needs every parameter on one device mesh with one sharded "
+                             "dimension (shard the whole model with the same mesh)")
+        self.mesh_dim = dims.pop()
+        self.comm = Comm(mesh.get_group(self.mesh_dim))
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self.replicas = math.prod(mesh.size(i) for i in range(mesh.ndim) if i != self.mesh_dim)
+        self.comm_dtype = comm_dtype
+        self._shapes = [tuple(p.shape) for p in params]
+        self._open: Optional[_Exchange] = None
+        self._pending: list[_Exchange] = []
+        self._checks: list[tuple] = []
+
+    @property
+    def sent(self) -> Counter:
+        return self.comm.sent
+
+    @property
+    def calls(self) -> Counter:
+        return self.comm.calls
+
+    def make_plan(self, params, max_block, precond, digest_extra=""):
+        plan = super().make_plan(params, max_block, precond, digest_extra)
+        digests = self.comm.all_gather_object(plan.digest(f"{digest_extra}|fsdp2|{self.comm_dtype}"))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"block plans differ across ranks ({digests}): every rank must build the optimizer "
+                               "over the same parameters, names, shapes and options")
+        # rows: the part of block b that rank r holds, as (first, last) global rows, or None
+        self._rows = {(b.index, r): self._overlap(b, r) for b in plan.blocks for r in range(self.world)}
+        self._by_owner = [sorted((b for b in plan.blocks if b.owner == r), key=lambda b: b.index)
+                          for r in range(self.world)]
+        self._send_splits = [sum(self._numel(b, self.rank) for b in self._by_owner[r]) for r in range(self.world)]
+        self._recv_splits = [sum(self._numel(b, r) for b in self._by_owner[self.rank]) for r in range(self.world)]
+        return plan
+
+    def _overlap(self, b: Block, rank: int) -> Optional[tuple[int, int]]:
+        lo, hi = rows_of(self._shapes[b.param][0], self.world, rank) if self._shapes[b.param] else (0, 1)
+        start, stop = (b.slices[0].start, b.slices[0].stop) if b.slices else (0, 1)
+        first, last = max(lo, start), min(hi, stop)
+        return (first, last) if first < last else None
+
+    def _numel(self, b: Block, rank: int) -> int:
+        rows = self._rows[(b.index, rank)]
+        return 0 if rows is None else (rows[1] - rows[0]) * (b.numel // max(b.shape[0], 1) if b.shape else 1)
+
+    def _local_piece(self, local: torch.Tensor, b: Block, rank: int) -> torch.Tensor:
+        """This rank's rows of block b, from its local shard (rows counted from the shard's first row)."""
+        first, last = self._rows[(b.index, rank)]
+        lo = rows_of(self._shapes[b.param][0], self.world, rank)[0]
+        return local[(slice(first - lo, last - lo),) + tuple(b.slices[1:])].reshape(-1)
+
+    # -- redistribution of gradients ---------------------------------------------------------------
+
+    def open(self, group, microsteps, ranks, check):
+        self._open = _Exchange(Piece(group, microsteps, 1, {}))
+        vector = check_vector(check, self.device)
+        self._open.check = (vector, self.comm.all_reduce_sum(vector, async_op=True))
+
+    def add(self, param, grad):
+        self._open.grads[param] = None if grad is None else grad.to_local()
+
+    def close(self):
+        ex = self._open
+        pieces = []
+        for r in range(self.world):
+            for b in self._by_owner[r]:
+                if self._rows[(b.index, self.rank)] is None:
+                    continue
+                local = ex.grads.get(b.param)
+                n = self._numel(b, self.rank)
+                pieces.append(self._local_piece(local, b, self.rank).to(self.comm_dtype) if local is not None else
+                              torch.zeros(n, dtype=self.comm_dtype, device=self.device))
+        ex.grads = {}
+        ex.send = self.meter.hold("send", torch.cat(pieces) if pieces else
+                                  torch.zeros(0, dtype=self.comm_dtype, device=self.device))
+        ex.recv = self.meter.hold("recv", torch.empty(sum(self._recv_splits), dtype=self.comm_dtype, device=self.device))
+        ex.work = self.comm.all_to_all(ex.recv, ex.send, self._recv_splits, self._send_splits)
+        self._pending.append(ex)
+        self._open = None
+
+    def take(self):
+        out = []
+        for ex in self._pending:
+            self.comm.wait(ex.work, "all_to_all")
+            self.meter.release("send", ex.send)
+            ex.piece.grads = self._assemble(ex.recv)
+            self.meter.release("recv", ex.recv)
+            self._checks.append(ex.check)
+            out.append(ex.piece)
+        self._pending = []
+        return out
+
+    def _assemble(self, recv: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every owned block from its rows as the ranks sent them (sources in rank order = row order)."""
+        parts: dict[int, list[torch.Tensor]] = {b.index: [] for b in self.owned}
+        offset = 0
+        for r in range(self.world):
+            for b in self._by_owner[self.rank]:
+                n = self._numel(b, r)
+                if n:
+                    first, last = self._rows[(b.index, r)]
+                    parts[b.index].append(recv[offset:offset + n].view((last - first,) + tuple(b.shape[1:])))
+                    offset += n
+        return {b.index: torch.cat(parts[b.index]) if len(parts[b.index]) > 1 else parts[b.index][0]
+                for b in self.owned}
+
+    def checks(self):
+        out = []
+        for vector, work in self._checks:
+            self.comm.wait(work, "all_reduce")
+            out.append(vector)
+        self._checks = []
+        return out
+
+    def all_reduce_sum(self, vector):
+        return self.comm.all_reduce_sum(vector)
+
+    # -- masters and the update --------------------------------------------------------------------
+
+    def fetch(self, params: list[DTensor]) -> dict[int, torch.Tensor]:
+        """The current value of every owned block, from the shards (one all-to-all): the owners' masters."""
+        send = [self._local_piece(params[b.param].to_local(), b, self.rank).float()
+                for r in range(self.world) for b in self._by_owner[r] if self._rows[(b.index, self.rank)] is not None]
+        send = torch.cat(send) if send else torch.zeros(0, device=self.device)
+        recv = torch.empty(sum(self._recv_splits), device=self.device)
+        self.comm.wait(self.comm.all_to_all(recv, send, self._recv_splits, self._send_splits), "all_to_all")
+        return self._assemble(recv)
+
+    def write_back(self, params, values=None):
+        """The owners' new block values (`values`: block index -> fp32 block) into every holder's rows."""
+        send = [values[b.index][(slice(self._rows[(b.index, r)][0] - b.slices[0].start,
+                                       self._rows[(b.index, r)][1] - b.slices[0].start),)].reshape(-1)
+                for r in range(self.world) for b in self._by_owner[self.rank] if self._rows[(b.index, r)] is not None]
+        send = torch.cat(send) if send else torch.zeros(0, device=self.device)
+        recv = torch.empty(sum(self._send_splits), device=self.device)
+        self.comm.wait(self.comm.all_to_all(recv, send, self._send_splits, self._recv_splits), "all_to_all")
+        offset = 0
+        for r in range(self.world):
+            for b in self._by_owner[r]:
+                n = self._numel(b, self.rank)
+                if not n:
+                    continue
+                first, last = self._rows[(b.index, self.rank)]
+                local = params[b.param].to_local()
+                lo = rows_of(self._shapes[b.param][0], self.world, self.rank)[0]
+                target = local[(slice(first - lo, last - lo),) + tuple(b.slices[1:])]
+                target.copy_(recv[offset:offset + n].view(target.shape))
+                offset += n
