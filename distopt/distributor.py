@@ -55,6 +55,12 @@ class Distributor(ABC):
     rank: int = 0
     world: int = 1
     plan: Plan
+    replicated_params = True  # every rank holds every parameter (the owner updates it in place, then it is sent)
+
+    @property
+    def divisor(self) -> int:
+        """What a reduced piece is divided by to be a mean over ranks (pieces are sums over `divisor` ranks)."""
+        return self.world
 
     def __init__(self):
         self.meter = Meter()
@@ -385,10 +391,21 @@ def disagreement(summed: Sequence[float]) -> list[int]:
     return [i for i in range((len(summed) - 1) // 2) if summed[2 + 2 * i] * n != summed[1 + 2 * i] ** 2]
 
 
-def make_distributor(process_group: Optional[dist.ProcessGroup] = None, bucket_mb: float = 25.0,
-                     comm_dtype: torch.dtype = torch.float32) -> Distributor:
-    """The distributor for these parameters: owners over the group (default: the world) when
-    torch.distributed is initialised with more than one rank, else one process."""
+def make_distributor(params: Sequence[torch.Tensor], process_group: Optional[dist.ProcessGroup] = None,
+                     bucket_mb: float = 25.0, comm_dtype: torch.dtype = torch.float32) -> Distributor:
+    """The one place that decides how blocks are communicated: FSDP2-sharded parameters (DTensors) get
+    the FSDP2 distributor (over their mesh); replicated parameters get owners over the group (default:
+    the world) when torch.distributed is initialised with more than one rank; else one process."""
+    from torch.distributed.tensor import DTensor
+
+    sharded = [isinstance(p, DTensor) for p in params]
+    if any(sharded):
+        if not all(sharded):
+            raise ValueError("some parameters are FSDP2-sharded (DTensor) and some are not: apply fully_shard to the "
+                             "root module too, so that every parameter the optimizer gets is sharded")
+        from distopt.fsdp2 import FSDP2Distributor
+
+        return FSDP2Distributor(list(params), comm_dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
         return OwnerDistributor(process_group, bucket_mb, comm_dtype)
     return LocalDistributor()

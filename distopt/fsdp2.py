@@ -82,6 +82,7 @@ class FSDP2Distributor(Distributor):
         self.rank, self.world = self.comm.rank, self.comm.world
         self.replicas = math.prod(mesh.size(i) for i in range(mesh.ndim) if i != self.mesh_dim)
         self.comm_dtype = comm_dtype
+        self.master_dtype = torch.float64 if comm_dtype == torch.float64 else torch.float32
         self._shapes = [tuple(p.shape) for p in params]
         self._open: Optional[_Exchange] = None
         self._pending: list[_Exchange] = []
@@ -195,10 +196,11 @@ class FSDP2Distributor(Distributor):
 
     def fetch(self, params: list[DTensor]) -> dict[int, torch.Tensor]:
         """The current value of every owned block, from the shards (one all-to-all): the owners' masters."""
-        send = [self._local_piece(params[b.param].to_local(), b, self.rank).float()
+        dtype = self.master_dtype
+        send = [self._local_piece(params[b.param].to_local(), b, self.rank).to(dtype)
                 for r in range(self.world) for b in self._by_owner[r] if self._rows[(b.index, self.rank)] is not None]
-        send = torch.cat(send) if send else torch.zeros(0, device=self.device)
-        recv = torch.empty(sum(self._recv_splits), device=self.device)
+        send = torch.cat(send) if send else torch.zeros(0, dtype=dtype, device=self.device)
+        recv = torch.empty(sum(self._recv_splits), dtype=dtype, device=self.device)
         self.comm.wait(self.comm.all_to_all(recv, send, self._recv_splits, self._send_splits), "all_to_all")
         return self._assemble(recv)
 
@@ -207,8 +209,8 @@ class FSDP2Distributor(Distributor):
         send = [values[b.index][(slice(self._rows[(b.index, r)][0] - b.slices[0].start,
                                        self._rows[(b.index, r)][1] - b.slices[0].start),)].reshape(-1)
                 for r in range(self.world) for b in self._by_owner[self.rank] if self._rows[(b.index, r)] is not None]
-        send = torch.cat(send) if send else torch.zeros(0, device=self.device)
-        recv = torch.empty(sum(self._send_splits), device=self.device)
+        send = torch.cat(send) if send else torch.zeros(0, dtype=self.master_dtype, device=self.device)
+        recv = torch.empty(sum(self._send_splits), dtype=self.master_dtype, device=self.device)
         self.comm.wait(self.comm.all_to_all(recv, send, self._send_splits, self._recv_splits), "all_to_all")
         offset = 0
         for r in range(self.world):

@@ -81,9 +81,12 @@ class MLFOPSOAP(SOAP):
         comm_dtype = COMM_DTYPES[o.comm_dtype]
         if any(state_dtype(p) == torch.float64 for p in self._params):
             comm_dtype = torch.float64  # fp64 parameters reduce in fp64
-        self.distributor = distributor or make_distributor(process_group, o.bucket_mb, comm_dtype)
+        self.distributor = distributor or make_distributor(self._params, process_group, o.bucket_mb, comm_dtype)
         self.distributor.set_device(next(iter(devices)) if devices else torch.device("cpu"))
         o.check_world(self.distributor.world)
+        if not self.distributor.replicated_params and o.fop and o.pair_source == "ranks":
+            raise ValueError("pair_source='ranks' folds per-rank gradients, but FSDP2's reduce-scatter hands over the "
+                             "mean over ranks; use 'microstep' or 'modality' with FSDP2-sharded parameters")
         sequence = f"{o.fop}|{o.pair_source}|{o.fold_schedule}|{o.level}|{[str(p.dtype) for p in self._params]}"
         self.plan = self.distributor.make_plan(
             [(self.routes[p].name or f"param{i}", tuple(p.shape)) for i, p in enumerate(self._params)],
@@ -101,6 +104,7 @@ class MLFOPSOAP(SOAP):
         self._action, self._tag = KEEP, ""
         self._taken: set[int] = set()
         self._stats: Optional[tuple] = None
+        self._fetch_masters = False
         self.window_peak_bytes = 0
         self._capture = MicrostepCapture(self._params, self, o.capture)
 
@@ -207,7 +211,7 @@ class MLFOPSOAP(SOAP):
             self.window_peak_bytes = max(self.window_peak_bytes, w.held_bytes())
 
     def _open(self, group: str, k: int, microsteps: int, ranks: int) -> None:
-        self.distributor.open(group, microsteps, ranks, (k, microsteps, _code(group), 0, 0))
+        self.distributor.open(group, microsteps, ranks, (k, microsteps, _code(group), 0, 0, 0))
         self.counters["reductions"] += 1
 
     def _open_window(self) -> Window:
@@ -221,7 +225,7 @@ class MLFOPSOAP(SOAP):
             elif self.options.fop:
                 self.counters["fop_metric_not_ready"] += 1
         self.levels.begin_window()
-        return Window(metrics, self.levels, self.options.fold_schedule, self.options.fop, self.distributor.world,
+        return Window(metrics, self.levels, self.options.fold_schedule, self.options.fop, self.distributor.divisor,
                       self._to_layout, self._blocks)
 
     # -- the step ----------------------------------------------------------------------------------
@@ -247,7 +251,8 @@ class MLFOPSOAP(SOAP):
         stray = [i for i, p in enumerate(self._params) if p.grad is not None] if not w.microsteps else []
         touched = self._capture.touched() if w.microsteps else []
         tags = "\0".join(sorted(w.stash))
-        vector = check_vector((w.microsteps, _code(tags), w.last_reduced, len(touched), len(stray)),
+        missing = 0 if self.distributor.replicated_params else sum("master" not in st for _, st in self.block_states())
+        vector = check_vector((w.microsteps, _code(tags), w.last_reduced, len(touched), len(stray), missing),
                               self.distributor.device)
         summed = self.distributor.all_reduce_sum(vector).tolist()
         self.counters["host_syncs"] += 1
@@ -266,6 +271,7 @@ class MLFOPSOAP(SOAP):
             raise RuntimeError("step() found gradients that no backward produced (assigned to p.grad?): ML-FOP-SOAP "
                                "folds micro-steps, which it captures during backward; run loss.backward(), or use "
                                "capture='manual' and call end_microstep() after setting p.grad")
+        self._fetch_masters = summed[11] > 0  # some owner has no master yet (a new run, or a resumed one)
         return bool(w.microsteps or summed[9])
 
     def _flush(self, w: Window) -> None:
@@ -322,20 +328,30 @@ class MLFOPSOAP(SOAP):
         if scale is None:
             self.counters["skipped_nonfinite_steps"] += 1
             return
+        if self._fetch_masters:  # parameters sharded elsewhere: their owners' fp32 masters, from the shards
+            for b, master in self.distributor.fetch(self._params).items():
+                self.block_state(self._blocks[b]).setdefault("master", master)
         for b in self.distributor.owned:
             if b.param in present:
                 self._update_block(b, w, fop_items, scale, eta)
-        self.distributor.write_back(self._params)
+        if self.distributor.replicated_params:
+            self.distributor.write_back(self._params)
+        else:
+            self.distributor.write_back(self._params, {b.index: self.block_state(b)["master"]
+                                                       for b in self.distributor.owned})
         self._stats = (self.levels.take_betas(), list(eta.values()))
 
     def _update_block(self, b: Block, w: Window, fop_items: Bundle, scale: float, eta: dict) -> None:
         p = self._params[b.param]
         st = self.block_state(b)
-        view = p.data[b.slices]
-        low_precision = state_dtype(p) != p.dtype
-        if low_precision and "master" not in st:
-            st["master"] = view.to(state_dtype(p))  # the block's fp32 master copy, on its owner only
-        target = st["master"] if low_precision else view
+        if not self.distributor.replicated_params:  # FSDP2: the owner's master is the block
+            view, target, low_precision = None, st["master"], False
+        else:
+            view = p.data[b.slices]
+            low_precision = state_dtype(p) != p.dtype
+            if low_precision and "master" not in st:
+                st["master"] = view.to(state_dtype(p))  # the block's fp32 master copy, on its owner only
+            target = st["master"] if low_precision else view
         g = w.plain[b.index] * scale if scale != 1.0 else w.plain[b.index]
         moment, lr_scale = None, 1.0
         if b.index in fop_items:

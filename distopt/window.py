@@ -99,7 +99,7 @@ class Window:
     levels: Levels
     fold_schedule: str
     fop: bool
-    world: int
+    world: int                                      # pieces are sums over this many ranks (the divisor)
     to_layout: Callable[[Block, torch.Tensor], torch.Tensor]
     blocks: dict[int, Block]
     fold: object = None

@@ -10,6 +10,7 @@ With `rule`, the optimizer is a two-objective rule over `base` and micro-step k 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -71,9 +72,43 @@ def loss_of(model, step, rank, k, dtype, nan=False, world=None):
     return loss * float("nan") if nan else loss
 
 
+def shard(model, config, world):
+    """FSDP2 as PyTorch documents it: fully_shard every layer, then the root; HSDP on a (2, world / 2) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if config["fsdp"] == "hsdp":
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
+    for layer in (model.embed, model.l1, model.l2, model.extra, model.head):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def tag_of(config, k):
+    """pair_source 'modality': micro-steps alternate text and image."""
+    return ("text" if k % 2 == 0 else "image") if config.get("pair_source") == "modality" else None
+
+
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(p):
+    """A parameter's whole value (gathered from the shards under FSDP2: a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return p.full_tensor() if isinstance(p, DTensor) else p.detach().clone()
+
+
 def build(config, dtype, world):
     torch.manual_seed(0)
     model = Net(dtype, config.get("hidden", 8))
+    if config.get("fsdp") and not config.get("reference"):
+        shard(model, config, world)
     named = [(n, p) for n, p in model.named_parameters() if n in config.get("only", [n])]
     for n, p in model.named_parameters():
         p.requires_grad_(any(n == m for m, _ in named))
@@ -146,9 +181,9 @@ def train(config, rank, world):
 def _train(config, rank, world):
     dtype = {"fp64": torch.float64, "fp32": torch.float32, "bf16": torch.bfloat16}[config.get("dtype", "fp64")]
     model, opt = build(config, dtype, world)
-    initial = {p: p.detach().float().clone() for p in model.parameters()}
+    initial = {p: full(p).float() for p in model.parameters()} if dtype == torch.bfloat16 else {}
     k_micro, data_world = config["K"] + (rank if config.get("uneven_k") else 0), config["W"]
-    history, first_masters = [], None
+    history, first_masters, grad_bytes = [], None, 0
     if config.get("load"):
         load_checkpoint(config["load"], model, opt)
     for step in range(config.get("start", 0), config.get("steps", 5)):
@@ -165,9 +200,13 @@ def _train(config, rank, world):
                     if config.get("pair_source") == "ranks":
                         opt.end_microstep("even" if r % 2 == 0 else "odd")
                 if config.get("pair_source") != "ranks":
-                    opt.end_microstep()
+                    opt.end_microstep(tag_of(config, k))
             else:
-                (loss_of(model, step, rank, k, dtype, nan=(step, rank) == config.get("nan_at")) / k_micro).backward()
+                with opt.modality(tag_of(config, k)) if tag_of(config, k) else contextlib.nullcontext():
+                    (loss_of(model, step, rank, k, dtype, nan=(step, rank) == config.get("nan_at")) / k_micro).backward()
+        if config.get("bytes") and step == 0:  # fop off keeps p.grad until step(): the gradients' bytes
+            grad_bytes = sum(_local(p.grad).numel() * p.grad.element_size() for p in model.parameters()
+                             if p.grad is not None)
         if config.get("die_at") == (step, rank):
             os._exit(17)
         opt.step()
@@ -176,20 +215,23 @@ def _train(config, rank, world):
             p.data.copy_(shadow.data)
         if step == 1 and not config.get("rule"):  # the first update: the forwards used the same bf16 parameters
             first_masters = masters_of(model, opt)
-        history.append([p.detach().clone() for p in model.parameters()])
+        history.append([full(p) for p in model.parameters()])
         if config.get("save_at") == step:
             save_checkpoint(config["save"], step, model, opt)
     if config.get("rule"):
         return dict(history=history, counters=dict(opt.counters), calls=dict(opt.comm.calls))
     if hasattr(model, "shadows"):
         initial = {shadow: initial[p] for p, shadow in model.shadows}
-    initial_masters = {f"{b.name}#{b.ordinal}": initial[opt._params[b.param]][b.slices] for b in opt.plan.blocks}
+    initial_masters = {f"{b.name}#{b.ordinal}": initial[opt._params[b.param]][b.slices] for b in opt.plan.blocks
+                       if opt._params[b.param] in initial}
     return dict(history=history, counters=dict(opt.counters), sent=dict(opt.distributor.sent),
                 calls=dict(opt.distributor.calls), owned=len(opt.distributor.owned),
                 numel=sum(b.numel for b in opt.plan.blocks), slot=opt.plan.slot,
                 buckets=getattr(opt.distributor, "n_buckets", 1), masters=masters_of(model, opt),
                 first_masters=first_masters if config.get("steps", 5) > 1 else None,
                 initial_masters=initial_masters, memory=opt.memory_bytes(),
+                bytes=dict(params=sum(_local(p).numel() * p.element_size() for p in model.parameters()),
+                           grads=grad_bytes, state=opt.memory_bytes()["state"]),
                 state_numel=sum(b.state_numel for b in opt.distributor.owned),
                 owned_numel=sum(b.numel for b in opt.distributor.owned))
 
