@@ -4,7 +4,8 @@ Layout of `<root>/step-<N>/`:
     manifest.json        format, step, world size, blocks (name, ordinal, slices, owner, file),
                          optimizer hyper-parameters and runtime state (fisher_norm's running norms),
                          sha256 and size of every file, user `extra`
-    model.pt             the model's state_dict (parameters are replicated; rank 0 writes it)
+    model.pt             the model's state_dict (parameters are replicated; rank 0 writes it), or
+    model/               the FSDP2-sharded model, written by every rank with torch.distributed.checkpoint
     optim-rank<R>.pt     the blocks rank R owned: {"<name>#<ordinal>": block state}; for any other
                          (replicated) optimizer, rank 0 writes its state_dict() as optim-rank0.pt
 
@@ -36,6 +37,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.tensor import DTensor
 
 FORMAT = "distopt-checkpoint-v2"
 
@@ -116,7 +120,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     mine = _optimizer_files(optimizer, rank)
     if mine is not None:
         written[f"optim-rank{rank}.pt"] = _write(tmp / f"optim-rank{rank}.pt", mine)
-    if rank == 0:
+    model_format = "dcp" if _sharded_model(model) else "torch"
+    if model_format == "dcp":  # FSDP2: every rank writes its shards with torch.distributed.checkpoint
+        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(tmp / "model"))
+        _barrier()
+        for f in sorted((tmp / "model").iterdir()):  # each rank hashes the files it wrote, rank 0 the metadata
+            if re.match(rf"__{rank}_\d+\.distcp$", f.name) or (rank == 0 and not f.name.endswith(".distcp")):
+                written[f"model/{f.name}"] = _digest(f)
+    elif rank == 0:
         written["model.pt"] = _write(tmp / "model.pt", model.state_dict())
     files = {k: v for per_rank in _all_gather(written) for k, v in per_rank.items()}  # each rank hashed its own
     final = root / f"step-{step}"
@@ -125,7 +136,8 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
                        file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name, blocks=blocks, param_groups=groups,
+        manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name, model_format=model_format,
+                        blocks=blocks, param_groups=groups,
                         runtime=optimizer.runtime_state() if sharded else None, files=files, extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         _publish(root, tmp, final)
@@ -138,7 +150,16 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
 
 def _write(path: Path, obj: Any) -> dict:
     torch.save(obj, path)
+    return _digest(path)
+
+
+def _digest(path: Path) -> dict:
     return {"sha256": _sha256(path), "bytes": path.stat().st_size}
+
+
+def _sharded_model(model: torch.nn.Module) -> bool:
+    """FSDP2-sharded (its parameters are DTensors): saved and loaded with torch.distributed.checkpoint."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _publish(root: Path, tmp: Path, final: Path) -> None:
@@ -226,7 +247,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
             raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {name}")
         if _sharded(optimizer):
             _check_plan(path, manifest, optimizer)
-        needed = {"model.pt"} | (_files_of(manifest, optimizer) if _sharded(optimizer) else {"optim-rank0.pt"})
+        needed = _model_files(manifest) | (_files_of(manifest, optimizer) if _sharded(optimizer) else {"optim-rank0.pt"})
         _verify(path, manifest, needed)
         error = None
     except CheckpointError as e:
@@ -236,7 +257,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
         others = [s for s in complete_steps(root) if _step_dirs(Path(root)).get(s) != path]
         hint = f"; complete checkpoints: steps {others} (pass step=...)" if others else ""
         raise CheckpointError("; ".join(sorted(set(errors))) + hint)
-    model.load_state_dict(_load(path / "model.pt"))
+    _load_model(path, manifest, model)
     if _sharded(optimizer):
         _load_blocks(path, manifest, optimizer)
         for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
@@ -247,6 +268,31 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
         outer.load_state_dict(_load(path / "optim-rank0.pt")["state_dict"])
     _barrier()
     return manifest
+
+
+def _model_files(manifest: dict) -> set[str]:
+    """The model files this rank checks: model.pt, or its share of the DCP files (every file once over the ranks)."""
+    if manifest.get("model_format") != "dcp":
+        return {"model.pt"}
+    rank, world = _rank_world()
+    files = sorted(name for name in manifest["files"] if name.startswith("model/"))
+    return set(files[rank::world])
+
+
+def _load_model(path: Path, manifest: dict, model: torch.nn.Module) -> None:
+    """Either format into either kind of model: torch.distributed.checkpoint reshards DTensors and fills
+    plain tensors; a model.pt goes into a sharded model as a full state dict."""
+    if manifest.get("model_format") == "dcp":
+        state = {"model": get_model_state_dict(model) if _sharded_model(model) else model.state_dict()}
+        dcp.load(state, checkpoint_id=str(path / "model"))
+        if _sharded_model(model):
+            set_model_state_dict(model, state["model"])
+        else:
+            model.load_state_dict(state["model"])
+    elif _sharded_model(model):
+        set_model_state_dict(model, _load(path / "model.pt"), options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(_load(path / "model.pt"))
 
 
 def _load(path: Path) -> Any:
@@ -279,9 +325,10 @@ def _load_blocks(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -
     for file, targets in sorted(by_file.items()):
         saved = _load(path / file)
         for b, target in targets:
-            device = optimizer.block_device(b)
             target.clear()
-            target.update(_to_device(saved[_block_key(b.name, b.ordinal)], device))
+            target.update(_to_device(saved[_block_key(b.name, b.ordinal)], optimizer.block_device(b)))
+            if not optimizer.uses_master(b):  # e.g. resumed from an FSDP2 run into fp32 replicated parameters
+                target.pop("master", None)
         del saved
     optimizer.load_runtime_state(manifest["runtime"])
 

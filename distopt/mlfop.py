@@ -417,6 +417,11 @@ class MLFOPSOAP(SOAP):
     def describe(self) -> str:
         return type(self).__name__
 
+    def uses_master(self, b: Block) -> bool:
+        """Whether the block's state holds an fp32 master: low-precision or sharded (FSDP2) parameters."""
+        p = self._params[b.param]
+        return not self.distributor.replicated_params or state_dtype(p) != p.dtype
+
     def block_device(self, b: Block) -> torch.device:
         return self._params[b.param].device
 
