@@ -1,0 +1,119 @@
+"""The two engines a run can use (`engine:` in the config), behind the interface the training loop drives:
+`engine(batch)`, `engine.backward(loss)`, `engine.step()` (steps the optimizer at the accumulation
+boundary) and `engine.device`.
+
+    deepspeed  DeepSpeed at ZeRO stage 0 with the distopt optimizer (distopt.deepspeed_glue): every rank
+               holds the whole model; block owners hold the optimizer state.
+    fsdp2      PyTorch FSDP2: `fully_shard` on every decoder layer (the classes transformers marks as
+               never split), then the root, with a MixedPrecisionPolicy (bf16 compute when model.dtype is
+               bfloat16, fp32 reduce-scatter); parameters, gradients and optimizer state all sharded. The
+               plain accumulation loop: FSDP2 reduce-scatters every backward and the optimizer
+               redistributes the shards to block owners where its fold needs them (distopt.fsdp2). HSDP
+               with `fsdp.replicate` > 1: shard within groups of world / replicate ranks, replicate across.
+
+Activation checkpointing (`model.activation_checkpointing`) wraps each decoder layer's forward in
+torch.utils.checkpoint with use_reentrant=False, which keeps one backward = one micro-step (a
+reentrant checkpoint would run nested backward passes, and the optimizer would see each as one).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from distopt import build_optimizer, deepspeed_glue
+from distopt.registry import owns_gradient_communication
+
+ENGINES = ("deepspeed", "fsdp2")
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules of the classes its transformers models list in _no_split_modules."""
+    names = set()
+    for module in model.modules():
+        names |= set(getattr(module, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def checkpoint_layers(model: torch.nn.Module) -> int:
+    """Non-reentrant activation checkpointing on every decoder layer; returns how many were wrapped."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = functools.partial(checkpoint, layer.forward, use_reentrant=False)
+    return len(layers)
+
+
+class FSDP2Engine:
+    """The plain accumulation loop over an FSDP2-sharded model."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int,
+                 device: torch.device, clip: float | None = None):
+        self.module, self.optimizer, self.grad_accum, self.device = model, optimizer, grad_accum, device
+        self.clip = clip  # for optimizers that leave gradient communication to FSDP2 (AdamW): clip here
+        self.microsteps = 0
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss / self.grad_accum).backward()
+
+    def step(self) -> None:
+        self.microsteps += 1
+        if self.microsteps % self.grad_accum == 0:
+            if self.clip:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+
+def local_device() -> torch.device:
+    """cuda:LOCAL_RANK where GPUs are visible, else the CPU."""
+    if torch.cuda.is_available():
+        import os
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def shard(model: torch.nn.Module, world: int, replicate: int, bf16: bool, device: torch.device) -> None:
+    """fully_shard every decoder layer, then the root, on a 1-D mesh or HSDP's (replicate, shard) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if replicate > 1:
+        mesh = init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh(device.type, (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
+                 grad_accum: int, max_grad_norm, bf16: bool, replicate: int = 1, deepspeed: dict | None = None,
+                 activation_checkpointing: bool = False):
+    """(engine, optimizer) for the model; the optimizer is built once parameters sit on their device."""
+    world = dist.get_world_size()
+    if activation_checkpointing:
+        checkpoint_layers(model)
+    if engine == "deepspeed":
+        if bf16:
+            model.to(torch.bfloat16)  # bf16 parameters and compute; the owners keep fp32 masters
+        ds_config = deepspeed_glue.engine_config(micro_batch_size, grad_accum, world, max_grad_norm, deepspeed)
+        return deepspeed_glue.initialize(model, optimizer_spec, ds_config)
+    device = local_device()
+    model.to(device)  # fp32: FSDP2's sharded parameters are the masters, bf16 only in compute
+    shard(model, world, replicate, bf16, device)
+    spec = {"name": optimizer_spec["name"], "params": dict(optimizer_spec.get("params") or {})}
+    owns = owns_gradient_communication(spec["name"])
+    if max_grad_norm and owns:
+        spec["params"]["max_grad_norm"] = max_grad_norm
+    optimizer = build_optimizer(spec, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    return FSDP2Engine(model, optimizer, grad_accum, device, None if owns else max_grad_norm), optimizer
