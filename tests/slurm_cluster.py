@@ -32,6 +32,7 @@ ReturnToService=2
 MpiDefault=none
 NodeName={host} CPUs={cpus} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+FirstJobId={first_job_id}
 """
 
 
@@ -42,12 +43,13 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, first_job_id: int = 1):
         self.tmp = tmp
         (tmp / "ctld").mkdir(parents=True)
         (tmp / "d").mkdir()
         host = socket.gethostname().split(".")[0]
-        conf = CONF.format(host=host, tmp=tmp, cpus=os.cpu_count(), ctld_port=_free_port(), d_port=_free_port())
+        conf = CONF.format(host=host, tmp=tmp, cpus=os.cpu_count(), ctld_port=_free_port(), d_port=_free_port(),
+                           first_job_id=first_job_id)
         (tmp / "slurm.conf").write_text(conf)
         self.env = {**os.environ, "SLURM_CONF": str(tmp / "slurm.conf")}
         self.munge_socket = tmp / "munge.socket"

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distopt.deepspeed_glue import prepare_config
+from launcher.cluster import PORT_BASE, PORT_SPAN, first_host, job_port, srun_env
 from sharded_worker import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,39 @@ def test_a_killed_rank_makes_the_others_exit(tmp_path):
     assert codes[1] == 17
     assert codes[0] != 0, "the surviving rank must fail, not finish or hang"
     assert time.monotonic() - start < 120
+
+
+HOSTLISTS = ["vm", "gpu[003-010,012],cpu1", "rack[1-2]-n[08-09]", "a-[7],b", "node[5,1-3]", "x1,x[0-2]"]
+
+
+def test_first_host_is_the_one_scontrol_lists_first(tmp_path):
+    (tmp_path / "slurm.conf").write_text("ClusterName=x\nSlurmctldHost=localhost\n")
+    for nodelist in HOSTLISTS:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True,
+                               env={**os.environ, "SLURM_CONF": str(tmp_path / "slurm.conf")}).stdout.split()
+        assert first_host(nodelist) == hosts[0], nodelist
+
+
+SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
+             "SLURM_NTASKS": "16", "SLURM_STEP_NODELIST": "gpu[07-10]", "SLURM_JOB_NODELIST": "gpu[01-10]",
+             "SLURM_JOB_ID": "1234567"}
+
+
+def test_srun_tasks_take_ranks_and_rendezvous_from_slurm():
+    assert srun_env(SRUN_TASK) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu07",
+                                   "MASTER_PORT": str(PORT_BASE + 4567)}, "the step's tasks and first node, not the job's"
+    given = srun_env({**SRUN_TASK, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"})
+    assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.1", "29400")
+    assert {job_port(str(j)) for j in range(3 * PORT_SPAN)} == set(range(PORT_BASE, PORT_BASE + PORT_SPAN))
+    assert PORT_BASE + PORT_SPAN <= 32768, "below Linux's ephemeral ports"
+    # not an srun task (the batch script itself), or a launcher already named the ranks: left alone
+    assert srun_env({k: v for k, v in SRUN_TASK.items() if k != "SLURM_STEP_ID"}) == {}
+    for launcher_var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
+        assert srun_env({**SRUN_TASK, launcher_var: "0"}) == {}, launcher_var
+    with pytest.raises(RuntimeError, match=r"MASTER_PORT: 'http' is invalid: not a port in 1-65535; unset it"):
+        srun_env({**SRUN_TASK, "MASTER_PORT": "http"})
+    with pytest.raises(RuntimeError, match=r"SLURM_PROCID: not set, though SLURM_STEP_ID is.*set RANK, LOCAL_RANK"):
+        srun_env({k: v for k, v in SRUN_TASK.items() if k != "SLURM_PROCID"})
 
 
 @pytest.mark.parametrize("cfg,match", [
