@@ -16,7 +16,8 @@ procs_per_node() {
   if [ -n "${DISTOPT_PROCS_PER_NODE:-}" ]; then echo "$DISTOPT_PROCS_PER_NODE"; return; fi
   if [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then echo "${SLURM_GPUS_PER_NODE##*:}"; return; fi
   local counts
-  counts=$(srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
+  # --overlap: the probe holds no CPUs, so the training step need not wait for Slurm to release them
+  counts=$(srun --overlap --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
     python -c 'import torch; print(torch.cuda.device_count())' | sort -u) || die "counting GPUs per node failed"
   [ "$(echo "$counts" | wc -l)" -eq 1 ] ||
     die "nodes have different GPU counts ($(echo "$counts" | tr '\n' ' ')); submit with --gpus-per-node=N or set DISTOPT_PROCS_PER_NODE"
