@@ -99,7 +99,7 @@ SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "S
 
 def test_srun_tasks_take_ranks_and_rendezvous_from_slurm():
     assert srun_env(SRUN_TASK) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "gpu07",
-                                   "MASTER_PORT": str(PORT_BASE + 4567)}, "the step's tasks and first node, not the job's"
+                                   "MASTER_PORT": str(PORT_BASE + 4567)}, "the step's tasks and node, not the job's"
     given = srun_env({**SRUN_TASK, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"})
     assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.1", "29400")
     assert {job_port(str(j)) for j in range(3 * PORT_SPAN)} == set(range(PORT_BASE, PORT_BASE + PORT_SPAN))
@@ -112,6 +112,27 @@ def test_srun_tasks_take_ranks_and_rendezvous_from_slurm():
         srun_env({**SRUN_TASK, "MASTER_PORT": "http"})
     with pytest.raises(RuntimeError, match=r"SLURM_PROCID: not set, though SLURM_STEP_ID is.*set RANK, LOCAL_RANK"):
         srun_env({k: v for k, v in SRUN_TASK.items() if k != "SLURM_PROCID"})
+
+
+def cluster_env(env: dict) -> subprocess.CompletedProcess:
+    """scripts/slurm/cluster_env.sh as the sbatch scripts source it, outside a job (rendezvous given)."""
+    script = "set -euo pipefail; source scripts/slurm/cluster_env.sh; procs=$(procs_per_node); " \
+             "echo $procs $rendezvous $NCCL_DEBUG $TORCH_NCCL_ASYNC_ERROR_HANDLING $DEEPSPEED_TIMEOUT"
+    ours = ("SLURM_", "NCCL_", "TORCH_NCCL_", "DEEPSPEED_", "DISTOPT_")
+    outside = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    return subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env={**outside, "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_ADDR": "gpu01",
+                               "MASTER_PORT": "24242", **env})
+
+
+def test_slurm_cluster_env_takes_the_jobs_gpus_keeps_given_values_and_refuses_bad_counts():
+    assert cluster_env({"SLURM_GPUS_PER_NODE": "h100:4"}).stdout.split() == ["4", "gpu01:24242", "WARN", "1", "30"]
+    given = cluster_env({"DISTOPT_PROCS_PER_NODE": "3", "SLURM_GPUS_PER_NODE": "8", "NCCL_DEBUG": "INFO",
+                         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3", "DEEPSPEED_TIMEOUT": "5"})
+    assert given.stdout.split() == ["3", "gpu01:24242", "INFO", "3", "5"]
+    bad = cluster_env({"DISTOPT_PROCS_PER_NODE": "eight"})
+    assert bad.returncode != 0 and "processes per node: 'eight' is invalid: not a positive integer; set " \
+        "DISTOPT_PROCS_PER_NODE" in bad.stderr, bad.stderr
 
 
 @pytest.mark.parametrize("cfg,match", [

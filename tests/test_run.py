@@ -138,7 +138,8 @@ def test_slurm_batch_script_starts_ranks_with_srun(tmp_path, cache):
         assert state == "COMPLETED", log[-3000:]
     finally:
         cluster.stop()
-    assert job_port(job) == port and f"1 node(s) x 2 processes, rendezvous {socket.gethostname().split('.')[0]}:{port}" in log
+    host = socket.gethostname().split(".")[0]
+    assert job_port(job) == port and f"1 node(s) x 2 processes, rendezvous {host}:{port}" in log
     assert {line[:3] for line in log.splitlines()} >= {"0: ", "1: "}, "srun --label: both ranks are srun tasks"
     step = out / "checkpoints" / "step-1"
     assert (out / "checkpoints" / "latest").read_text() == "step-1"

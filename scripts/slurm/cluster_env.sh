@@ -13,15 +13,21 @@ rendezvous=$(python -m launcher.cluster) || die "no rendezvous (see the error ab
 # them (CUDA_VISIBLE_DEVICES, cgroups). srun starts as many tasks on every node, so the nodes must
 # agree. No GPU on any node: 2 CPU ranks on gloo. DISTOPT_PROCS_PER_NODE overrides all of this.
 procs_per_node() {
-  if [ -n "${DISTOPT_PROCS_PER_NODE:-}" ]; then echo "$DISTOPT_PROCS_PER_NODE"; return; fi
-  if [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then echo "${SLURM_GPUS_PER_NODE##*:}"; return; fi
-  local counts
-  # --overlap: the probe holds no CPUs, so the training step need not wait for Slurm to release them
-  counts=$(srun --overlap --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
-    python -c 'import torch; print(torch.cuda.device_count())' | sort -u) || die "counting GPUs per node failed"
-  [ "$(echo "$counts" | wc -l)" -eq 1 ] ||
-    die "nodes have different GPU counts ($(echo "$counts" | tr '\n' ' ')); submit with --gpus-per-node=N or set DISTOPT_PROCS_PER_NODE"
-  [ "$counts" -gt 0 ] && echo "$counts" || echo 2
+  local gpus=${SLURM_GPUS_PER_NODE:-}
+  local procs=${DISTOPT_PROCS_PER_NODE:-${gpus##*:}}
+  if [ -z "$procs" ]; then
+    # --overlap: the probe holds no CPUs, so the training step need not wait for Slurm to release them
+    procs=$(srun --overlap --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks="$SLURM_NNODES" --ntasks-per-node=1 \
+      python -c 'import torch; print(torch.cuda.device_count())' | sort -u) || die "counting GPUs per node failed"
+    [ "$(echo "$procs" | wc -l)" -eq 1 ] ||
+      die "nodes have different GPU counts ($(echo "$procs" | tr '\n' ' '));" \
+        "submit with --gpus-per-node=N or set DISTOPT_PROCS_PER_NODE"
+    [ "$procs" -gt 0 ] || procs=2
+  fi
+  [[ "$procs" =~ ^[1-9][0-9]*$ ]] ||
+    die "processes per node: '$procs' is invalid: not a positive integer;" \
+      "set DISTOPT_PROCS_PER_NODE to the GPUs per node"
+  echo "$procs"
 }
 
 # --- NCCL. Site-specific, so left to NCCL's own detection unless exported before sbatch:
