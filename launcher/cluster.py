@@ -55,8 +55,9 @@ def rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
 
 def srun_env(env: Mapping[str, str]) -> dict[str, str]:
     """The env:// variables of an srun task (SLURM_STEP_ID set), from its step's SLURM_* variables;
-    empty outside srun or when a launcher already set the ranks (LAUNCHER_VARS)."""
-    if "SLURM_STEP_ID" not in env or any(k in env for k in LAUNCHER_VARS):
+    empty outside srun, when a launcher already set the ranks (LAUNCHER_VARS), or in a one-task step
+    (`srun --pty bash`: a world of one needs no rendezvous and keeps its free local port)."""
+    if "SLURM_STEP_ID" not in env or any(k in env for k in LAUNCHER_VARS) or env.get("SLURM_STEP_NUM_TASKS") == "1":
         return {}
     addr, port = rendezvous(env)
     return {"RANK": _need(env, "SLURM_PROCID"), "LOCAL_RANK": _need(env, "SLURM_LOCALID"),

@@ -104,8 +104,9 @@ def test_srun_tasks_take_ranks_and_rendezvous_from_slurm():
     assert (given["MASTER_ADDR"], given["MASTER_PORT"]) == ("10.0.0.1", "29400")
     assert {job_port(str(j)) for j in range(3 * PORT_SPAN)} == set(range(PORT_BASE, PORT_BASE + PORT_SPAN))
     assert PORT_BASE + PORT_SPAN <= 32768, "below Linux's ephemeral ports"
-    # not an srun task (the batch script itself), or a launcher already named the ranks: left alone
+    # not an srun task (the batch script itself), a one-task step, or a launcher already named the ranks
     assert srun_env({k: v for k, v in SRUN_TASK.items() if k != "SLURM_STEP_ID"}) == {}
+    assert srun_env({**SRUN_TASK, "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}) == {}
     for launcher_var in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         assert srun_env({**SRUN_TASK, launcher_var: "0"}) == {}, launcher_var
     with pytest.raises(RuntimeError, match=r"MASTER_PORT: 'http' is invalid: not a port in 1-65535; unset it"):
