@@ -18,9 +18,6 @@ from collections.abc import Mapping
 # Ports 20000-29999: above the registered services most nodes run, below Linux's ephemeral range
 # (32768-60999), from which the kernel picks the source port of every outgoing connection.
 PORT_BASE, PORT_SPAN = 20000, 10000
-# A launcher that already said who is who (deepspeed/torchrun: RANK; mpirun/mpiexec: their own rank
-# variables, which DeepSpeed's MPI discovery reads) wins over Slurm's view of the job.
-LAUNCHER_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
 def first_host(nodelist: str) -> str:
@@ -55,9 +52,14 @@ def rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
 
 def srun_env(env: Mapping[str, str]) -> dict[str, str]:
     """The env:// variables of an srun task (SLURM_STEP_ID set), from its step's SLURM_* variables;
-    empty outside srun, when a launcher already set the ranks (LAUNCHER_VARS), or in a one-task step
-    (`srun --pty bash`: a world of one needs no rendezvous and keeps its free local port)."""
-    if "SLURM_STEP_ID" not in env or any(k in env for k in LAUNCHER_VARS) or env.get("SLURM_STEP_NUM_TASKS") == "1":
+    empty outside srun, in a one-task step (`srun --pty bash`: a world of one needs no rendezvous and
+    keeps its free local port), or when a launcher already named the ranks: deepspeed/torchrun set
+    RANK, and under mpirun the ranks are MPI's while Slurm's variables describe MPI's daemons."""
+    # imported here, not at the top: `python -m launcher.cluster` (the sbatch scripts) needs no torch
+    from distopt.deepspeed_glue import LAUNCHER_RANK_VARIABLES
+
+    if "SLURM_STEP_ID" not in env or env.get("SLURM_STEP_NUM_TASKS") == "1" \
+            or any(k in env for k in LAUNCHER_RANK_VARIABLES):
         return {}
     addr, port = rendezvous(env)
     return {"RANK": _need(env, "SLURM_PROCID"), "LOCAL_RANK": _need(env, "SLURM_LOCALID"),

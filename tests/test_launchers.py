@@ -136,6 +136,15 @@ def test_slurm_cluster_env_takes_the_jobs_gpus_keeps_given_values_and_refuses_ba
         "DISTOPT_PROCS_PER_NODE" in bad.stderr, bad.stderr
 
 
+def test_process_group_timeout_is_deepspeed_timeout_minutes():
+    code = ("import torch, torch.distributed as dist; from distopt.deepspeed_glue import init_distributed; "
+            "init_distributed(); group = dist.distributed_c10d._get_default_group(); "
+            "print('timeout', group._get_backend(torch.device('cpu')).options._timeout.total_seconds()); "
+            "dist.destroy_process_group()")
+    proc = run([sys.executable, "-c", code], env={"DEEPSPEED_TIMEOUT": "3"})
+    assert "timeout 180.0" in proc.stdout, proc.stdout[-2000:]
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"zero_optimization": {"stage": 2}}, r"zero_optimization.stage=2.*flat 1-D partitions.*Use stage 0"),
     ({"fp16": {"enabled": True}}, r"fp16.enabled.*torch_autocast"),
