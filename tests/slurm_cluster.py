@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import os
 import re
 import signal
@@ -102,6 +104,11 @@ class SlurmCluster:
         return state
 
     def stop(self) -> None:
+        # Jobs run under slurmstepd, outside the daemons' process groups: cancel them first, or a job that
+        # has not ended (a failed or timed-out test) keeps its ranks running after the cluster is gone.
+        self.run(["scancel", "--user", getpass.getuser()])
+        with contextlib.suppress(TimeoutError):
+            self._wait(lambda: not self.run(["squeue", "-h"]).stdout.strip(), "end of the cancelled jobs", timeout=30)
         for p in reversed(self.procs):
             try:
                 os.killpg(p.pid, signal.SIGTERM)
