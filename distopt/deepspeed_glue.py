@@ -32,10 +32,12 @@ from distopt.registry import build_optimizer, owns_gradient_communication
 LAUNCHER_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
 
-def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> None:
+def init_distributed(timeout: Optional[timedelta] = None) -> None:
     """Start the process group. DeepSpeed's discovery covers the deepspeed launcher, torchrun and
-    mpirun/mpiexec (mpi4py); a plain `python` run becomes a world of one on a free local port."""
+    mpirun/mpiexec (mpi4py); a plain `python` run becomes a world of one on a free local port.
+    timeout: the process group's; None is DeepSpeed's default, DEEPSPEED_TIMEOUT minutes (10 unless set)."""
     import deepspeed
+    from deepspeed.constants import default_pg_timeout
 
     if not any(k in os.environ for k in LAUNCHER_RANK_VARIABLES):
         with socket.socket() as s:
@@ -44,7 +46,7 @@ def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> None:
                               MASTER_PORT=str(s.getsockname()[1]))
     # DeepSpeed's MPI discovery overwrites MASTER_PORT with its `distributed_port` (29500 by default):
     # hand it the port the job chose, so that two mpirun jobs on one node do not collide
-    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timeout,
+    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=default_pg_timeout if timeout is None else timeout,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
 
 

@@ -3,6 +3,7 @@
     deepspeed --num_gpus 2 launcher/run.py --config configs/emu3_tiny_mlfop.yaml
     torchrun --nproc_per_node 2 launcher/run.py --config ...      mpiexec -n 2 python launcher/run.py --config ...
     python launcher/run.py --config ... --set schedule.steps=20   (one process)
+    srun --mpi=none --ntasks-per-node=8 python launcher/run.py --config ...   (Slurm: ranks from srun, docs/cluster.md)
 
 The config (launcher/config.py) picks model, data, optimizer {name, params}, batch, schedule,
 logging, evaluation and checkpointing; it is validated before any work starts. The engine is
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ import torch.distributed as dist
 
 from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
+from launcher.cluster import srun_env
 from launcher.config import DTYPES, Config, ConfigError, load_config
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import build_model
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args(argv)
     try:
+        os.environ.update(srun_env(os.environ))  # tasks srun starts directly: ranks from Slurm (docs/cluster.md)
         deepspeed_glue.init_distributed()
         cfg = load_config(args.config, dist.get_world_size(), args.set)
     except ConfigError as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import getpass
 import os
 import re
 import signal
@@ -32,6 +34,7 @@ ReturnToService=2
 MpiDefault=none
 NodeName={host} CPUs={cpus} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+FirstJobId={first_job_id}
 """
 
 
@@ -42,12 +45,13 @@ def _free_port() -> int:
 
 
 class SlurmCluster:
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, first_job_id: int = 1):
         self.tmp = tmp
         (tmp / "ctld").mkdir(parents=True)
         (tmp / "d").mkdir()
         host = socket.gethostname().split(".")[0]
-        conf = CONF.format(host=host, tmp=tmp, cpus=os.cpu_count(), ctld_port=_free_port(), d_port=_free_port())
+        conf = CONF.format(host=host, tmp=tmp, cpus=os.cpu_count(), ctld_port=_free_port(), d_port=_free_port(),
+                           first_job_id=first_job_id)
         (tmp / "slurm.conf").write_text(conf)
         self.env = {**os.environ, "SLURM_CONF": str(tmp / "slurm.conf")}
         self.munge_socket = tmp / "munge.socket"
@@ -100,6 +104,11 @@ class SlurmCluster:
         return state
 
     def stop(self) -> None:
+        # Jobs run under slurmstepd, outside the daemons' process groups: cancel them first, or a job that
+        # has not ended (a failed or timed-out test) keeps its ranks running after the cluster is gone.
+        self.run(["scancel", "--user", getpass.getuser()])
+        with contextlib.suppress(TimeoutError):
+            self._wait(lambda: not self.run(["squeue", "-h"]).stdout.strip(), "end of the cancelled jobs", timeout=30)
         for p in reversed(self.procs):
             try:
                 os.killpg(p.pid, signal.SIGTERM)
