@@ -104,7 +104,7 @@ def run_arm(name: str, size: dict, device: torch.device) -> dict:
     if name != "adamw":
         options = MLFOPOptions(**ARMS[name]["params"])
         est = estimate(list(model.named_parameters()), options, 1, "deepspeed",
-                       Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]))
+                       Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]), micro_steps=size["k"])
         row["estimate_gib"] = est.total / GiB
         row["counters"] = {k: float(v) for k, v in opt.counters.items() if k in ("eigh", "qr", "fop_folds", "reductions")}
     del opt, model

@@ -1,22 +1,26 @@
 """Memory per GPU of a run, planned on paper from parameter shapes (the model built on the meta device).
 
-For P parameters in dtype s_p bytes, N ranks, and this rank's share of the block plan (S owned
-elements, state_numel of its blocks, slot W, docs/distributed.md):
+For P parameters in dtype s_p bytes, N ranks (the shard group under FSDP2), this rank's share of the
+block plan (S owned elements, the state of its blocks, the slot W; docs/distributed.md), e the state's
+element size (4; 8 for fp64 parameters), s_c the reduction dtype's and K micro-steps:
 
-                   deepspeed (stage 0, owner runtime)      fsdp2 (parameters sharded, owner runtime)
-    parameters     P s_p                                   4 P / N  (fp32 shards, the masters) + 2 units s_p
-    gradients      P s_p  (p.grad, freed at reductions)    4 P / N  (fp32 reduced shards) + 1 unit s_p
-    masters        4 S    (bf16 parameters only)           4 S      (the owner's copy of its blocks)
-    SOAP state     4 Sigma_owned (2 n + 2 Sigma_rotated d^2) the same
-    fold window    e (2 S + S)  (G, z, a tail)             the same
-    communication  s_c (2 W + 4 world c)                   s_c 2 S  (all-to-all send and receive)
-    activations    the estimate below                      the same
+                   deepspeed (stage 0, replicated)          fsdp2 (parameters sharded)
+    parameters     P s_p                                    its rows of every parameter (~P / N), in s_p
+    gradients      P s_p (p.grad, freed at reductions)      the same rows (FSDP2's reduced shards)
+    gathered       0                                        2 units s_c' (the largest FSDP unit, all-gathered
+                                                            in compute dtype, twice while prefetching)
+    masters        4 S (bf16 parameters only)               e S (the owner's copy of its blocks)
+    SOAP state     e Sigma_owned (2 n + 2 Sigma_rotated d^2) the same
+    fold window    e S (2 + [K not a power of two])         the same (G, the fold's z, a waiting tail)
+    communication  s_c (2 W + min(B, 4) world c)             s_c 2 (rows + S)  (two all-to-alls in flight)
+    activations    the estimate below                       the same
 
-"unit" is the largest FSDP unit (a decoder layer), gathered for forward and backward. Activations per
-micro-step, bf16, with SDPA/flash attention (no s^2 term; Korthikanti et al. 2022 without it):
-34 T h bytes per layer (T tokens per micro-batch, h hidden), or 2 T h per layer plus one layer's 34 T h
-with activation checkpointing, plus the logits T V (2 + 4) bytes (bf16 logits and their fp32 copy
-for the loss). An estimate: real runs add allocator fragmentation and framework buffers (budget ~10%).
+Activations per micro-step, bf16, with SDPA/flash attention (no s^2 term; Korthikanti et al. 2022
+without it): 34 T h bytes per layer (T tokens per micro-batch, h hidden), or 2 T h per layer plus one
+layer's 34 T h with activation checkpointing, plus the logits T V (2 + 4) bytes (bf16 logits and
+their fp32 copy for the loss). An estimate: real runs add allocator fragmentation and framework
+buffers; keep ~10% free. tests/test_memory.py holds every component but the activations against the
+bytes a CPU run actually holds at 1, 2 and 4 ranks.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ class Estimate:
     gpus: int
     parameters: int
     gradients: int
+    gathered: int
     masters: int
     state: int
     window: int
@@ -66,16 +71,16 @@ class Estimate:
 
     @property
     def total(self) -> int:
-        return sum(getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("engine", "gpus"))
+        return sum(v for _, v in self.rows())
 
     def rows(self) -> list[tuple[str, int]]:
         return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("engine", "gpus")]
 
 
-def plan_for(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, world: int) -> tuple[Plan, SOAP]:
+def plan_for(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, world: int) -> Plan:
     """The block plan ML-FOP-SOAP would make for these (meta) parameters on `world` ranks."""
     named = list(named)
-    soap = SOAP(named, **options.soap().__dict__ | {"verbose": False})
+    soap = SOAP(named, **{**options.soap().__dict__, "verbose": False})
     params = [p for g in soap.param_groups for p in g["params"]]
     group = soap.param_groups[0]
 
@@ -84,39 +89,49 @@ def plan_for(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
         return tuple(zip(layout.precond_shape, layout.preconditioned))
 
     names = [soap.routes[p].name or f"param{i}" for i, p in enumerate(params)]
-    return make_plan(list(zip(names, [tuple(p.shape) for p in params])), options.max_block, world, precond), soap
+    return make_plan(list(zip(names, [tuple(p.shape) for p in params])), options.max_block, world, precond)
+
+
+def _rows_share(p: torch.Tensor, world: int, rank: int) -> int:
+    """Elements of p on `rank` when dim 0 is split as torch.chunk splits it (FSDP2)."""
+    if p.dim() == 0:
+        return p.numel() if rank == 0 else 0
+    n, chunk = p.shape[0], math.ceil(p.shape[0] / world)
+    rows = max(0, min((rank + 1) * chunk, n) - min(rank * chunk, n))
+    return rows * (p.numel() // max(n, 1))
 
 
 def estimate(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, world: int, engine: str,
-             activations: Activations, largest_unit: int = 0, rank: Optional[int] = None) -> Estimate:
+             activations: Activations, micro_steps: int = 1, largest_unit: int = 0,
+             rank: Optional[int] = None) -> Estimate:
     """Per-GPU bytes on the fullest rank (or on `rank`). largest_unit: elements of the largest FSDP unit."""
     if engine not in ENGINES:
         raise ValueError(f"engine={engine!r} is invalid: choose one of {ENGINES}")
     named = list(named)
-    plan, _ = plan_for(named, options, world)
+    plan = plan_for(named, options, world)
     params = [p for _, p in named]
-    total = sum(p.numel() for p in params)
     s_p = max(p.element_size() for p in params)
-    s_e = max(torch.tensor([], dtype=state_dtype(p)).element_size() for p in params)
-    s_c = 8 if s_e == 8 else (2 if options.comm_dtype == "bf16" else 4)
-    low_precision = s_p < 4
-    ranks = range(world) if rank is None else [rank]
+    e = max(torch.tensor([], dtype=state_dtype(p)).element_size() for p in params)
+    s_c = 8 if e == 8 else (2 if options.comm_dtype == "bf16" else 4)
+    tail = micro_steps & (micro_steps - 1) != 0
     best = None
-    for r in ranks:
+    for r in range(world) if rank is None else [rank]:
         owned = plan.owned(r)
         share = sum(b.numel for b in owned)
-        state = 4 * sum(b.state_numel for b in owned) * (s_e // 4)
-        window = s_e * 3 * share
+        common = dict(state=e * sum(b.state_numel for b in owned), window=e * share * (2 + tail) if options.fop else
+                      e * share, activations=activations.bytes())
         if engine == "deepspeed":
+            total = sum(p.numel() for p in params)
             width = max(1, int(options.bucket_mb * 2**20) // (s_c * world))
             buckets = min(math.ceil(plan.slot / width), 4)
-            comm = s_c * (2 * plan.slot + buckets * world * min(width, plan.slot)) if world > 1 else 0
-            est = Estimate(engine, world, total * s_p, total * s_p, 4 * share if low_precision else 0, state, window,
-                           comm, activations.bytes())
+            comm = s_c * ((2 if micro_steps > 1 else 1) * plan.slot + buckets * world * min(width, plan.slot))
+            est = Estimate(engine, world, total * s_p, total * s_p, 0, 4 * share if s_p < 4 else 0,
+                           communication=comm if world > 1 else 0, **common)
         else:
-            est = Estimate(engine, world, 4 * math.ceil(total / world) + 2 * largest_unit * s_p,
-                           4 * math.ceil(total / world) + largest_unit * s_p, 4 * share, state, window,
-                           s_c * 2 * share if world > 1 else 0, activations.bytes())
+            rows = sum(_rows_share(p, world, r) for p in params)
+            comm = s_c * (2 if micro_steps > 1 else 1) * (rows + share)
+            est = Estimate(engine, world, rows * s_p, rows * s_p, 2 * largest_unit * 2, e * share,
+                           communication=comm, **common)
         if best is None or est.total > best.total:
             best = est
     return best

@@ -431,9 +431,10 @@ class MLFOPSOAP(SOAP):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for the optimizer, by kind (sums of tensor sizes, not allocator figures):
-        block state now (SOAP state and fp32 masters), the window's peak, the communication buffers' peak."""
-        state = sum(_nbytes(st) for _, st in self.block_states())
-        return {"state": state, "window_peak": self.window_peak_bytes,
+        block state now (SOAP state; fp32 masters apart), the window's peak, the communication buffers' peak."""
+        masters = sum(_nbytes(st.get("master")) for _, st in self.block_states())
+        state = sum(_nbytes(st) for _, st in self.block_states()) - masters
+        return {"state": state, "masters": masters, "window_peak": self.window_peak_bytes,
                 "comm_peak": self.distributor.meter.peak["total"]}
 
     def runtime_state(self) -> dict:
