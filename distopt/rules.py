@@ -192,7 +192,10 @@ class TwoObjective(torch.optim.Optimizer):
             if rule != "sum":
                 raise ValueError(f"modality_weights={list(modality_weights)!r} is for rule 'sum' (the fixed-weight "
                                  f"control), not {rule!r}; drop it or use optimizer.name: sum")
-            weights = [float(w) for w in modality_weights]
+            try:
+                weights = [float(w) for w in modality_weights]
+            except (TypeError, ValueError):
+                weights = []
             if len(weights) != 2 or not all(math.isfinite(w) and w > 0 for w in weights):
                 raise ValueError(f"modality_weights={list(modality_weights)!r} is invalid: give [w_text, w_image], "
                                  "two positive numbers ([1, 1] is vanilla)")

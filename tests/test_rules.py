@@ -181,6 +181,7 @@ def test_fixed_modality_weights_scale_each_modality():
     ("pcgrad", {"modality_weights": [1, 2]}, "modality_weights=.*for rule 'sum'"),
     ("sum", {"modality_weights": [1, -2]}, r"modality_weights=\[1, -2\] is invalid"),
     ("sum", {"modality_weights": [1]}, "w_text, w_image"),
+    ("sum", {"modality_weights": ["heavy", 1]}, "two positive numbers"),
     ("sum", {"gradnorm_lr": 0.1}, "for rule 'gradnorm'"),
     ("gradnorm", {"gradnorm_alpha": -1}, "gradnorm_alpha=-1 is invalid"),
 ])
