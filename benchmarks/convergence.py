@@ -475,7 +475,7 @@ def main() -> None:
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "distopt"), help="VQ codebook and tokenizer cache")
     args = ap.parse_args()
     repro.pin(args.threads)
-    from launcher.run import init_distributed
+    from distopt.deepspeed_glue import init_distributed
 
     init_distributed()
     if args.estimate:

@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     repro.pin(args.threads)
     pre_steps, steps, seeds, per_digit = (1000, 200, [0, 1, 2], 30) if args.quick else (3000, 400, [0, 1, 2, 3, 4], 50)
-    from launcher.run import init_distributed
+    from distopt.deepspeed_glue import init_distributed
 
     init_distributed()
     env = repro.environment(args.cache)

@@ -92,7 +92,7 @@ def run(rank: int, world: int, steps: int, out_dir: str) -> None:
             opt.zero_grad()
             dist.barrier()
             times.append(time.perf_counter() - start)
-        sent_per_step = sum(opt.comm.sent.values()) / steps
+        sent_per_step = sum(opt.distributor.sent.values()) / steps
         rows[mode] = dict(time=statistics.median(times[2:]), state=state_bytes(opt), sent=sent_per_step,
                           blocks=[(b.numel, b.owner) for b in opt.plan.blocks])
     torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -12,23 +12,27 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Protocol, runtime_checkable
 
 import torch
 
 Sink = Callable[[Optional[str], dict[torch.Tensor, torch.Tensor]], None]
 
-CAPTURE_MODES = ("hooks", "manual")
+
+@runtime_checkable
+class TakesMicrosteps(Protocol):
+    """An optimizer that can be handed tagged micro-steps by whoever drives them (capture='manual')."""
+
+    def end_microstep(self, modality: Optional[str] = None) -> None: ...
 
 
 class MicrostepCapture:
+    """mode: 'hooks' (a micro-step is one backward) or 'manual' (the caller calls end_microstep)."""
+
     def __init__(self, params: Iterable[torch.Tensor], sink: Sink, mode: str = "hooks"):
-        if mode not in CAPTURE_MODES:
-            raise ValueError(f"capture={mode!r} is invalid: choose one of {CAPTURE_MODES}")
         self.params = list(params)
         self.sink = sink
         self.tag: Optional[str] = None
-        self.microsteps = 0
         self._snapshot: dict[torch.Tensor, torch.Tensor] = {}
         self._queued = False
         self._handles = []
@@ -68,7 +72,6 @@ class MicrostepCapture:
                 self._snapshot[p] = p.grad.clone()
             else:
                 prev.copy_(p.grad)
-        self.microsteps += 1
         self.sink(tag if tag is not None else self.tag, deltas)
 
     def accumulated(self, p: torch.Tensor) -> Optional[torch.Tensor]:
@@ -78,7 +81,6 @@ class MicrostepCapture:
     def reset(self) -> None:
         """Start a new accumulation window (called by the optimizer's step())."""
         self._snapshot.clear()
-        self.microsteps = 0
 
     def remove(self) -> None:
         for h in self._handles:

@@ -2,7 +2,8 @@
 
 Layout of `<root>/step-<N>/`:
     manifest.json        format, step, world size, blocks (name, ordinal, slices, owner, file),
-                         optimizer hyper-parameters, sha256 of every file, user `extra`
+                         optimizer hyper-parameters and runtime state (fisher_norm's running norms),
+                         sha256 of every file, user `extra`
     model.pt             the model's state_dict (parameters are replicated; rank 0 writes it)
     optim-rank<R>.pt     the blocks rank R owned: {"<name>#<ordinal>": block state}; for any other
                          (replicated) optimizer, rank 0 writes its state_dict() as optim-rank0.pt
@@ -29,10 +30,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from distopt.mlfop import MLFOPSOAP
-from distopt.rules import TwoObjective
-
-FORMAT = "distopt-checkpoint-v1"
+FORMAT = "distopt-checkpoint-v2"
 
 
 class CheckpointError(RuntimeError):
@@ -66,23 +64,26 @@ def _broadcast(value: Any) -> Any:
     return box[0]
 
 
+def _sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """Optimizers that keep block-owned state expose block_states() (ML-FOP-SOAP); others are replicated."""
+    return hasattr(optimizer, "block_states")
+
+
 def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[dict]:
     """What this rank writes as optim-rank<R>.pt, or None."""
-    if isinstance(optimizer, MLFOPSOAP):
-        return {_block_key(b.name, b.ordinal): optimizer.block_state(b) for b in optimizer._owned}
+    if _sharded(optimizer):
+        return {_block_key(b.name, b.ordinal): st for b, st in optimizer.block_states()}
     return {"state_dict": optimizer.state_dict()} if rank == 0 else None
 
 
 def _describe(optimizer: torch.optim.Optimizer) -> str:
     """What the manifest records, so that a run resumes only into the same kind of optimizer."""
-    if isinstance(optimizer, TwoObjective):
-        return f"TwoObjective({optimizer.rule}, {optimizer.granularity}, {type(optimizer.base).__name__})"
-    return type(optimizer).__name__
+    return optimizer.describe() if hasattr(optimizer, "describe") else type(optimizer).__name__
 
 
 def _stateful(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     """The optimizer that holds the state: a two-objective rule keeps none between steps, its base does."""
-    return optimizer.base if isinstance(optimizer, TwoObjective) else optimizer
+    return getattr(optimizer, "base", optimizer)
 
 
 def _block_key(name: str, ordinal: int) -> str:
@@ -93,11 +94,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
                     extra: Optional[dict] = None) -> Path:
     """Collective: every rank calls it at the same step, after optimizer.step()."""
     name = _describe(optimizer)
-    if getattr(optimizer, "_sums", None):
+    if getattr(optimizer, "in_window", False):
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
     optimizer = _stateful(optimizer)
-    if getattr(optimizer, "_window", None) is not None:
-        raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
     root = Path(root)
     rank, world = _rank_world()
     tmp = _broadcast(root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)
@@ -112,13 +111,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     _barrier()
     final = root / f"step-{step}"
     if rank == 0:
-        sharded = isinstance(optimizer, MLFOPSOAP)
+        sharded = _sharded(optimizer)
         files = ["model.pt"] + [f"optim-rank{r}.pt" for r in range(world if sharded else 1)]
         blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
                        file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        runtime = optimizer.runtime_state() if sharded else None
         manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name,
-                        blocks=blocks, param_groups=groups, sha256={f: _sha256(tmp / f) for f in files},
+                        blocks=blocks, param_groups=groups, runtime=runtime, sha256={f: _sha256(tmp / f) for f in files},
                         extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         if final.exists():
@@ -187,10 +187,10 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
         raise CheckpointError(f"{e}{hint}") from e
     if manifest["optimizer"] != name:
         raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {name}")
-    if isinstance(optimizer, MLFOPSOAP):
+    if _sharded(optimizer):
         _check_plan(path, manifest, optimizer)
     model.load_state_dict(torch.load(path / "model.pt", weights_only=True))
-    if isinstance(optimizer, MLFOPSOAP):
+    if _sharded(optimizer):
         _load_blocks(path, manifest, optimizer)
         for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
             for k, v in saved_group.items():
@@ -202,7 +202,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
     return manifest
 
 
-def _check_plan(path: Path, manifest: dict, optimizer: MLFOPSOAP) -> None:
+def _check_plan(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
     saved = {b["key"]: b["slices"] for b in manifest["blocks"]}
     needed = {_block_key(b.name, b.ordinal): [[s.start, s.stop] for s in b.slices] for b in optimizer.plan.blocks}
     if saved != needed:
@@ -213,14 +213,14 @@ def _check_plan(path: Path, manifest: dict, optimizer: MLFOPSOAP) -> None:
                               f"{len(optimizer.param_groups)} in this optimizer")
 
 
-def _load_blocks(path: Path, manifest: dict, optimizer: MLFOPSOAP) -> None:
+def _load_blocks(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
     """Each rank reads the blocks it owns now, from whichever rank's file holds them."""
     where = {b["key"]: b["file"] for b in manifest["blocks"]}
     files: dict[str, dict] = {}
-    for b in optimizer._owned:
+    for b, target in optimizer.block_states():
         key = _block_key(b.name, b.ordinal)
         if where[key] not in files:
             files[where[key]] = torch.load(path / where[key], weights_only=True)
-        target = optimizer.block_state(b)
         target.clear()
         target.update(files[where[key]][key])
+    optimizer.load_runtime_state(manifest["runtime"])

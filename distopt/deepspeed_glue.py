@@ -1,28 +1,59 @@
-"""Run a distopt optimizer inside a DeepSpeed engine.
+"""Everything distopt knows about DeepSpeed, in one place.
 
-DeepSpeed runs at ZeRO stage 0 (launch, process groups, engine, gradient accumulation, LR
-schedule) with our optimizer object. MLFOPSOAP owns gradient communication (reduce-to-owner per
-micro-step, parameter all-gather), as do the two-objective rules (one all-reduce of the two modality
-gradients per step), so for them the engine's backward all-reduce is switched off — the lever
-DeepSpeed's 1-bit optimizers use — and clipping moves into the optimizer: DeepSpeed would clip by a
-norm computed from each rank's local, unreduced p.grad. Only trainable parameters reach the
-optimizer (LoRA freezes the base weights). The engine still scales the loss by
-1 / gradient_accumulation_steps once, which is the scale every micro-step gradient arrives in.
+What DeepSpeed does for us: launching and process-group discovery (the deepspeed launcher, torchrun,
+mpirun through mpi4py), the engine at ZeRO stage 0 around our optimizer object, the 1 / K loss
+scaling of gradient accumulation and the accumulation-boundary count that calls our `step()` once
+per K micro-steps. What it does not do: the LR schedule (torch's LambdaLR, run by the launcher),
+gradient communication and clipping for the optimizers that own them (ML-FOP-SOAP reduces to block
+owners per micro-step; the two-objective rules all-reduce the two modality gradients once per step):
+for those, the engine's backward all-reduce is switched off (the lever DeepSpeed's 1-bit optimizers
+use) and `gradient_clipping` moves into the optimizer's `max_grad_norm`, because DeepSpeed would
+clip by a norm computed from each rank's local, unreduced p.grad. Only trainable parameters reach
+the optimizer (LoRA freezes the base weights).
 
 Refused, with the reason and the fix: ZeRO stage >= 1 (it hands the optimizer flat 1-D partitions,
 so no Kronecker factor can be formed), fp16 / bf16 engines (their loss scaler and fp32 master copy
-rewrite gradients behind the optimizer's back; use `torch_autocast`), and an `optimizer` block next
-to our object.
+rewrite gradients behind the optimizer's back; use `torch_autocast`), an `optimizer` block next to
+our object, and clipping set twice.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import socket
+from datetime import timedelta
 from typing import Optional
 
 import torch
 
-from distopt.registry import OWNS_GRADIENT_COMMUNICATION, build_optimizer
+from distopt.registry import build_optimizer, owns_gradient_communication
+
+LAUNCHER_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def init_distributed(timeout: timedelta = timedelta(minutes=10)) -> None:
+    """Start the process group. DeepSpeed's discovery covers the deepspeed launcher, torchrun and
+    mpirun/mpiexec (mpi4py); a plain `python` run becomes a world of one on a free local port."""
+    import deepspeed
+
+    if not any(k in os.environ for k in LAUNCHER_RANK_VARIABLES):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(s.getsockname()[1]))
+    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timeout)
+
+
+def engine_config(micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: Optional[float],
+                  extra: Optional[dict] = None) -> dict:
+    """The DeepSpeed JSON of a run: stage 0, our optimizer object, the user's extra keys on top."""
+    ds = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
+          "train_batch_size": micro_batch_size * grad_accum * world_size,
+          "gradient_clipping": max_grad_norm or 0.0,
+          "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
+    ds.update(extra or {})
+    return ds
 
 
 def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional[float]]:
@@ -42,7 +73,7 @@ def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional
             raise ValueError(f"DeepSpeed config: {precision}.enabled is not supported: its loss scaler / fp32 master "
                              "copy rewrites gradients behind the optimizer. Keep fp32 parameters and use "
                              "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} for low-precision compute")
-    if optimizer_name not in OWNS_GRADIENT_COMMUNICATION:
+    if not owns_gradient_communication(optimizer_name):
         return cfg, None
     clip = cfg.get("gradient_clipping", 0.0) or None
     cfg["gradient_clipping"] = 0.0
@@ -50,10 +81,10 @@ def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional
 
 
 def initialize(model: torch.nn.Module, optimizer_spec: dict, ds_config: dict):
-    """deepspeed.initialize with our optimizer; returns (engine, optimizer)."""
+    """deepspeed.initialize with our optimizer (the process group must exist: init_distributed);
+    returns (engine, optimizer)."""
     import deepspeed
 
-    deepspeed.init_distributed(auto_mpi_discovery=True)
     cfg, clip = prepare_config(ds_config, optimizer_spec["name"])
     spec = copy.deepcopy(optimizer_spec)
     if clip is not None:
@@ -64,6 +95,6 @@ def initialize(model: torch.nn.Module, optimizer_spec: dict, ds_config: dict):
         params["max_grad_norm"] = clip
     optimizer = build_optimizer(spec, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
-    if optimizer_spec["name"] in OWNS_GRADIENT_COMMUNICATION:
+    if owns_gradient_communication(optimizer_spec["name"]):
         engine.enable_backward_allreduce = False
     return engine, optimizer

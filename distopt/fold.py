@@ -27,17 +27,12 @@ Add = Callable[[Any, Any], Any]
 Scale = Callable[[Any, float], Any]
 Prepare = Callable[[Any], Any]
 
-SCHEDULES = ("streaming", "tree")
-
-
 class TreeFold:
     def __init__(self, combine: Combine, prepare: Prepare):
         self.combine, self.prepare = combine, prepare
         self.stack: list[tuple[Any, int]] = []
-        self.count = 0
 
     def push(self, item: Any) -> None:
-        self.count += 1
         node = (self.prepare(item), 1)
         while self.stack and self.stack[-1][1] == node[1]:
             older, n = self.stack.pop()
@@ -58,10 +53,8 @@ class StreamingFold:
         self.combine, self.add, self.scale, self.prepare = combine, add, scale, prepare
         self.z: Optional[tuple[Any, int]] = None
         self.chunk: Optional[tuple[Any, int]] = None  # raw running sum of the current chunk, and its count
-        self.count = 0
 
     def push(self, item: Any) -> None:
-        self.count += 1
         if self.z is None:
             self.z = (self.prepare(item), 1)
             return
@@ -81,8 +74,7 @@ class StreamingFold:
 
 
 def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale, prepare: Prepare):
+    """schedule: 'tree' or 'streaming' (validated by distopt.options.MLFOPOptions)."""
     if schedule == "tree":
         return TreeFold(combine, prepare)
-    if schedule == "streaming":
-        return StreamingFold(combine, add, scale, prepare)
-    raise ValueError(f"fold_schedule={schedule!r} is invalid: choose one of {SCHEDULES}")
+    return StreamingFold(combine, add, scale, prepare)

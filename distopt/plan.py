@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 
 @dataclass(frozen=True)
@@ -81,16 +81,22 @@ class Plan:
         return rows
 
 
-def make_plan(params: Sequence[tuple[str, Sequence[int], Sequence[bool]]], max_block: Optional[int],
-              world_size: int) -> Plan:
-    """params: (name, shape, rotated-per-side flags) in optimizer order. Greedy LPT: blocks by cost,
-    largest first (ties by plan order), each to the least-loaded rank (ties to the lowest rank)."""
+Rotations = Callable[[int, tuple[int, ...]], Sequence[bool]]
+
+
+def make_plan(params: Sequence[tuple[str, Sequence[int]]], max_block: Optional[int], world_size: int,
+              rotations: Rotations) -> Plan:
+    """params: (name, shape) in optimizer order; rotations(param index, block shape) gives the block's
+    own rotated-per-side flags (a block of a long-sided matrix may rotate a side the whole matrix
+    would not). Greedy LPT: blocks by cost, largest first (ties by plan order), each to the
+    least-loaded rank (ties to the lowest rank)."""
     if max_block is not None and max_block < 1:
         raise ValueError(f"max_block={max_block!r} is invalid: must be a positive integer or None")
     raw = []
-    for pi, (name, shape, rotated) in enumerate(params):
+    for pi, (name, shape) in enumerate(params):
         for ordinal, sl in enumerate(block_slices(shape, max_block)):
             bshape = tuple(s.stop - s.start for s in sl)
+            rotated = rotations(pi, bshape)
             raw.append((pi, name, ordinal, sl, bshape, block_cost(bshape, [r and d > 0 for d, r in zip(bshape, rotated)])))
     load = [0.0] * world_size
     owner = {}

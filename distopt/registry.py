@@ -1,77 +1,117 @@
-"""One registry for every optimizer, built from what configs hold: {name, params}."""
+"""One registry for every optimizer, built from what configs hold: {name, params}.
+
+Each name has an options dataclass (distopt.options) that validates `params` before anything is
+built, so the launcher refuses a bad config with the same message the constructor would give.
+"""
 
 from __future__ import annotations
 
-import inspect
-from typing import Callable, Iterable, Mapping, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 
 from distopt.mlfop import MLFOPSOAP
-from distopt.rules import RULES, TwoObjective
+from distopt.options import (RULES, AdamWOptions, MLFOPOptions, OptionError, RuleOptions, SOAPOptions,
+                             option_names)
+from distopt.rules import TwoObjective
 from distopt.soap import SOAP
 
 
-def _two_objective(rule: str) -> Callable:
-    def build(params, **kwargs):
-        return TwoObjective(params, rule=rule, **kwargs)
-    build.signature_of = TwoObjective
-    return build
+@dataclass(frozen=True)
+class Entry:
+    options: type
+    build: Callable[..., torch.optim.Optimizer]  # build(params, options, process_group)
+    owns_gradient_communication: bool = False     # reduces gradients across ranks itself, clips inside step()
 
 
-TWO_OBJECTIVE = set(RULES)  # "sum" (vanilla), "pcgrad", "mgda", "pareto_lora": each wraps a base optimizer
-OPTIMIZERS: dict[str, Callable] = {
-    "adamw": torch.optim.AdamW,
-    "soap": SOAP,
-    "mlfop_soap": MLFOPSOAP,
-    **{rule: _two_objective(rule) for rule in RULES},
+def _fields(options) -> dict:
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+def _adamw(params, options: AdamWOptions, process_group=None):
+    return torch.optim.AdamW(params, **_fields(options))
+
+
+def _soap(params, options: SOAPOptions, process_group=None):
+    return SOAP(params, **_fields(options))
+
+
+def _mlfop(params, options: MLFOPOptions, process_group=None):
+    return MLFOPSOAP(params, process_group=process_group, **_fields(options))
+
+
+def _rule(params, options: RuleOptions, process_group=None):
+    base_options = options.base_options
+    if isinstance(base_options, MLFOPOptions):  # the wrapper hands it the rule's two terms as micro-steps
+        base_options = dataclasses.replace(base_options, capture="manual")
+    base = OPTIMIZERS[options.base].build(params, base_options, process_group)
+    return TwoObjective(base, **{k: v for k, v in _fields(options).items() if k not in ("base", "base_options")})
+
+
+OPTIMIZERS: dict[str, Entry] = {
+    "adamw": Entry(AdamWOptions, _adamw),
+    "soap": Entry(SOAPOptions, _soap),
+    "mlfop_soap": Entry(MLFOPOptions, _mlfop, owns_gradient_communication=True),
+    # "sum" (vanilla), "pcgrad", "mgda", "pareto_lora": each wraps a base optimizer
+    **{rule: Entry(RuleOptions, _rule, owns_gradient_communication=True) for rule in RULES},
 }
-# These reduce gradients across ranks themselves and clip inside step(), so DeepSpeed must not.
-OWNS_GRADIENT_COMMUNICATION = {"mlfop_soap"} | TWO_OBJECTIVE
+TWO_OBJECTIVE = set(RULES)
+BASES = sorted(set(OPTIMIZERS) - TWO_OBJECTIVE)
+
+
+def _check_name(name: str) -> None:
+    if name not in OPTIMIZERS:
+        raise OptionError("name", f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
+
+
+def _base_name(name: str, params: Optional[Mapping]) -> str:
+    base = (params or {}).get("base", "adamw")
+    if base not in BASES:
+        raise OptionError("base", f"optimizer {name!r}: base={base!r} is invalid: choose one of {BASES}")
+    return base
 
 
 def valid_arguments(name: str, params: Optional[Mapping] = None) -> list[str]:
-    """Keyword arguments the optimizer `name` accepts (MLFOPSOAP: its own plus SOAP's; a two-objective
-    rule: its own plus its base optimizer's, params["base"], AdamW by default). Raises ValueError for an
-    unknown name or base."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
-    if name in TWO_OBJECTIVE:
-        base = (params or {}).get("base", "adamw")
-        if base not in OPTIMIZERS or base in TWO_OBJECTIVE:
-            raise ValueError(f"optimizer {name!r}: base={base!r} is invalid: choose one of "
-                             f"{sorted(set(OPTIMIZERS) - TWO_OBJECTIVE)}")
-        return sorted(set(_arguments(name)) | set(_arguments(base)))
-    return _arguments(name)
+    """Keyword arguments the optimizer `name` accepts (a two-objective rule: its own plus its base
+    optimizer's, params["base"], AdamW by default). Raises OptionError for an unknown name or base."""
+    _check_name(name)
+    own = option_names(OPTIMIZERS[name].options)
+    if name in TWO_OBJECTIVE:  # the rule is the name; the base's own options are valid too
+        return sorted(set(own) - {"rule"} | set(option_names(OPTIMIZERS[_base_name(name, params)].options)))
+    return own
 
 
-def _arguments(name: str) -> list[str]:
-    target = OPTIMIZERS[name]
-    classes = [getattr(target, "signature_of", target)]
-    if classes[0] is MLFOPSOAP:
-        classes.append(SOAP)
-    names = []
-    for cls in classes:
-        for arg in inspect.signature(cls.__init__).parameters.values():
-            if arg.name not in ("self", "params", "rule") and arg.kind not in (arg.VAR_KEYWORD, arg.VAR_POSITIONAL):
-                names.append(arg.name)
-    return sorted(set(names))
+def parse_options(name: str, params: Optional[Mapping] = None) -> Any:
+    """The validated options object of optimizer `name` from a config's params; every mistake is an
+    OptionError naming its field."""
+    kwargs = dict(params or {})
+    valid = valid_arguments(name, kwargs)
+    bad = sorted(set(kwargs) - set(valid))
+    if bad:
+        raise OptionError(bad[0], f"optimizer {name!r} has no argument(s) {bad}: valid arguments are {valid}")
+    if name not in TWO_OBJECTIVE:
+        return OPTIMIZERS[name].options(**kwargs)
+    base = _base_name(name, kwargs)
+    own = {k: kwargs.pop(k) for k in option_names(RuleOptions) if k in kwargs}  # capture, max_grad_norm: the rule's
+    base_options = OPTIMIZERS[base].options(**{k: v for k, v in kwargs.items() if k in option_names(
+        OPTIMIZERS[base].options)})
+    return RuleOptions(rule=name, **own, base_options=base_options)
 
 
-def build_optimizer(spec: Mapping, params: Iterable) -> torch.optim.Optimizer:
+def owns_gradient_communication(name: str) -> bool:
+    _check_name(name)
+    return OPTIMIZERS[name].owns_gradient_communication
+
+
+def build_optimizer(spec: Mapping, params: Iterable, process_group=None) -> torch.optim.Optimizer:
     """Build from {"name": ..., "params": {...}}; params may be tensors or (name, tensor) pairs.
 
-    An unknown name, key or argument is a ValueError that lists the valid ones.
+    An unknown name, key or argument is a ValueError (OptionError) that names it and lists the valid ones.
     """
     unknown_keys = set(spec) - {"name", "params"}
     if unknown_keys or "name" not in spec:
         raise ValueError(f"optimizer spec needs keys 'name' and optionally 'params'; got {sorted(spec)}")
-    name = spec["name"]
-    kwargs = dict(spec.get("params") or {})
-    valid = valid_arguments(name, kwargs)
-    bad = sorted(set(kwargs) - set(valid))
-    if bad:
-        raise ValueError(f"optimizer {name!r} has no argument(s) {bad}: valid arguments are {valid}")
-    if "betas" in kwargs:
-        kwargs["betas"] = tuple(kwargs["betas"])  # YAML gives lists
-    return OPTIMIZERS[name](params, **kwargs)
+    options = parse_options(spec["name"], spec.get("params"))
+    return OPTIMIZERS[spec["name"]].build(params, options, process_group)

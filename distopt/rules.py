@@ -45,16 +45,14 @@ import functools
 import math
 import re
 import zlib
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
-from distopt.capture import MicrostepCapture
+from distopt.capture import MicrostepCapture, TakesMicrosteps
 from distopt.comm import Comm
-from distopt.mlfop import MLFOPSOAP
+from distopt.options import RULES, RuleOptions
 
-RULES = ("sum", "pcgrad", "mgda", "pareto_lora", "gradnorm")
-GRANULARITIES = ("layer", "global")
 MODALITY_TAGS = (("text", "understanding"), ("image", "generation"))  # index 0: text, 1: image
 
 
@@ -136,86 +134,62 @@ def module_of(name: Optional[str], fallback: int) -> str:
 
 
 class TwoObjective(torch.optim.Optimizer):
-    """Combine two per-modality gradients by `rule`, then step `base` (any registry optimizer), built
-    with the remaining keyword arguments. max_grad_norm clips the combined gradient's global norm.
+    """Combine two per-modality gradients by `rule`, then step `base`, a built optimizer (the registry
+    builds it from the same config). Options: distopt.options.RuleOptions (rule, granularity, capture,
+    max_grad_norm, which clips the combined gradient's global norm).
 
     modality_weights: [w_text, w_image] for rule 'sum' (None: [1, 1], vanilla). GradNorm:
     gradnorm_alpha (default 1.5), gradnorm_lr (default 0.025); its weights (per group: 'global' is the
     paper's one pair) and the initial losses L_i(0) live in param_groups[0]["gradnorm"], so they are
-    saved and restored with the optimizer's state.
+    saved and restored with the optimizer's state. (All validated by distopt.options.RuleOptions.)
 
     The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
     and load_state_dict() act on the base optimizer. Layer groups come from parameter names (pass
-    model.named_parameters()); unnamed tensors are each their own group.
+    model.named_parameters()); unnamed tensors are each their own group. A base that takes tagged
+    micro-steps (ML-FOP-SOAP with capture='manual') is handed the rule's two terms as two micro-steps.
     """
 
-    def __init__(self, params: Iterable, rule: str = "pareto_lora", base: str = "adamw", granularity: str = "layer",
-                 capture: str = "hooks", max_grad_norm: Optional[float] = None,
-                 modality_weights: Optional[Sequence[float]] = None, gradnorm_alpha: Optional[float] = None,
-                 gradnorm_lr: Optional[float] = None, **base_params):
-        if rule not in RULES:
-            raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
-        self.modality_weights = self._check_rule_options(rule, modality_weights, gradnorm_alpha, gradnorm_lr)
-        self.gradnorm_alpha = 1.5 if gradnorm_alpha is None else float(gradnorm_alpha)
-        self.gradnorm_lr = 0.025 if gradnorm_lr is None else float(gradnorm_lr)
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={granularity!r} is invalid: choose one of {GRANULARITIES}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: must be > 0 (or None for no clipping)")
-        from distopt.registry import build_optimizer  # the registry lists this class too
-
-        if base == "mlfop_soap":
-            if base_params.get("pair_source") == "ranks":
-                raise ValueError("pair_source='ranks' under a two-objective rule: the rule hands every rank the same "
-                                 "reduced terms, so there is no per-rank pair to fold; use 'modality' or 'microstep'")
-            base_params["capture"] = "manual"  # the wrapper hands it the rule's two terms as micro-steps
-        self.base = build_optimizer({"name": base, "params": base_params}, params)
-        super().__init__([p for g in self.base.param_groups for p in g["params"]], {})
-        self.param_groups = self.base.param_groups
-        self.state = self.base.state
-        self.rule, self.granularity, self.max_grad_norm = rule, granularity, max_grad_norm
+    def __init__(self, base: torch.optim.Optimizer, **options):
+        self.options = RuleOptions(**options)
+        if isinstance(base, TakesMicrosteps) and base.options.capture != "manual":
+            raise ValueError("TwoObjective hands its base the rule's two terms as micro-steps: build the base "
+                             "with capture='manual' (distopt.build_optimizer does)")
+        self.base = base
+        super().__init__([p for g in base.param_groups for p in g["params"]], {})
+        self.param_groups = base.param_groups
+        self.state = base.state
+        self.rule, self.granularity, self.max_grad_norm = self.options.rule, self.options.granularity, \
+            self.options.max_grad_norm
+        self.modality_weights = self.options.modality_weights or (1.0, 1.0)
+        self.gradnorm_alpha = 1.5 if self.options.gradnorm_alpha is None else self.options.gradnorm_alpha
+        self.gradnorm_lr = 0.025 if self.options.gradnorm_lr is None else self.options.gradnorm_lr
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
         self._groups: dict[str, list[int]] = {}  # group key -> indices into self._params
         for i, n in enumerate(names):
-            self._groups.setdefault("all" if granularity == "global" else module_of(n, i), []).append(i)
+            self._groups.setdefault("all" if self.granularity == "global" else module_of(n, i), []).append(i)
         self.comm = Comm()
         self._counts = {"steps_combined": 0, "steps_single_modality": 0}
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         self._losses: dict[str, list[float]] = {}  # tag -> [sum of recorded losses, micro-steps] this step
-        self._capture = MicrostepCapture(self._params, self._on_microstep, capture)
-
-    @staticmethod
-    def _check_rule_options(rule: str, modality_weights, gradnorm_alpha, gradnorm_lr) -> tuple[float, float]:
-        if modality_weights is not None:
-            if rule != "sum":
-                raise ValueError(f"modality_weights={list(modality_weights)!r} is for rule 'sum' (the fixed-weight "
-                                 f"control), not {rule!r}; drop it or use optimizer.name: sum")
-            try:
-                weights = [float(w) for w in modality_weights]
-            except (TypeError, ValueError):
-                weights = []
-            if len(weights) != 2 or not all(math.isfinite(w) and w > 0 for w in weights):
-                raise ValueError(f"modality_weights={list(modality_weights)!r} is invalid: give [w_text, w_image], "
-                                 "two positive numbers ([1, 1] is vanilla)")
-        if rule != "gradnorm" and (gradnorm_alpha is not None or gradnorm_lr is not None):
-            raise ValueError(f"gradnorm_alpha/gradnorm_lr are for rule 'gradnorm', not {rule!r}; drop them")
-        if gradnorm_alpha is not None and not (math.isfinite(gradnorm_alpha) and gradnorm_alpha >= 0):
-            raise ValueError(f"gradnorm_alpha={gradnorm_alpha!r} is invalid: must be >= 0 (the paper uses 0.12 to 3)")
-        if gradnorm_lr is not None and not (math.isfinite(gradnorm_lr) and gradnorm_lr > 0):
-            raise ValueError(f"gradnorm_lr={gradnorm_lr!r} is invalid: must be > 0")
-        return (1.0, 1.0) if modality_weights is None else (weights[0], weights[1])
+        self._capture = MicrostepCapture(self._params, self._on_microstep, self.options.capture)
 
     @property
     def counters(self) -> dict[str, int]:
         """The wrapper's step counts and the base optimizer's counters (eigh, QR, folds...)."""
         return {**getattr(self.base, "counters", {}), **self._counts}
 
-    @property
-    def last_stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, float]:
         """The base optimizer's (ML-FOP-SOAP: |beta*| and eta*), for logging."""
-        return getattr(self.base, "last_stats", {})
+        return self.base.stats() if hasattr(self.base, "stats") else {}
+
+    @property
+    def in_window(self) -> bool:
+        return bool(self._sums) or getattr(self.base, "in_window", False)
+
+    def describe(self) -> str:
+        return f"TwoObjective({self.rule}, {self.granularity}, {type(self.base).__name__})"
 
     @contextlib.contextmanager
     def modality(self, tag: str) -> Iterator[None]:
@@ -354,7 +328,7 @@ class TwoObjective(torch.optim.Optimizer):
         self._sums.clear()
         self._losses.clear()
         self._capture.reset()
-        feed_microsteps = isinstance(self.base, MLFOPSOAP)
+        feed_microsteps = isinstance(self.base, TakesMicrosteps)
         total = [torch.zeros_like(p) for p in self._params]
         for tag, parts in zip(tags, terms):
             for acc, t in zip(total, parts):

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
+from distopt.options import SOAPOptions
 from distopt.routing import ParamRoute, route_parameters, routing_summary
 
 Basis = list[Optional[torch.Tensor]]  # one orthogonal matrix per dim; None = identity (not rotated)
@@ -237,57 +238,35 @@ def soap_update(st: dict, param: torch.Tensor, g: torch.Tensor, layout: Layout, 
 # The optimizer
 
 
-def _check(cond: bool, name: str, value, rule: str) -> None:
-    if not cond:
-        raise ValueError(f"{name}={value!r} is invalid: {rule}")
-
-
 class SOAP(torch.optim.Optimizer):
-    """SOAP with the reference semantics of nikhilvyas/SOAP soap.py (same arguments and defaults).
+    """SOAP with the reference semantics of nikhilvyas/SOAP soap.py (its arguments and defaults,
+    distopt.options.SOAPOptions), for tensors or (name, tensor) pairs.
 
-    Parameters may be given as tensors or as (name, tensor) pairs (e.g. ``model.named_parameters()``);
-    names enable routing: parameters matching ``adam_patterns`` (embeddings, output heads) take the
-    Adam path unless they match ``soap_patterns``. 1-D parameters take Adam unless precondition_1d.
+    One difference when parameters are named (e.g. ``model.named_parameters()``): names enable
+    routing, so parameters matching ``adam_patterns`` (embeddings, output heads) take the Adam path
+    unless they match ``soap_patterns``; the reference would rotate their smaller side. Unnamed
+    tensors follow the reference exactly. 1-D parameters take Adam unless precondition_1d.
     """
 
+    Options = SOAPOptions
     COUNTERS = ("eigh", "eigh_fp64_retry", "eigh_failed", "eigh_seconds", "qr", "qr_failed", "qr_seconds")
 
-    def __init__(self, params: Iterable, lr: float = 3e-3, betas: tuple[float, float] = (0.95, 0.95),
-                 shampoo_beta: float = -1, eps: float = 1e-8, weight_decay: float = 0.01,
-                 precondition_frequency: int = 10, max_precond_dim: int = 10000, merge_dims: bool = False,
-                 precondition_1d: bool = False, normalize_grads: bool = False,
-                 data_format: str = "channels_first", correct_bias: bool = True,
-                 adam_patterns: Optional[Sequence[str]] = None, soap_patterns: Sequence[str] = (),
-                 verbose: bool = True):
-        _check(lr >= 0, "lr", lr, "must be >= 0")
-        _check(len(betas) == 2 and all(0.0 <= b < 1.0 for b in betas), "betas", betas,
-               "need two values in [0, 1)")
-        _check(shampoo_beta < 1.0, "shampoo_beta", shampoo_beta, "must be < 1 (negative means: use betas[1])")
-        _check(eps > 0, "eps", eps, "must be > 0")
-        _check(weight_decay >= 0, "weight_decay", weight_decay, "must be >= 0")
-        _check(isinstance(precondition_frequency, int) and precondition_frequency >= 1,
-               "precondition_frequency", precondition_frequency, "must be an integer >= 1")
-        _check(isinstance(max_precond_dim, int) and max_precond_dim >= 0, "max_precond_dim", max_precond_dim,
-               "must be an integer >= 0 (0 disables rotation: plain Adam)")
-        _check(data_format in ("channels_first", "channels_last"), "data_format", data_format,
-               "choose 'channels_first' or 'channels_last'")
-        defaults = dict(lr=lr, betas=tuple(betas), shampoo_beta=shampoo_beta, eps=eps, weight_decay=weight_decay,
-                        precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
-                        merge_dims=merge_dims, precondition_1d=precondition_1d, normalize_grads=normalize_grads,
-                        data_format=data_format, correct_bias=correct_bias)
-        super().__init__(params, defaults)
+    def __init__(self, params: Iterable, **options):
+        self.options = self.Options(**options)
+        super().__init__(params, self.options.group_defaults())
         self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
-            self.param_groups, adam_patterns=adam_patterns, soap_patterns=soap_patterns)
+            self.param_groups, adam_patterns=self.options.adam_patterns, soap_patterns=self.options.soap_patterns)
         self.counters: Counter = Counter(dict.fromkeys(self.COUNTERS, 0))
-        self._verbose = verbose
+        self._verbose = self.options.verbose
         self._summary_printed = False
 
     # -- layout and routing ------------------------------------------------------------------------
 
-    def layout(self, p: torch.Tensor, group: dict) -> Layout:
-        return make_layout(p.shape, soap_path=self.routes[p].path == "soap", max_precond_dim=group["max_precond_dim"],
-                           merge_dims=group["merge_dims"], precondition_1d=group["precondition_1d"],
-                           channels_last=group["data_format"] == "channels_last")
+    def layout(self, p: torch.Tensor, group: dict, shape: Optional[Sequence[int]] = None) -> Layout:
+        """How `p` (or a block of it with `shape`) is viewed for preconditioning, from its group's options."""
+        return make_layout(p.shape if shape is None else shape, soap_path=self.routes[p].path == "soap",
+                           max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],
+                           precondition_1d=group["precondition_1d"], channels_last=group["data_format"] == "channels_last")
 
     def routing_summary(self) -> dict:
         """Counts and bytes per path ('soap' rotates at least one dim, 'adam' rotates none)."""

@@ -11,7 +11,7 @@
     logging:    every, tensorboard, progress
     eval:       every, batches, samples_png, generated_digits
     checkpoint: every, resume (auto | none | <path>)
-    deepspeed:  extra DeepSpeed JSON keys (validated by distopt.deepspeed_glue)
+    deepspeed:  extra DeepSpeed JSON keys (distopt.deepspeed_glue builds and validates the engine's JSON)
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
-from distopt.registry import OPTIMIZERS, TWO_OBJECTIVE, valid_arguments
-from distopt.rules import GRANULARITIES
+from distopt.options import MLFOPOptions, OptionError, RuleOptions
+from distopt.registry import OPTIMIZERS, parse_options, valid_arguments
 from model_zoo.data import FORMATS
 from model_zoo.lora import LLAMA_LINEARS
 
@@ -127,16 +127,6 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     deepspeed: dict = field(default_factory=dict)
 
-    def deepspeed_json(self, world_size: int) -> dict:
-        """The DeepSpeed config this run hands to the engine (stage 0, our optimizer object)."""
-        ds = {"train_micro_batch_size_per_gpu": self.batch.micro_batch_size,
-              "gradient_accumulation_steps": self.batch.grad_accum,
-              "train_batch_size": self.batch.micro_batch_size * self.batch.grad_accum * world_size,
-              "gradient_clipping": self.optimizer.max_grad_norm or 0.0,
-              "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
-        ds.update(self.deepspeed)
-        return ds
-
 
 FAMILIES = {"emu3": ("tiny", "emu3_8b"), "janus": ("tiny", "janus_1_3b")}
 SCHEDULES = ("constant", "cosine")
@@ -168,14 +158,29 @@ def _check(cond: bool, field_path: str, message: str) -> None:
 
 
 def validate(cfg: Config, world_size: int) -> Config:
-    """Every check that can fail before any work starts."""
-    _check(cfg.model.family in FAMILIES, "model.family", f"{cfg.model.family!r} is unknown; choose one of {sorted(FAMILIES)}")
-    sizes = FAMILIES[cfg.model.family]
-    _check(cfg.model.size in sizes, "model.size", f"{cfg.model.size!r} is not a {cfg.model.family} size; choose one of {sizes}")
-    if cfg.model.pretrained is not None:
-        _check(Path(cfg.model.pretrained).is_dir(), "model.pretrained",
-               f"{cfg.model.pretrained!r} is not a directory; point it at a local checkpoint (nothing is downloaded)")
-    b = cfg.batch
+    """Every check that can fail before any work starts, section by section."""
+    _validate_model(cfg.model)
+    _validate_batch(cfg.batch, world_size)
+    _validate_optimizer(cfg.optimizer, cfg.batch, world_size)
+    _validate_schedule(cfg.schedule)
+    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
+    _validate_eval(cfg.eval)
+    _validate_checkpoint(cfg.checkpoint)
+    _validate_data(cfg.data)
+    _validate_lora(cfg.lora)
+    return cfg
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _check(m.family in FAMILIES, "model.family", f"{m.family!r} is unknown; choose one of {sorted(FAMILIES)}")
+    sizes = FAMILIES[m.family]
+    _check(m.size in sizes, "model.size", f"{m.size!r} is not a {m.family} size; choose one of {sizes}")
+    if m.pretrained is not None:
+        _check(Path(m.pretrained).is_dir(), "model.pretrained",
+               f"{m.pretrained!r} is not a directory; point it at a local checkpoint (nothing is downloaded)")
+
+
+def _validate_batch(b: BatchConfig, world_size: int) -> None:
     for name in ("micro_batch_size", "grad_accum"):
         value = getattr(b, name)
         _check(isinstance(value, int) and value >= 1, f"batch.{name}", f"{value!r} must be an integer >= 1")
@@ -183,55 +188,63 @@ def validate(cfg: Config, world_size: int) -> Config:
         _check(b.global_batch_size == b.micro_batch_size * b.grad_accum * world_size, "batch.global_batch_size",
                f"{b.global_batch_size} != micro_batch_size {b.micro_batch_size} x grad_accum {b.grad_accum} x "
                f"world size {world_size} = {b.micro_batch_size * b.grad_accum * world_size}; fix one of them")
-    o = cfg.optimizer
+
+
+def _validate_optimizer(o: OptimizerConfig, b: BatchConfig, world_size: int) -> None:
+    """The optimizer's own options object decides what is valid (distopt.options); the launcher adds
+    what its training loop needs."""
     _check(o.name in OPTIMIZERS, "optimizer.name", f"{o.name!r} is unknown; choose one of {sorted(OPTIMIZERS)}")
     try:
         valid = valid_arguments(o.name, o.params)
-    except ValueError as e:
-        raise ConfigError(f"optimizer.params.base: {e}") from None
+    except OptionError as e:
+        raise ConfigError(f"optimizer.params.{e.field}: {e.detail}") from None
     bad = sorted(set(o.params) - set(valid))
     _check(not bad, f"optimizer.params.{bad[0] if bad else ''}", f"not an argument of {o.name}; valid arguments are {valid}")
     _check(o.params.get("capture", "hooks") == "hooks", "optimizer.params.capture",
            "the launcher's training loop needs 'hooks' (each backward is one micro-step); remove the key")
-    if o.name in TWO_OBJECTIVE:
-        _check(o.params.get("granularity", "layer") in GRANULARITIES, "optimizer.params.granularity",
-               f"{o.params.get('granularity')!r}; choose one of {GRANULARITIES}")
     _check("max_grad_norm" not in o.params, "optimizer.params.max_grad_norm",
            "set clipping once, as optimizer.max_grad_norm")
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0 or null")
-    if o.name in TWO_OBJECTIVE:
+    try:
+        options = parse_options(o.name, o.params)
+        options.check_world(world_size) if hasattr(options, "check_world") else None
+    except OptionError as e:
+        raise ConfigError(f"optimizer.params.{e.field}: {e.detail}") from None
+    if isinstance(options, RuleOptions):
         _check(b.grad_accum % 2 == 0, "batch.grad_accum",
                f"{b.grad_accum} is odd: {o.name} combines a text and an image gradient per step, and micro-batches "
                "alternate modality, so use an even grad_accum (>= 2)")
-    pair = o.params.get("pair_source", "microstep")
-    if o.name == "mlfop_soap" and pair == "microstep" and b.grad_accum == 1 and o.params.get("fop", True):
+    if isinstance(options, MLFOPOptions) and options.fop and options.pair_source == "microstep" and b.grad_accum == 1:
         raise ConfigError("batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold; use grad_accum >= 2 "
                           "or optimizer.params.pair_source: ranks (needs >= 2 ranks) or modality")
-    if pair == "ranks":
-        _check(o.name not in TWO_OBJECTIVE, "optimizer.params.pair_source",
-               f"'ranks' under {o.name}: the rule hands every rank the same reduced terms; use 'modality'")
-        _check(world_size >= 2, "optimizer.params.pair_source", "'ranks' needs at least 2 ranks")
-    s = cfg.schedule
+
+
+def _validate_schedule(s: ScheduleConfig) -> None:
     _check(isinstance(s.steps, int) and s.steps >= 1, "schedule.steps", f"{s.steps!r} must be an integer >= 1")
     _check(0 <= s.warmup_steps < s.steps, "schedule.warmup_steps", f"{s.warmup_steps} must be in [0, steps)")
     _check(s.lr_schedule in SCHEDULES, "schedule.lr_schedule", f"{s.lr_schedule!r}; choose one of {SCHEDULES}")
-    _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
-    _check(cfg.eval.every >= 0 and cfg.eval.batches >= 1, "eval", "every must be >= 0 and batches >= 1")
-    c = cfg.checkpoint
+
+
+def _validate_eval(e: EvalConfig) -> None:
+    _check(e.every >= 0 and e.batches >= 1, "eval", "every must be >= 0 and batches >= 1")
+    _check(isinstance(e.generated_digits, int) and e.generated_digits >= 0, "eval.generated_digits",
+           f"{e.generated_digits!r} must be an integer >= 0 (images per digit; 0: off)")
+
+
+def _validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
     if c.resume not in RESUME:
         _check(Path(c.resume).is_dir(), "checkpoint.resume",
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
-    _check(cfg.data.text_format in FORMATS, "data.text_format", f"{cfg.data.text_format!r}; choose one of {FORMATS}")
-    _validate_lora(cfg.lora)
-    _check(isinstance(cfg.eval.generated_digits, int) and cfg.eval.generated_digits >= 0, "eval.generated_digits",
-           f"{cfg.eval.generated_digits!r} must be an integer >= 0 (images per digit; 0: off)")
-    _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"{cfg.data.val_fraction} must be in (0, 1)")
-    existing = Path(cfg.data.cache_dir).absolute()
+
+
+def _validate_data(d: DataConfig) -> None:
+    _check(d.text_format in FORMATS, "data.text_format", f"{d.text_format!r}; choose one of {FORMATS}")
+    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction} must be in (0, 1)")
+    existing = Path(d.cache_dir).absolute()
     while not existing.exists():
         existing = existing.parent
-    _check(existing.is_dir(), "data.cache_dir", f"{cfg.data.cache_dir!r} cannot be created: {existing} is not a directory")
-    return cfg
+    _check(existing.is_dir(), "data.cache_dir", f"{d.cache_dir!r} cannot be created: {existing} is not a directory")
 
 
 def _validate_lora(lora: LoraSection) -> None:

@@ -3,14 +3,15 @@ text-vs-image gradient geometry, evaluation, memory."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import psutil
 import torch
 import torch.distributed as dist
 
-from distopt.capture import MicrostepCapture
 from distopt.rules import module_of
 
 
@@ -42,8 +43,9 @@ class Logger:
 class ModalityGradProbe:
     """This step's gradient split by micro-batch modality (understanding = "text", generation =
     "image"), averaged over ranks, and the text-vs-image cosine and norm ratio: globally and per layer
-    (a module; a LoRA layer's A and B together). Micro-step gradients are captured by hooks during
-    backward, before DeepSpeed's own all-reduce can touch p.grad. Costs two gradient copies and one
+    (a module; a LoRA layer's A and B together). Each backward's gradient is caught by a tensor hook
+    on every parameter before it is accumulated into p.grad, so what DeepSpeed or the optimizer do
+    with p.grad afterwards (all-reduce, consume) does not matter. Costs two gradient copies and one
     all-reduce of them, so the loop uses it on log steps only; every rank must call stats()."""
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
@@ -51,20 +53,26 @@ class ModalityGradProbe:
         self.params = [p for _, p in named]
         self.layers = [module_of(n, i).replace("base_model.model.", "") for i, (n, _) in enumerate(named)]
         self.sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
-        self._capture = MicrostepCapture(self.params, self._add)
+        self.tag: Optional[str] = None
+        self._handles = [p.register_hook(functools.partial(self._add, p)) for p in self.params]
 
-    def modality(self, tag: str):
+    @contextlib.contextmanager
+    def modality(self, tag: str) -> Iterator[None]:
         """Context for one micro-step's backward of modality `tag`."""
-        return self._capture.tagged(tag)
+        previous, self.tag = self.tag, tag
+        try:
+            yield
+        finally:
+            self.tag = previous
 
-    def _add(self, tag: Optional[str], deltas: dict[torch.Tensor, torch.Tensor]) -> None:
-        acc = self.sums.setdefault(tag, {})
-        for p, g in deltas.items():
-            acc[p] = g if p not in acc else acc[p] + g
+    def _add(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+        acc = self.sums.setdefault(self.tag, {})
+        acc[p] = grad.detach().clone() if p not in acc else acc[p] + grad.detach()
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
-        self._capture.remove()
+        for h in self._handles:
+            h.remove()
         if set(self.sums) != {"understanding", "generation"}:
             return {}
         flat = torch.stack([torch.cat([self.sums[m].get(p, torch.zeros_like(p)).double().reshape(-1)
@@ -117,8 +125,10 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float
     return result
 
 
-def memory_mib(device: Optional[torch.device] = None) -> float:
-    """Peak accelerator memory on GPUs, resident set size on CPU."""
-    if device is not None and device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return psutil.Process().memory_info().rss / 2**20
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """This rank's memory: on a GPU the CUDA allocator's peak allocated and reserved bytes, on the
+    CPU the process's resident set size."""
+    if device.type == "cuda":
+        return {"memory/rank0_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+                "memory/rank0_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20}
+    return {"memory/rank0_mib": psutil.Process().memory_info().rss / 2**20}

@@ -6,7 +6,8 @@
 
 The config (launcher/config.py) picks model, data, optimizer {name, params}, batch, schedule,
 logging, evaluation and checkpointing; it is validated before any work starts. The engine is
-DeepSpeed at ZeRO stage 0 with the distopt optimizer (distopt/deepspeed_glue.py).
+DeepSpeed at ZeRO stage 0 with the distopt optimizer (distopt/deepspeed_glue.py). `train` reads as
+its stages: set_up, then per step run_step, log_step, evaluate_and_sample and save.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
-import socket
 import sys
 import time
-from datetime import timedelta
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -27,25 +27,12 @@ import torch.distributed as dist
 from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.config import Config, ConfigError, load_config
-from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_mib
+from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import build_model
 from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, collate
 from model_zoo.lora import add_lora, has_lora, merged, save_adapter
 from model_zoo.quality import DigitJudge, generate_digits
 from model_zoo.vq import render_grid
-
-
-def init_distributed() -> None:
-    """DeepSpeed's discovery covers the deepspeed launcher, torchrun and mpirun/mpiexec (mpi4py);
-    a plain `python` run becomes a world of one on a free local port."""
-    import deepspeed
-
-    if not any(k in os.environ for k in ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(s.getsockname()[1]))
-    deepspeed.init_distributed(auto_mpi_discovery=True, timeout=timedelta(minutes=10))
 
 
 def lr_lambda(cfg: Config):
@@ -78,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args(argv)
     try:
-        init_distributed()
+        deepspeed_glue.init_distributed()
         cfg = load_config(args.config, dist.get_world_size(), args.set)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
@@ -86,129 +73,220 @@ def main(argv: list[str] | None = None) -> None:
     dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 
 
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: Config
+    rank: int
+    world: int
+    out: Path
+    sampler: MicroBatchSampler
+    model: torch.nn.Module
+    engine: Any
+    opt: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    logger: Logger
+    val_batches: list
+    vocab: Any
+    vq: Any
+    judge: Optional[DigitJudge]
+    start: int = 0
+    progress: Any = None
+    history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad": [], "diverged": False})
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]          # mean per modality over the step's micro-steps
+    seconds: dict[str, float]         # step, forward, backward, optimizer
+    tokens_per_micro: int
+    geometry: Optional[ModalityGradProbe]
+
+
 def train(cfg: Config) -> dict:
     """One training run in an initialised process group; returns its history (per-step training losses,
     evaluations, text-vs-image gradient geometry, wall-clock, whether the loss diverged)."""
+    run = set_up(cfg)
+    for step in range(run.start, cfg.schedule.steps):
+        last = step == cfg.schedule.steps - 1
+        log_now = (step + 1) % cfg.logging.every == 0 or last
+        result = run_step(run, log_now)
+        run.history["train"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **result.losses})
+        if not all_ranks_finite(result.losses):
+            run.history["diverged"] = True
+            break
+        if log_now:
+            log_step(run, step, result)
+        if run.progress is not None:
+            run.progress.update(1)
+        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
+            evaluate_and_sample(run, step)
+        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
+            save(run, step)
+    return finish(run)
+
+
+# -- stages ------------------------------------------------------------------------------------------
+
+
+def set_up(cfg: Config) -> Run:
+    """Data (rank 0 builds the cached VQ codebook and tokenizer first), model (+ LoRA), the engine with
+    the optimizer, the LR schedule, resumption, logging and the evaluation set."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.run.seed)
-    out = Path(cfg.run.out_dir)
-    ckpt_root = out / "checkpoints"
-
-    # data: rank 0 trains (or loads) the cached VQ codebook and tokenizer first; the others then load it
+    data_args = dict(seed=cfg.data.seed, val_fraction=cfg.data.val_fraction, codebook_size=cfg.data.codebook_size)
     if rank == 0:
-        build_datasets(cfg.data.cache_dir, seed=cfg.data.seed, val_fraction=cfg.data.val_fraction,
-                       codebook_size=cfg.data.codebook_size)
+        build_datasets(cfg.data.cache_dir, **data_args)
     dist.barrier()
-    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, seed=cfg.data.seed,
-                                                   val_fraction=cfg.data.val_fraction,
-                                                   codebook_size=cfg.data.codebook_size)
+    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, **data_args)
     sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
                                 world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
                                 grad_accum=cfg.batch.grad_accum, text_format=cfg.data.text_format)
     model = build_model(cfg.model, vocab)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
+    ds_config = deepspeed_glue.engine_config(cfg.batch.micro_batch_size, cfg.batch.grad_accum, world,
+                                             cfg.optimizer.max_grad_norm, cfg.deepspeed)
     engine, opt = deepspeed_glue.initialize(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params},
-                                            cfg.deepspeed_json(world))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    start = 0
-    resume = cfg.checkpoint.resume
-    if resume != "none" and (resume != "auto" or complete_steps(ckpt_root)):
-        root = ckpt_root if resume == "auto" else Path(resume)
-        step = complete_steps(root)[-1] if resume == "auto" else None
-        manifest = load_checkpoint(root, model, opt, step=step)
-        sampler.load_state_dict(manifest["extra"]["sampler"])
-        scheduler.load_state_dict(manifest["extra"]["scheduler"])
-        start = manifest["step"] + 1
-        if rank == 0:
-            print(f"[distopt] resumed from {root} step {manifest['step']}", file=sys.stderr)
-    logger = Logger(str(out), cfg.logging.tensorboard and rank == 0)
-    progress = None
-    if rank == 0 and cfg.logging.progress and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = tqdm(total=cfg.schedule.steps, initial=start, desc=cfg.run.name)
+                                            ds_config)
     mbs = cfg.batch.micro_batch_size
     val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality, text_format=cfg.data.text_format)
                    for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
     judge = DigitJudge(train_set, val_set, vq) if cfg.eval.generated_digits and rank == 0 else None
-    tokens_per_micro = None
-    history: dict = {"train": [], "val": [], "grad": [], "diverged": False}
-    t_start = time.perf_counter()
+    logger = Logger(cfg.run.out_dir, cfg.logging.tensorboard and rank == 0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    run = Run(cfg, rank, world, Path(cfg.run.out_dir), sampler, model, engine, opt, scheduler, logger, val_batches,
+              vocab, vq, judge)
+    resume(run)
+    if rank == 0 and cfg.logging.progress and sys.stderr.isatty():
+        from tqdm import tqdm
 
-    for step in range(start, cfg.schedule.steps):
-        log_now = (step + 1) % cfg.logging.every == 0 or step == cfg.schedule.steps - 1
-        probe = ModalityGradProbe(model.named_parameters()) if log_now else None
-        losses: dict[str, list[float]] = {}
-        t0 = time.perf_counter()
-        t_fwd = t_bwd = 0.0
-        for batch in sampler.next_step():
-            tokens_per_micro = int(batch["input_ids"].numel())
-            t = time.perf_counter()
-            result = engine(batch)
-            t_fwd += time.perf_counter() - t
-            t = time.perf_counter()
-            with contextlib.ExitStack() as tagged:  # the micro-step's modality, for the optimizer and the probe
-                for owner in (opt, probe):
-                    if hasattr(owner, "modality"):
-                        tagged.enter_context(owner.modality(batch["modality"]))
-                engine.backward(result["loss"])
-            t_bwd += time.perf_counter() - t
-            for kind in ("text", "image"):
-                if float(result[f"n_{kind}"]) > 0:
-                    losses.setdefault(kind, []).append(float(result[f"{kind}_loss"].detach()))
-            t = time.perf_counter()
-            engine.step()
-        t_opt = time.perf_counter() - t
-        scheduler.step()
-        step_time = time.perf_counter() - t0
-        means = {k: sum(v) / len(v) for k, v in losses.items()}
-        history["train"].append({"step": step, "seconds": time.perf_counter() - t_start, **means})
-        finite = torch.tensor([float(all(math.isfinite(v) for v in means.values()))])
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together (no rank left in a collective)
-        if not finite.item():
-            history["diverged"] = True
-            break
-        if log_now:
-            geometry = probe.stats()  # a collective: every rank
-            history["grad"].append({"step": step, **geometry})
-            values = {f"loss/{k}": v for k, v in means.items()}
-            values.update({"lr": opt.param_groups[0]["lr"], "time/step_s": step_time, "time/forward_s": t_fwd,
-                           "time/backward_s": t_bwd, "time/optimizer_s": t_opt,
-                           "throughput/tokens_per_s": tokens_per_micro * cfg.batch.grad_accum * world / step_time,
-                           "memory/rank0_mib": memory_mib(), **geometry})
-            counters = getattr(opt, "counters", {})
-            values.update({f"optimizer/{k}": float(v) for k, v in counters.items()})
-            values.update({f"fop/{k}": v for k, v in getattr(opt, "last_stats", {}).items()})
-            values.update({f"comm/{k}_bytes": float(v) for k, v in getattr(getattr(opt, "comm", None), "sent", {}).items()})
-            logger.scalars(step, values)
-            if progress is None and rank == 0:
-                print(f"step {step + 1}/{cfg.schedule.steps} " + " ".join(
-                    f"{k}={values[k]:.4f}" for k in ("loss/text", "loss/image") if k in values), file=sys.stderr)
-        if progress is not None:
-            progress.update(1)
-        last = step == cfg.schedule.steps - 1
-        if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
-            results = evaluate(model, val_batches)
-            if judge is not None:
-                images, digits = generate_digits(model, vocab, vq, cfg.eval.generated_digits, cfg.data.text_format)
-                results["val/generated_digit_accuracy"] = judge.accuracy(images, digits)
-            history["val"].append({"step": step, "seconds": time.perf_counter() - t_start, **results})
-            logger.scalars(step, results)
-            if cfg.eval.samples_png and rank == 0:
-                images, _ = generate_digits(model, vocab, vq, 2, cfg.data.text_format)
-                logger.image("samples", step, render_grid(images, out / "samples" / f"step-{step + 1}.png", nrow=10))
-        if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
-            save_checkpoint(ckpt_root, step, model, opt,
-                            extra={"sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
-    if rank == 0:
-        export(model, out)
-        history["judge_ceiling"] = judge.ceiling if judge is not None else None
-    logger.close()
-    if progress is not None:
-        progress.close()
+        run.progress = tqdm(total=cfg.schedule.steps, initial=run.start, desc=cfg.run.name)
+    return run
+
+
+def resume(run: Run) -> None:
+    """checkpoint.resume: 'auto' (the newest complete checkpoint of this run, if any), 'none' or a path."""
+    choice = run.cfg.checkpoint.resume
+    if choice == "none" or (choice == "auto" and not complete_steps(run.checkpoints)):
+        return
+    root = run.checkpoints if choice == "auto" else Path(choice)
+    step = complete_steps(root)[-1] if choice == "auto" else None
+    manifest = load_checkpoint(root, run.model, run.opt, step=step)
+    run.sampler.load_state_dict(manifest["extra"]["sampler"])
+    run.scheduler.load_state_dict(manifest["extra"]["scheduler"])
+    run.start = manifest["step"] + 1
+    if run.rank == 0:
+        print(f"[distopt] resumed from {root} step {manifest['step']}", file=sys.stderr)
+
+
+def run_step(run: Run, probe_geometry: bool) -> StepResult:
+    """The K micro-steps of one optimizer step: forward, backward inside the micro-batch's modality
+    (for the optimizer and the gradient probe), and engine.step(), which steps at the boundary."""
+    engine, opt = run.engine, run.opt
+    probe = ModalityGradProbe(run.model.named_parameters()) if probe_geometry else None
+    losses: dict[str, list[float]] = {}
+    seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
+    in_backward = _optimizer_seconds(opt)
+    t0 = time.perf_counter()
+    tokens = 0
+    for batch in run.sampler.next_step():
+        tokens = int(batch["input_ids"].numel())
+        t = time.perf_counter()
+        result = engine(batch)
+        seconds["forward"] += time.perf_counter() - t
+        t = time.perf_counter()
+        with contextlib.ExitStack() as tagged:
+            for owner in (opt, probe):
+                if hasattr(owner, "modality"):
+                    tagged.enter_context(owner.modality(batch["modality"]))
+            engine.backward(result["loss"])
+        seconds["backward"] += time.perf_counter() - t
+        for kind in ("text", "image"):
+            if float(result[f"n_{kind}"]) > 0:
+                losses.setdefault(kind, []).append(float(result[f"{kind}_loss"].detach()))
+        t = time.perf_counter()
+        engine.step()
+        seconds["optimizer"] += time.perf_counter() - t
+    run.scheduler.step()
+    # the optimizer's micro-step work (folds, reduce waits) runs inside backward: count it as optimizer time
+    folded = _optimizer_seconds(opt) - in_backward
+    seconds["backward"] -= folded
+    seconds["optimizer"] += folded
+    seconds["step"] = time.perf_counter() - t0
+    return StepResult({k: sum(v) / len(v) for k, v in losses.items()}, seconds, tokens, probe)
+
+
+def _optimizer_seconds(opt) -> float:
+    return float(getattr(opt, "counters", {}).get("microstep_seconds", 0.0))
+
+
+def all_ranks_finite(losses: dict[str, float]) -> bool:
+    """Every rank stops together on a non-finite loss (no rank is left waiting in a collective)."""
+    finite = torch.tensor([float(all(math.isfinite(v) for v in losses.values()))], device=_device())
+    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def log_step(run: Run, step: int, result: StepResult) -> None:
+    """Scalars to TensorBoard (rank 0): losses, lr, times, throughput, memory, gradient geometry,
+    optimizer counters, FOP statistics and bytes communicated."""
+    cfg, opt = run.cfg, run.opt
+    geometry = result.geometry.stats() if result.geometry is not None else {}  # a collective: every rank
+    run.history["grad"].append({"step": step, **geometry})
+    values = {f"loss/{k}": v for k, v in result.losses.items()}
+    values.update({f"time/{k}_s": v for k, v in result.seconds.items()})
+    values.update({"lr": opt.param_groups[0]["lr"], **memory_stats(_device()),
+                   "throughput/tokens_per_s": result.tokens_per_micro * cfg.batch.grad_accum * run.world
+                   / result.seconds["step"], **geometry})
+    values.update({f"optimizer/{k}": float(v) for k, v in getattr(opt, "counters", {}).items()})
+    values.update({f"fop/{k}": v for k, v in (opt.stats() if hasattr(opt, "stats") else {}).items()})
+    distributor = getattr(getattr(opt, "base", opt), "distributor", None)
+    values.update({f"comm/{k}_bytes": float(v) for k, v in getattr(distributor, "sent", {}).items()})
+    run.logger.scalars(step, values)
+    if run.progress is None and run.rank == 0:
+        print(f"step {step + 1}/{cfg.schedule.steps} " + " ".join(
+            f"{k}={values[k]:.4f}" for k in ("loss/text", "loss/image") if k in values), file=sys.stderr)
+
+
+def evaluate_and_sample(run: Run, step: int) -> None:
+    """Validation losses, the digit judge's accuracy on generated images, and a PNG grid of samples."""
+    cfg = run.cfg
+    results = evaluate(run.model, run.val_batches)
+    if run.judge is not None:
+        images, digits = generate_digits(run.model, run.vocab, run.vq, cfg.eval.generated_digits, cfg.data.text_format)
+        results["val/generated_digit_accuracy"] = run.judge.accuracy(images, digits)
+    run.history["val"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **results})
+    run.logger.scalars(step, results)
+    if cfg.eval.samples_png and run.rank == 0:
+        images, _ = generate_digits(run.model, run.vocab, run.vq, 2, cfg.data.text_format)
+        run.logger.image("samples", step, render_grid(images, run.out / "samples" / f"step-{step + 1}.png", nrow=10))
+
+
+def save(run: Run, step: int) -> None:
+    save_checkpoint(run.checkpoints, step, run.model, run.opt,
+                    extra={"sampler": run.sampler.state_dict(), "scheduler": run.scheduler.state_dict()})
+
+
+def finish(run: Run) -> dict:
+    if run.rank == 0:
+        export(run.model, run.out)
+        run.history["judge_ceiling"] = run.judge.ceiling if run.judge is not None else None
+    run.logger.close()
+    if run.progress is not None:
+        run.progress.close()
     dist.barrier()
-    return history
+    return run.history
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from distopt import attention_head_splits
 from model_zoo.decoder import DecoderShape, sample
 
 # Emu3's tokenizer: 151,643 Qwen BPE tokens, 211 specials, then 32,768 VQ codes (184,622 in all).
@@ -105,10 +104,6 @@ class Emu3Model(torch.nn.Module):
                                         codebook_size=self.config.codebook_size,
                                         vision_loss_weight=self.config.vision_loss_weight))
         self.decoder.save_pretrained(path)
-
-    def head_splits(self) -> dict[str, tuple[int, int]]:
-        """{name pattern: (heads, dim)}: q/k/v split by output rows (k/v over the KV heads), o_proj by input columns."""
-        return attention_head_splits(self.config.num_heads, self.config.num_kv_heads)
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Right-padded sequences need no attention mask under causal attention (real tokens never see the

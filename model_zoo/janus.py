@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import LlamaModel
 
-from distopt import attention_head_splits
 from model_zoo.decoder import DecoderShape, sample
 
 
@@ -79,10 +78,6 @@ class JanusModel(torch.nn.Module):
         self.gen_adaptor = mlp(c.gen_embed_dim, c.hidden_size)
         self.lm_head = torch.nn.Linear(c.hidden_size, c.text_vocab_size, bias=False)
         self.image_head = torch.nn.Linear(c.hidden_size, c.codebook_size, bias=False)
-
-    def head_splits(self) -> dict[str, tuple[int, int]]:
-        """{name pattern: (heads, dim)}: q/k/v split by output rows (k/v over the KV heads), o_proj by input columns."""
-        return attention_head_splits(self.config.num_heads, self.config.num_kv_heads)
 
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 1, S, S] -> [B, (S / patch)^2, hidden]: row-major patches, encoder, understanding adaptor."""

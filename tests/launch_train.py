@@ -69,7 +69,7 @@ def main() -> None:
         torch.save([p.detach().clone() for p in model.parameters()], os.path.join(args.out, "params.pt"))
         with open(os.path.join(args.out, "stats.json"), "w") as f:
             json.dump(dict(world=world, allreduce_calls=allreduce_calls[0], counters=dict(opt.counters),
-                           sent=dict(opt.comm.sent)), f)
+                           sent=dict(opt.distributor.sent)), f)
     dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 
 

@@ -18,7 +18,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from distopt import MLFOPSOAP, TwoObjective
+from distopt import MLFOPSOAP, build_optimizer
 from distopt.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -101,8 +101,8 @@ def two_objective(config, named, opts):
         opts = {k: opts[k] for k in ("lr", "betas", "weight_decay")}
     elif base == "soap":
         opts = {k: v for k, v in opts.items() if k not in ("max_block", "pair_source", "fop")}
-    return TwoObjective(named, rule=config["rule"], base=base, max_grad_norm=clip, **opts,
-                        **config.get("rule_params", {}))
+    return build_optimizer({"name": config["rule"], "params": dict(base=base, max_grad_norm=clip, **opts,
+                                                                   **config.get("rule_params", {}))}, named)
 
 
 def train(config, rank, world):
@@ -140,8 +140,8 @@ def train(config, rank, world):
             save_checkpoint(config["save"], step, model, opt)
     if config.get("rule"):
         return dict(history=history, counters=dict(opt.counters), calls=dict(opt.comm.calls))
-    return dict(history=history, counters=dict(opt.counters), sent=dict(opt.comm.sent),
-                calls=dict(opt.comm.calls), owned=len(opt._owned),
+    return dict(history=history, counters=dict(opt.counters), sent=dict(opt.distributor.sent),
+                calls=dict(opt.distributor.calls), owned=len(opt.distributor.owned),
                 numel=sum(b.numel for b in opt.plan.blocks),
                 max_owned=max(sum(b.numel for b in opt.plan.owned(r)) for r in range(world)))
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from distopt.deepspeed_glue import engine_config
 from launcher.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,7 +16,7 @@ TINY = ROOT / "configs" / "emu3_tiny_mlfop.yaml"
 def test_shipped_configs_validate(path, tmp_path):
     needs_base = yaml.safe_load(path.read_text())["model"].get("pretrained")  # a LoRA run's pretraining output
     cfg = load_config(path, world_size=2, overrides=[f"model.pretrained={tmp_path}"] if needs_base else [])
-    ds = cfg.deepspeed_json(2)
+    ds = engine_config(cfg.batch.micro_batch_size, cfg.batch.grad_accum, 2, cfg.optimizer.max_grad_norm, cfg.deepspeed)
     assert ds["zero_optimization"]["stage"] == 0 and ds["train_batch_size"] == (
         cfg.batch.micro_batch_size * cfg.batch.grad_accum * 2)
 

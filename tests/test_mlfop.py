@@ -30,7 +30,7 @@ def feed(opt, params, grads_per_micro, tags=None):
 
 
 def warm(opt, params, gen, steps=4, k=2):
-    tags = ["text", "image"] * (k // 2) if opt.options["pair_source"] == "modality" else None
+    tags = ["text", "image"] * (k // 2) if opt.options.pair_source == "modality" else None
     for _ in range(steps):
         feed(opt, params, [[torch.randn(p.shape, generator=gen, dtype=F64) for p in params] for _ in range(k)], tags)
         opt.step()
@@ -326,7 +326,7 @@ def test_fisher_norm_weights_modalities_by_inverse_natural_norm():
     minv = torch.linalg.inv(m)
     norms = [float(g.reshape(-1) @ minv @ g.reshape(-1)) ** 0.5 for g in (text, image)]
     w = [2 * (1 / n) / (1 / norms[0] + 1 / norms[1]) for n in norms]
-    assert opt.param_groups[0]["modality_norm_ema"]["text"] == pytest.approx(norms[0], rel=1e-10)
+    assert opt.levels.modality_norm_ema["text"] == pytest.approx(norms[0], rel=1e-10)
     c = dense.fop(w[0] * text.reshape(-1), w[1] * image.reshape(-1), m)[0]
     g_plain, g_fop = (text + image).reshape(-1), 2 * c
     torch.testing.assert_close(p.detach().reshape(-1), dense_step(p0, st, g_plain, g_fop, dense.eta(g_plain, g_fop, m)),

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from distopt import build_optimizer, combine
-from distopt.rules import gradnorm_weights, module_of
+from distopt import build_optimizer
+from distopt.rules import combine, gradnorm_weights, module_of
 from sharded_worker import run_sharded, train
 
 F64 = torch.float64

@@ -1,0 +1,113 @@
+"""FOP scalars at the three levels: per layer, per attention head, or one set for the model.
+
+Every FOP scalar (s, beta*, eta*) is a ratio of inner products, and inner products are sums over
+elements (distopt.fop). A level is therefore only a way of summing the blocks' partials before the
+ratios are formed:
+
+    layer   partials of one parameter's blocks summed (its blocks may live on several owners)
+    head    partials of one attention-head slice of q/k/v (rows) or o_proj (columns)
+    global  all partials summed: FOP on the concatenation of every block, block-diagonal metric
+
+A table of shape (parameters, segments, width) holds the sums; when a parameter spans owners or the
+level is global it is completed by one small fp64 all-reduce, the only communication here.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from distopt.fop import BlockMetric, eta_coefficient, fop_coefficients, fop_combine
+from distopt.plan import Block
+
+Bundle = dict[int, torch.Tensor]  # one item per owned block (block index -> tensor)
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+ETA_FACTORS = {"mean": 1.0, "sum": 2.0, "none": 0.0}
+
+
+class Levels:
+    def __init__(self, blocks: dict[int, Block], n_params: int, segments: dict[int, tuple[int, int]], level: str,
+                 *, tolerance: float, eta_convention: str, modality_weighting: str, modality_weight_beta: float,
+                 all_reduce_sum: AllReduce, needs_sums: bool, counters):
+        self.blocks, self.n_params, self.level = blocks, n_params, level
+        self.segments = segments
+        self.max_segments = max([heads for _, heads in segments.values()] + [1])
+        self.tolerance, self.eta_convention = tolerance, eta_convention
+        self.modality_weighting, self.modality_weight_beta = modality_weighting, modality_weight_beta
+        self.all_reduce_sum, self.needs_sums, self.counters = all_reduce_sum, needs_sums, counters
+        self.modality_norm_ema: dict[str, float] = {}  # fisher_norm's running natural-gradient norms
+        self.betas: list[torch.Tensor] = []            # |beta*| of this window's folds, for stats()
+
+    # -- tables ------------------------------------------------------------------------------------
+
+    def table(self, local: dict[int, torch.Tensor], width: int, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Blocks' partials (n_segments, width) summed per parameter into a (params, segments, width)
+        table; over ranks too when a parameter spans owners or the level is global."""
+        table = torch.zeros(self.n_params, self.max_segments, width, dtype=torch.float64, device=device)
+        self.add_into(table, local)
+        return self.all_reduce_sum(table) if self.needs_sums else table
+
+    def add_into(self, table: torch.Tensor, local: dict[int, torch.Tensor]) -> None:
+        for i, v in local.items():
+            table[self.blocks[i].param, :v.shape[0]] += v
+
+    def lookup(self, table: torch.Tensor, i: int, n_segments: int) -> torch.Tensor:
+        """The partials that decide block i's scalars: its parameter's, or the model's at the global level."""
+        if self.level == "global":
+            return table.sum((0, 1)).unsqueeze(0)
+        return table[self.blocks[i].param, :n_segments]
+
+    # -- folds -------------------------------------------------------------------------------------
+
+    def combine(self, metrics: dict[int, BlockMetric], b1: Bundle, n1: int, b2: Bundle, n2: int) -> Bundle:
+        """One FOP fold of two equal-count bundles: c = a + beta* (d - s a) with the level's scalars."""
+        a = {i: (n1 * b1[i] + n2 * b2[i]) / (n1 + n2) for i in b1}
+        d = {i: b1[i] - b2[i] for i in b1}
+        table = self.table({i: metrics[i].partials(a[i], d[i]) for i in b1}, 5)
+        out = {}
+        for i in b1:
+            s, beta, guarded = fop_coefficients(self.lookup(table, i, metrics[i].n_segments), self.tolerance)
+            self.betas.append(beta.abs())
+            self.counters["fop_beta_guarded"] += int(guarded.sum())
+            out[i] = fop_combine(a[i], d[i], metrics[i].expand(s, a[i]), metrics[i].expand(beta, a[i]))
+        self.counters["fop_folds"] += len(b1)
+        return out
+
+    def modality_weights(self, metrics: dict[int, BlockMetric], means: dict[str, Bundle]) -> list[float]:
+        """fisher_norm: w_m proportional to 1 / EMA(||g_m||_{M^-1}), normalised so that w_text + w_image = 2."""
+        if self.modality_weighting == "none":
+            return [1.0, 1.0]
+        beta = self.modality_weight_beta
+        inverse = []
+        for tag, mean in means.items():
+            local = {i: metrics[i].eta_partials(x, x) for i, x in mean.items()}
+            norm = float(self.table(local, 2)[..., 1].sum()) ** 0.5
+            ema = self.modality_norm_ema
+            ema[tag] = norm if tag not in ema else beta * ema[tag] + (1 - beta) * norm
+            inverse.append(1.0 / max(ema[tag], 1e-30))
+        return [2 * x / sum(inverse) for x in inverse]
+
+    # -- eta* --------------------------------------------------------------------------------------
+
+    def eta(self, table: torch.Tensor, local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """eta* per block (per segment) from the reduced eta table, in the configured convention."""
+        factor = ETA_FACTORS[self.eta_convention]
+        eta = {}
+        for i, partials in local.items():
+            n = partials.shape[0]
+            eta[i] = eta_coefficient(self.lookup(table, i, n)) * factor if factor else \
+                torch.ones(n, dtype=torch.float64, device=partials.device)
+        return eta
+
+    def take_stats(self, etas: list[torch.Tensor]) -> dict[str, float]:
+        """|beta*| and eta* of the window that just ended, over this rank's blocks."""
+        out = {}
+        for name, values in (("beta_abs", self.betas), ("eta", etas)):
+            if values:
+                flat = torch.cat([v.reshape(-1) for v in values]).double()
+                out.update({f"{name}_mean": float(flat.mean()), f"{name}_min": float(flat.min()),
+                            f"{name}_max": float(flat.max())})
+        self.betas = []
+        return out

@@ -1,0 +1,87 @@
+"""The architecture's rules, read from the source with `ast` (every import, lazy ones included):
+
+- the math (distopt/soap.py, fop.py, fold.py, plan.py) never imports torch.distributed, the
+  communication modules or the launcher;
+- distopt never imports model_zoo, launcher or benchmarks; model_zoo never imports launcher or distopt;
+- no import circles inside distopt.
+A violation fails with the file, the line and the import.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PURE_MATH = ("soap", "fop", "fold", "plan")
+COMMUNICATION = ("torch.distributed", "distopt.comm", "distopt.distributor", "distopt.deepspeed_glue",
+                 "distopt.checkpoint", "launcher")
+
+
+def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
+    """(line, module) of every import statement in the file, relative ones resolved."""
+    package = ".".join(path.relative_to(root).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.append((node.lineno, base))
+            found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
+    return found
+
+
+def violations(files, forbidden, root: Path = ROOT):
+    out = []
+    for path in files:
+        for line, module in imports(path, root):
+            if any(module == f or module.startswith(f + ".") for f in forbidden):
+                out.append(f"{path.relative_to(root)}:{line} imports {module}")
+    return out
+
+
+def test_the_math_never_communicates():
+    files = [ROOT / "distopt" / f"{name}.py" for name in PURE_MATH]
+    assert not violations(files, COMMUNICATION), violations(files, COMMUNICATION)
+
+
+@pytest.mark.parametrize("package,forbidden", [
+    ("distopt", ("model_zoo", "launcher", "benchmarks")),
+    ("model_zoo", ("launcher", "distopt", "benchmarks")),
+])
+def test_packages_stay_on_their_floor(package, forbidden):
+    found = violations(sorted((ROOT / package).rglob("*.py")), forbidden)
+    assert not found, found
+
+
+def test_no_import_circles_inside_distopt():
+    modules = {p.stem: p for p in (ROOT / "distopt").glob("*.py") if p.stem != "__init__"}
+    edges = {name: {m.split(".")[1] for _, m in imports(path) if m.startswith("distopt.") and m.split(".")[1] in modules}
+             for name, path in modules.items()}
+
+    def cycle_from(start, node, seen):
+        for nxt in edges[node]:
+            if nxt == start:
+                return seen + [nxt]
+            if nxt not in seen:
+                found = cycle_from(start, nxt, seen + [nxt])
+                if found:
+                    return found
+        return None
+
+    for name in modules:
+        found = cycle_from(name, name, [name])
+        assert found is None, "import circle: " + " -> ".join(found)
+
+
+def test_the_checker_sees_a_violation(tmp_path):
+    """A lazy import inside a function breaks the rule too (the checker is not vacuous)."""
+    text = (ROOT / "distopt" / "fold.py").read_text()
+    fake = tmp_path / "distopt" / "fold.py"
+    fake.parent.mkdir()
+    fake.write_text(text + "\n\ndef _late():\n    import torch.distributed as dist\n")
+    line = text.count("\n") + 4
+    assert violations([fake], COMMUNICATION, tmp_path) == [f"distopt/fold.py:{line} imports torch.distributed"]
