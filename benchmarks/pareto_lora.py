@@ -4,6 +4,10 @@
     python benchmarks/pareto_lora.py              # longer pretraining and tuning, more seeds
     python benchmarks/pareto_lora.py --quick --pretrained runs/x/model   # reuse a pretrained model
 
+Reproducible (benchmarks/repro.py): the same command on the same code writes the same table (only the
+seconds differ): fixed threads (--threads), deterministic kernels, every generator seeded, and the
+versions, commit and the cached tokenizer's and codebook's content hashes printed with it.
+
 One run, one process: pretrain the tiny Emu3-style model on captioned digits (configs/emu3_tiny_adamw.yaml,
 plain captions), then LoRA-tune it (configs/emu3_tiny_lora.yaml: rank 8 on every decoder linear) on the
 instruct format (new instructions and answers, loss on the response only) with each gradient rule over
@@ -28,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+import repro
+
 ROOT = Path(__file__).resolve().parents[1]
 ADAMW = dict(base="adamw", lr=3e-3, weight_decay=0.0, betas=[0.9, 0.95])
 RULES = {
@@ -43,25 +49,26 @@ METRICS = [("val/generated_digit_accuracy", "generated-digit accuracy", True),
            ("val/caption_accuracy", "answer-token accuracy", True)]
 
 
-def train(config: str, updates: dict) -> dict:
+def train(config: str, updates: dict, cache: str) -> dict:
     from launcher.config import Config, _build, validate
     from launcher.run import train as run
 
     data = yaml.safe_load((ROOT / "configs" / config).read_text())
     for section, values in updates.items():
         data[section] = {**data.get(section, {}), **values}
-    data["data"]["cache_dir"] = str(ROOT / ".cache" / "distopt")
+    data["data"]["cache_dir"] = cache
+    repro.seed_all(data["run"]["seed"])
     return run(validate(_build(Config, data, ""), 1))
 
 
-def untuned(path: str, per_digit: int) -> dict[str, dict[str, float]]:
+def untuned(path: str, per_digit: int, cache: str) -> dict[str, dict[str, float]]:
     """The pretrained model before tuning, on the validation digits, in both text formats."""
     from launcher.metrics import evaluate
     from model_zoo.data import MODALITIES, build_datasets, collate
     from model_zoo.emu3 import Emu3Model
     from model_zoo.quality import DigitJudge, generate_digits
 
-    train_set, val_set, vocab, vq = build_datasets(ROOT / ".cache" / "distopt", seed=0)
+    train_set, val_set, vocab, vq = build_datasets(cache, seed=0)
     model, judge = Emu3Model.from_pretrained(path), DigitJudge(train_set, val_set, vq)
     out = {}
     for text_format in ("plain", "instruct"):
@@ -82,11 +89,16 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--pretrained", help="an exported <out_dir>/model of emu3_tiny_adamw.yaml to start from")
+    ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (part of what the table depends on)")
+    ap.add_argument("--cache", default=str(ROOT / ".cache" / "distopt"), help="VQ codebook and tokenizer cache")
     args = ap.parse_args()
+    repro.pin(args.threads)
     pre_steps, steps, seeds, per_digit = (1000, 200, [0, 1, 2], 30) if args.quick else (3000, 400, [0, 1, 2, 3, 4], 50)
     from distopt.deepspeed_glue import init_distributed
 
     init_distributed()
+    env = repro.environment(args.cache)
+    print(repro.describe(env), flush=True)
     t0 = time.perf_counter()
     quiet = dict(tensorboard=False, progress=False)
     results: dict[str, list[dict]] = {}
@@ -96,26 +108,28 @@ def main() -> None:
             train("emu3_tiny_adamw.yaml", dict(
                 run=dict(out_dir=f"{tmp}/pretrain"), schedule=dict(steps=pre_steps, warmup_steps=5),
                 logging=dict(every=pre_steps, **quiet), eval=dict(every=0, samples_png=False),
-                checkpoint=dict(every=0, resume="none")))
+                checkpoint=dict(every=0, resume="none")), args.cache)
             base = f"{tmp}/pretrain/model"
-        before = untuned(base, per_digit)
+        before = untuned(base, per_digit, args.cache)
         for label, (name, params) in RULES.items():
             results[label] = [train("emu3_tiny_lora.yaml", dict(
                 run=dict(out_dir=f"{tmp}/lora", seed=seed), model=dict(pretrained=base),
                 optimizer=dict(name=name, params=params), schedule=dict(steps=steps, warmup_steps=2),
                 logging=dict(every=1, **quiet),
                 eval=dict(every=steps, batches=8, samples_png=False, generated_digits=per_digit),
-                checkpoint=dict(every=0, resume="none"))) for seed in seeds]
+                checkpoint=dict(every=0, resume="none")), args.cache) for seed in seeds]
             print(f"{label}: done at {time.perf_counter() - t0:.0f} s", flush=True)
-    report = render(before, results, args, pre_steps, steps, seeds, per_digit, time.perf_counter() - t0)
+    report = render(before, results, args, pre_steps, steps, seeds, per_digit, time.perf_counter() - t0, env)
     out = Path(args.out) / f"pareto-lora{'-quick' if args.quick else ''}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(report)
     print(report)
 
 
-def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds) -> str:
+def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds, env) -> str:
     command = "python benchmarks/pareto_lora.py" + (" --quick" if args.quick else "")
+    if args.threads != 1:
+        command += f" --threads {args.threads}"
     base = f"pretraining {pre_steps} steps (plain captions, AdamW, batch 64)"
     if args.pretrained:
         command += f" --pretrained {args.pretrained}"
@@ -123,6 +137,7 @@ def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds) -
     ceiling = results["sum (vanilla LoRA)"][0]["judge_ceiling"]
     lines = [f"# Pareto LoRA at CPU scale\n", f"`{command}` ({seconds:.0f} s, 2 cores): {base}, then LoRA r=8 on every decoder linear, {steps} steps on the instruct "
              f"format, seeds {seeds}; {10 * per_digit} generated images per evaluation. Mean ± sd over seeds.\n",
+             repro.describe(env) + "\n",
              f"Digit judge ceiling (its accuracy on VQ reconstructions of held-out digits): {ceiling:.3f}; chance 0.100.\n",
              "| rule | " + " | ".join(m[1] for m in METRICS) + " | accuracy vs vanilla |",
              "|---" * (len(METRICS) + 2) + "|"]

@@ -16,7 +16,17 @@ every FOP scalar is invariant to M -> cM.)
 Every scalar derives from five inner products of a and d, the *partials*
     [<a,a>_M, <d,a>_M, <a,a>_{M^-1}, <a,d>_{M^-1}, <d,d>_{M^-1}],
 which are sums over elements: a block split over several places (head slices, rank-owned blocks,
-the whole model at the global level) sums its partials before forming s and beta.
+the whole model at the global level) sums its partials before forming s and beta. With
+A = <a,a>_{M^-1}:  D = <a,d>_{M^-1} - s A  and  E = <d,d>_{M^-1} - 2 s <a,d>_{M^-1} + s^2 A.
+
+Damping (`BlockMetric(damping=lam)`): dvec -> dvec + lam mean(dvec), i.e. M -> M + lam (tr M / n) I, the
+FOP paper's F + lam I with lam relative to the metric's average eigenvalue (docs/algorithm.md).
+
+Also here, for the optimizer to call (docs/algorithm.md section 2 derives each):
+    fold_eta            eta* with g_tot = the top-level fold's own a: in [1/2, 1] for every K and schedule
+    cosine_sq           x = D^2 / (A E), the squared M^-1-cosine of a and p (FOP's effect is O(x))
+    correction_partials, relative_correction    ||G_fop - G|| / ||G||
+    noise_variance, gate_statistic, gated_beta  the variance-aware gate
 """
 
 from __future__ import annotations
@@ -41,6 +51,14 @@ def fop_partials(a: torch.Tensor, d: torch.Tensor, dvec: torch.Tensor) -> torch.
     ])
 
 
+def projection_terms(partials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(s, A, D, E) from partials (..., 5): s = <d,a>_M / <a,a>_M (0 where <a,a>_M = 0), A = <a,a>_{M^-1},
+    D = <a,p>_{M^-1} = <a,d>_{M^-1} - s A, E = <p,p>_{M^-1} = <d,d>_{M^-1} - 2 s <a,d>_{M^-1} + s^2 A."""
+    aa_m, da_m, aa_i, ad_i, dd_i = partials.unbind(-1)
+    s = torch.where(aa_m > 0, da_m / aa_m.clamp_min(torch.finfo(aa_m.dtype).tiny), torch.zeros_like(aa_m))
+    return s, aa_i, ad_i - s * aa_i, dd_i - 2 * s * ad_i + s * s * aa_i
+
+
 def fop_coefficients(partials: torch.Tensor, tolerance: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(s, beta*, guarded) from partials of shape (..., 5).
 
@@ -49,10 +67,8 @@ def fop_coefficients(partials: torch.Tensor, tolerance: float) -> tuple[torch.Te
     negligible next to g_avg (<d,d>_{M^-1} <= tolerance <a,a>_{M^-1}: identical gradients) or g_perp
     next to g_diff (E <= tolerance <d,d>_{M^-1}: parallel gradients). s = 0 where <a,a>_M = 0.
     """
-    aa_m, da_m, aa_i, ad_i, dd_i = partials.unbind(-1)
-    s = torch.where(aa_m > 0, da_m / aa_m.clamp_min(torch.finfo(aa_m.dtype).tiny), torch.zeros_like(aa_m))
-    big_d = ad_i - s * aa_i                      # <a, p>_{M^-1}
-    big_e = dd_i - 2 * s * ad_i + s * s * aa_i   # <p, p>_{M^-1}
+    s, aa_i, big_d, big_e = projection_terms(partials)
+    dd_i = partials[..., 4]
     guarded = (big_e <= tolerance * dd_i) | (dd_i <= tolerance * aa_i)
     beta = torch.where(guarded, torch.zeros_like(big_e), big_d / torch.where(guarded, torch.ones_like(big_e), big_e))
     return s, beta, guarded
@@ -74,8 +90,87 @@ def eta_coefficient(partials: torch.Tensor) -> torch.Tensor:
     return torch.where(cc > 0, gc / torch.where(cc > 0, cc, torch.ones_like(cc)), torch.ones_like(cc))
 
 
+def _ratio(num: torch.Tensor, den: torch.Tensor, where_zero: float) -> torch.Tensor:
+    """num / den, and `where_zero` where den <= 0."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.full_like(den, where_zero))
+
+
+def fold_eta(partials: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """eta* of the fold that produced c (pass the top-level fold's partials and beta*), measured
+    against that fold's own average a (g_tot = a):
+
+        eta* = <a, c>_{M^-1} / <c, c>_{M^-1} = (A + beta D) / (A + 2 beta D + beta^2 E)
+             = (1 + x) / (1 + 3 x)  for beta = D / E,  x = D^2 / (A E) in [0, 1]  (Cauchy-Schwarz)
+
+    so eta* is in [1/2, 1] for every K and fold schedule, 1 where beta* = 0 (guarded) or a = 0.
+    The plain mean g_bar differs from the top fold's a by the lower levels' corrections when K >= 3,
+    and <g_bar, c> / <c, c> is then unbounded (docs/algorithm.md section 2); for K = 2 and for the
+    one-fold pair sources (modality, ranks) a = g_bar and the two agree. Multiply by 2 for the
+    `sum` convention. Shape (...,)."""
+    _, big_a, big_d, big_e = projection_terms(partials)
+    return _ratio(big_a + beta * big_d, big_a + 2 * beta * big_d + beta * beta * big_e, 1.0)
+
+
+def cosine_sq(partials: torch.Tensor) -> torch.Tensor:
+    """x = D^2 / (A E) = cos^2 of the M^-1-angle between a and p, in [0, 1]; 0 where A E = 0.
+    FOP's whole effect is of order x: ||beta* p||^2_{M^-1} = x A and eta* = (1 + x) / (1 + 3 x), so a
+    run whose x is ~0 everywhere cannot show an effect of FOP (a null test)."""
+    _, big_a, big_d, big_e = projection_terms(partials)
+    return _ratio(big_d * big_d, big_a * big_e, 0.0).clamp(0.0, 1.0)
+
+
+def correction_partials(g: torch.Tensor, g_fop: torch.Tensor) -> torch.Tensor:
+    """[||g_fop - g||^2, ||g||^2] (fp64, shape (2,)) of one block, in any orthonormal basis (rotated or
+    not: Euclidean norms do not change); sums over blocks, slices and ranks like the partials."""
+    diff = g_fop - g
+    return torch.stack([(diff * diff).sum(dtype=torch.float64), (g * g).sum(dtype=torch.float64)])
+
+
+def relative_correction(partials: torch.Tensor) -> torch.Tensor:
+    """||G_fop - G|| / ||G|| from correction_partials (..., 2); 0 where G = 0."""
+    return _ratio(partials[..., 0], partials[..., 1], 0.0).sqrt()
+
+
+def noise_variance(sum_sq: torch.Tensor, group_sums_sq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Pooled within-group variance of one window's micro-gradients g_1..g_K (per block or layer):
+
+        sigma^2 = sum_m sum_{k in m} ||g_k - mean_m||^2 / (K - G)
+                = (sum_k ||g_k||^2 - sum_m ||S_m||^2 / n_m) / (K - G)
+
+    with groups m = the modality tags (G of them; one group when untagged), S_m = sum_{k in m} g_k,
+    n_m = |m|. Unbiased for E||g_k - E g_k||^2 = tr(Sigma) when each group's micro-steps share one
+    expected gradient, whatever the groups' means: a systematic text/image difference is not noise.
+    `sum_sq` = sum_k ||g_k||^2 (...), `group_sums_sq` = ||S_m||^2 (..., G), `counts` = n_m (G,).
+    NaN where K - G < 1 (no degree of freedom: no estimate)."""
+    k, groups = counts.sum(), counts.numel()
+    within = sum_sq - (group_sums_sq / counts.to(group_sums_sq.dtype)).sum(-1)
+    if k - groups < 1:
+        return torch.full_like(within, float("nan"))
+    return within.clamp_min(0.0) / (k - groups)
+
+
+def gate_statistic(diff_sq: torch.Tensor, n1: float, n2: float, noise: torch.Tensor) -> torch.Tensor:
+    """T = ||d||^2 / ((1/n1 + 1/n2) sigma^2): the fold's difference d = g1 - g2 (halves of n1 and n2
+    micro-steps) against what sampling noise alone gives, E||d||^2 = (1/n1 + 1/n2) sigma^2 when both
+    halves share one expected gradient; so E[||d||^2] / ((1/n1 + 1/n2) E[sigma^2]) = 1 under that null
+    and T grows with a systematic difference. +inf where sigma^2 = 0 and d != 0; NaN (no estimate)
+    stays NaN."""
+    expected = (1.0 / n1 + 1.0 / n2) * noise
+    return torch.where(expected > 0, diff_sq / torch.where(expected > 0, expected, torch.ones_like(expected)),
+                       torch.where(diff_sq > 0, torch.full_like(diff_sq, float("inf")), torch.zeros_like(diff_sq)))
+
+
+def gated_beta(beta: torch.Tensor, statistic: torch.Tensor, threshold: float) -> torch.Tensor:
+    """beta* where T > threshold (the halves differ by more than noise), 0 elsewhere (the fold is the
+    plain count-weighted mean). Where there is no noise estimate yet (T NaN) beta* is kept."""
+    keep = (statistic > threshold) | statistic.isnan()
+    return torch.where(keep, beta, torch.zeros_like(beta))
+
+
 class BlockMetric:
-    """SOAP's metric for one parameter, frozen for one accumulation window.
+    """SOAP's metric for one parameter, frozen for one accumulation window; `damping` lam gives
+    dvec + lam mean(dvec) (0: today's undamped metric, bit for bit).
 
     With `segments=None` the block is whole (layer or global level): fold items are kept rotated, so
     each micro-gradient is rotated once and every fold is elementwise. With `segments=(dim, n)` the
@@ -84,9 +179,13 @@ class BlockMetric:
     pad(y_h), so items stay unrotated and each slice is rotated zero-padded when measured.
     """
 
-    def __init__(self, basis: Basis, dvec: torch.Tensor, segments: Optional[tuple[int, int]] = None):
+    def __init__(self, basis: Basis, dvec: torch.Tensor, segments: Optional[tuple[int, int]] = None,
+                 damping: float = 0.0):
+        if not (damping >= 0 and damping < float("inf")):
+            raise ValueError(f"fop_damping={damping!r} is invalid: must be a finite number >= 0 (0: undamped)")
         self.basis = basis
-        self.dvec = dvec  # sqrt(v) + eps in the eigenbasis
+        # sqrt(v) + eps in the eigenbasis, plus lam mean(dvec): M + lam (tr M / n) I, for M and M^-1 alike
+        self.dvec = dvec + damping * dvec.mean() if damping else dvec
         self.segments = segments
 
     @property

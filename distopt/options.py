@@ -186,19 +186,24 @@ class MLFOPOptions(SOAPOptions):
         return SOAPOptions(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SOAPOptions)})
 
 
-RULES = ("sum", "pcgrad", "mgda", "pareto_lora")
+RULES = ("sum", "pcgrad", "mgda", "pareto_lora", "gradnorm")
 GRANULARITIES = ("layer", "global")
 
 
 @dataclass(frozen=True)
 class RuleOptions:
-    """A two-objective rule over a base optimizer (distopt.rules); `base_options` are the base's own."""
+    """A two-objective rule over a base optimizer (distopt.rules); `base_options` are the base's own.
+    modality_weights [w_text, w_image]: rule 'sum' only (None: [1, 1], vanilla); gradnorm_alpha
+    (default 1.5) and gradnorm_lr (default 0.025): rule 'gradnorm' only."""
 
     rule: str = "pareto_lora"
     base: str = "adamw"
     granularity: str = "layer"
     capture: str = "hooks"
     max_grad_norm: Optional[float] = None
+    modality_weights: Optional[tuple[float, float]] = None
+    gradnorm_alpha: Optional[float] = None
+    gradnorm_lr: Optional[float] = None
     base_options: Any = field(default=None)
 
     def __post_init__(self):
@@ -207,6 +212,22 @@ class RuleOptions:
         _choice("capture", self.capture, CAPTURE_MODES)
         _check(self.max_grad_norm is None or (_number(self.max_grad_norm) and self.max_grad_norm > 0),
                "max_grad_norm", self.max_grad_norm, "must be > 0 (or None for no clipping)")
+        if self.modality_weights is not None:
+            weights = self.modality_weights
+            _check(self.rule == "sum", "modality_weights", weights,
+                   f"it is for rule 'sum' (the fixed-weight control), not {self.rule!r}; drop it or use sum")
+            _check(isinstance(weights, (list, tuple)) and len(weights) == 2
+                   and all(_number(w) and 0 < w < float("inf") for w in weights), "modality_weights", weights,
+                   "give [w_text, w_image], two positive numbers ([1, 1] is vanilla)")
+            object.__setattr__(self, "modality_weights", (float(weights[0]), float(weights[1])))
+        for name in ("gradnorm_alpha", "gradnorm_lr"):
+            value = getattr(self, name)
+            _check(value is None or self.rule == "gradnorm", name, value,
+                   f"it is for rule 'gradnorm', not {self.rule!r}; drop it")
+        _check(self.gradnorm_alpha is None or (_number(self.gradnorm_alpha) and 0 <= self.gradnorm_alpha < 100),
+               "gradnorm_alpha", self.gradnorm_alpha, "must be >= 0 (the paper uses 0.12 to 3)")
+        _check(self.gradnorm_lr is None or (_number(self.gradnorm_lr) and 0 < self.gradnorm_lr < float("inf")),
+               "gradnorm_lr", self.gradnorm_lr, "must be > 0")
         if isinstance(self.base_options, MLFOPOptions) and self.base_options.pair_source == "ranks":
             detail = (f"'ranks' under {self.rule}: the rule hands every rank the same reduced terms, so there is "
                       "no per-rank pair to fold; use 'modality' or 'microstep'")

@@ -12,13 +12,21 @@ the scale of the summed loss. Every rule needs only the group's three dot produc
         strengths (u_i = g_i / |g_i|), take the MGDA direction of u1, u2, rescale by the mean original
         norm: (|g1| + |g2|)/2 * (alpha* u1 + (1 - alpha*) u2). For two unit vectors alpha* = 1/2, so
         this is the mean norm times the mean unit direction.
+    sum with modality_weights [w_text, w_image] (the fixed-weight control): (w_text g_text + w_image
+        g_image) / 2, the gradient of the loss w_text L_text + w_image L_image; [1, 1] is vanilla.
+    GradNorm (Chen et al. 2018): loss weights w_i (w_text + w_image = 2, initially 1 each) that this step
+        uses, (w1 g1 + w2 g2) / 2, and then moves so that each task's weighted gradient norm tracks
+        its relative training rate (`gradnorm_weights`). It needs the modality losses: the loop hands
+        them over with `optimizer.record_loss(tag, loss)` once per micro-step.
 
 A group that only one modality reaches (the other's gradient is 0: a head or encoder of one pathway,
 or a step with one modality) follows that one at the vanilla scale, w = (1/2, 1/2), under every rule,
 so the update is exactly that modality's gradient: MGDA's min-norm point would be 0 there and the
 Pareto-LoRA-style rule has no second direction to equalise.
 
-Each micro-step's backward runs inside `optimizer.modality(tag)`; the per-modality gradients (summed
+Tags: "text" or "understanding" is the text modality, "image" or "generation" the image one (what
+modality_weights and GradNorm's weights refer to). Each micro-step's backward runs inside
+`optimizer.modality(tag)`; the per-modality gradients (summed
 over micro-steps) are averaged over ranks, combined per group, clipped, and handed to the base
 optimizer. `granularity`: 'layer' (per module: a LoRA layer's A and B matrices form one group, as do
 a module's weight and bias; the default, as in Pareto LoRA) or 'global' (one vector, as in the
@@ -34,15 +42,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import re
 import zlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 
 from distopt.capture import MicrostepCapture, TakesMicrosteps
 from distopt.comm import Comm
 from distopt.options import RULES, RuleOptions
+
+MODALITY_TAGS = (("text", "understanding"), ("image", "generation"))  # index 0: text, 1: image
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -56,10 +67,42 @@ def mgda_alpha(g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> torch
     return torch.where(denom > 0, alpha.clamp(0.0, 1.0), torch.full_like(denom, 0.5))
 
 
+def gradnorm_weights(weights: torch.Tensor, norms: torch.Tensor, losses: torch.Tensor, initial: torch.Tensor,
+                     alpha: float, lr: float) -> torch.Tensor:
+    """GradNorm's next loss weights (Chen et al. 2018, Algorithm 1) for T tasks, all tensors of shape (T,):
+    `weights` w_i (summing to T), `norms` n_i = |grad L_i| (unweighted), `losses` L_i(t), `initial` L_i(0).
+
+        G_i = w_i n_i            Gbar = mean_i G_i                    (weighted gradient norms)
+        r_i = Lt_i / mean_j Lt_j, with Lt_i = L_i(t) / L_i(0)         (relative inverse training rate)
+        L_grad = sum_i | G_i - Gbar r_i^alpha |                       (the target is held constant)
+        dL_grad/dw_i = sign(G_i - Gbar r_i^alpha) n_i
+        w_i <- w_i - lr dL_grad/dw_i / mean_j n_j,  then clamped to >= 1e-3 and rescaled to sum to T
+
+    The paper steps w with its optimizer's rule; the gradient is in units of gradient norms, which
+    move by orders of magnitude over training, so we divide it by the mean norm: lr is then a step
+    in the weights' own units, whatever the loss scale. The clamp keeps a weight positive (a
+    negative loss weight would ascend that loss)."""
+    g = weights * norms
+    target = g.mean() * ((losses / initial) / (losses / initial).mean()) ** alpha
+    step = torch.sign(g - target) * norms / norms.mean().clamp_min(torch.finfo(norms.dtype).tiny)
+    new = (weights - lr * step).clamp_min(1e-3)
+    return new * (len(new) / new.sum())
+
+
+def modality_index(tag: str, field: str) -> int:
+    """0 for a text tag, 1 for an image tag (MODALITY_TAGS); `field` names the option that needs it."""
+    for index, names in enumerate(MODALITY_TAGS):
+        if tag in names:
+            return index
+    raise ValueError(f"{field}: modality tag {tag!r} is neither text {MODALITY_TAGS[0]} nor image "
+                     f"{MODALITY_TAGS[1]}; tag micro-steps with one of those names")
+
+
 def rule_weights(rule: str, g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(w1, w2) with direction = w1 g1 + w2 g2 (mean convention), from the group's dot products."""
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r} is invalid: choose one of {RULES}")
+    """(w1, w2) with direction = w1 g1 + w2 g2 (mean convention), from the group's dot products; for the
+    rules that need nothing else (GradNorm's weights are state, see TwoObjective)."""
+    if rule not in RULES or rule == "gradnorm":
+        raise ValueError(f"rule={rule!r} is invalid here: choose one of {[r for r in RULES if r != 'gradnorm']}")
     half = torch.full_like(g11, 0.5)
     if rule == "sum" or float(g11) == 0 or float(g22) == 0:  # one modality only: follow it, at the vanilla scale
         return half, half
@@ -95,6 +138,11 @@ class TwoObjective(torch.optim.Optimizer):
     builds it from the same config). Options: distopt.options.RuleOptions (rule, granularity, capture,
     max_grad_norm, which clips the combined gradient's global norm).
 
+    modality_weights: [w_text, w_image] for rule 'sum' (None: [1, 1], vanilla). GradNorm:
+    gradnorm_alpha (default 1.5), gradnorm_lr (default 0.025); its weights (per group: 'global' is the
+    paper's one pair) and the initial losses L_i(0) live in param_groups[0]["gradnorm"], so they are
+    saved and restored with the optimizer's state. (All validated by distopt.options.RuleOptions.)
+
     The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
     and load_state_dict() act on the base optimizer. Layer groups come from parameter names (pass
     model.named_parameters()); unnamed tensors are each their own group. A base that takes tagged
@@ -112,6 +160,9 @@ class TwoObjective(torch.optim.Optimizer):
         self.state = base.state
         self.rule, self.granularity, self.max_grad_norm = self.options.rule, self.options.granularity, \
             self.options.max_grad_norm
+        self.modality_weights = self.options.modality_weights or (1.0, 1.0)
+        self.gradnorm_alpha = 1.5 if self.options.gradnorm_alpha is None else self.options.gradnorm_alpha
+        self.gradnorm_lr = 0.025 if self.options.gradnorm_lr is None else self.options.gradnorm_lr
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
         self._groups: dict[str, list[int]] = {}  # group key -> indices into self._params
@@ -122,6 +173,7 @@ class TwoObjective(torch.optim.Optimizer):
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         self._tag: Optional[str] = None
+        self._losses: dict[str, list] = {}  # tag -> [sum of recorded losses (a tensor), micro-steps] this step
         self._capture = MicrostepCapture(self._params, self, self.options.capture)
 
     @property
@@ -148,6 +200,16 @@ class TwoObjective(torch.optim.Optimizer):
     def end_microstep(self, modality: Optional[str] = None) -> None:
         self._capture.end_microstep(modality)
 
+    def record_loss(self, tag: str, loss: Union[float, torch.Tensor]) -> None:
+        """This micro-step's loss of modality `tag` (GradNorm's L_i(t): the mean over the step's
+        micro-steps of that modality and over ranks). Every rule accepts it, so the loop may always
+        call it; only 'gradnorm' uses it. Kept on the device: no host synchronisation per micro-step."""
+        value = loss.detach().double() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
+        finite = torch.isfinite(value)  # the loop stops on a non-finite loss; GradNorm must not divide by it first
+        entry = self._losses.setdefault(tag, [0.0, 0.0])
+        entry[0] = entry[0] + torch.where(finite, value, 0.0)
+        entry[1] = entry[1] + finite.double()
+
     # capture sink: each micro-step's gradients go into its modality's sum (p.grad is consumed)
 
     def microstep_begins(self, tag: Optional[str]) -> None:
@@ -163,9 +225,10 @@ class TwoObjective(torch.optim.Optimizer):
     def microstep_ends(self, tag: Optional[str]) -> None:
         pass
 
-    def _reduced(self) -> tuple[dict[str, list[torch.Tensor]], list[bool]]:
-        """Per tag, every parameter's gradient averaged over ranks, and whether any rank's backward
-        reached it: one all-reduce in the gradients' own precision (dot products are taken in fp64).
+    def _reduced(self) -> tuple[dict[str, list[torch.Tensor]], list[bool], dict[str, float]]:
+        """Per tag, every parameter's gradient averaged over ranks, whether any rank's backward reached
+        it, and the mean recorded loss (absent when no rank recorded one): one all-reduce in the
+        gradients' own precision (dot products are taken in fp64).
         Ranks must have seen the same tags (the layout depends on them): a checksum is compared first."""
         tags = sorted(self._sums)
         device = self._params[0].device
@@ -179,8 +242,10 @@ class TwoObjective(torch.optim.Optimizer):
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in self._params])
         present = torch.tensor([any(p in self._sums[t] for t in tags) for p in self._params], dtype=dtype,
                                device=device)
+        losses = torch.stack([torch.as_tensor(x, dtype=dtype).to(device) for t in tags
+                              for x in self._losses.get(t, [0.0, 0.0])])
         flat = torch.cat([self._sums[t].get(p, torch.zeros_like(p)).reshape(-1).to(dtype)
-                          for t in tags for p in self._params] + [present])
+                          for t in tags for p in self._params] + [present, losses])
         if self.comm.world > 1:
             flat = self.comm.all_reduce_sum(flat) / self.comm.world
         out, offset = {}, 0
@@ -189,19 +254,60 @@ class TwoObjective(torch.optim.Optimizer):
             for p in self._params:
                 out[t].append(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        return out, (flat[offset:] > 0).tolist()
+        seen = (flat[offset:offset + len(self._params)] > 0).tolist()
+        pairs = flat[offset + len(self._params):].view(len(tags), 2).tolist()
+        return out, seen, {t: total / count for t, (total, count) in zip(tags, pairs) if count > 0}
 
-    def _terms(self, g1: list[torch.Tensor], g2: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _terms(self, tags: list[str], g1: list[torch.Tensor], g2: list[torch.Tensor],
+               losses: dict[str, float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The rule's two weighted terms 2 w1 g1 and 2 w2 g2 per parameter (their sum is the update)."""
         t1, t2 = list(g1), list(g2)
         self.last_weights = {}
+        dots = {}
         for key, members in self._groups.items():
-            dots = [sum(_dot(a[i], b[i]) for i in members) for a, b in ((g1, g1), (g1, g2), (g2, g2))]
-            w1, w2 = rule_weights(self.rule, *dots)
+            dots[key] = [sum(_dot(a[i], b[i]) for i in members) for a, b in ((g1, g1), (g1, g2), (g2, g2))]
+            w1, w2 = self._group_weights(key, tags, *dots[key])
             self.last_weights[key] = (float(w1), float(w2))
             for i in members:
                 t1[i], t2[i] = 2 * w1 * g1[i], 2 * w2 * g2[i]
+        if self.rule == "gradnorm":
+            self._gradnorm_step(tags, dots, losses)
         return t1, t2
+
+    def _group_weights(self, key: str, tags: list[str], g11, g12, g22) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rule == "sum" and self.modality_weights != (1.0, 1.0):  # the loss w_text L_text + w_image L_image
+            return tuple(torch.full_like(g11, self.modality_weights[modality_index(t, "modality_weights")] / 2)
+                         for t in tags)
+        if self.rule != "gradnorm":
+            return rule_weights(self.rule, g11, g12, g22)
+        if float(g11) == 0 or float(g22) == 0:  # one modality only: follow it, at the vanilla scale
+            return torch.full_like(g11, 0.5), torch.full_like(g11, 0.5)
+        weights = self._gradnorm_state()["weights"].get(key, {})
+        return tuple(torch.full_like(g11, weights.get(t, 1.0) / 2) for t in tags)
+
+    def _gradnorm_state(self) -> dict:
+        return self.param_groups[0].setdefault("gradnorm", {"initial_loss": {}, "weights": {}})
+
+    def _gradnorm_step(self, tags: list[str], dots: dict[str, list[torch.Tensor]], losses: dict[str, float]) -> None:
+        """Move every group's weights (groups both modalities reach) after this step used them."""
+        missing = [t for t in tags if t not in losses]
+        if missing:
+            raise RuntimeError(f"gradnorm: no loss recorded for modality {missing} this step; call "
+                               "optimizer.record_loss(tag, loss) for every micro-step")
+        state = self._gradnorm_state()
+        for t in tags:
+            state["initial_loss"].setdefault(t, losses[t])
+        current = torch.tensor([losses[t] for t in tags], dtype=torch.float64)
+        initial = torch.tensor([state["initial_loss"][t] for t in tags], dtype=torch.float64)
+        initial = initial.clamp_min(torch.finfo(torch.float64).tiny)
+        for key, (g11, _, g22) in dots.items():
+            if float(g11) == 0 or float(g22) == 0:
+                continue
+            old = state["weights"].get(key, {})
+            weights = torch.tensor([old.get(t, 1.0) for t in tags], dtype=torch.float64)
+            norms = torch.stack([g11, g22]).sqrt()
+            new = gradnorm_weights(weights, norms, current, initial, self.gradnorm_alpha, self.gradnorm_lr)
+            state["weights"][key] = dict(zip(tags, new.tolist()))
 
     def _clip(self, terms: list[list[torch.Tensor]]) -> None:
         if self.max_grad_norm is None:
@@ -219,16 +325,19 @@ class TwoObjective(torch.optim.Optimizer):
         if not self._sums:
             raise RuntimeError(f"{self.rule}: step() without a captured backward; run each backward inside "
                                "`with optimizer.modality(tag):`")
-        reduced, present = self._reduced()
+        reduced, present, losses = self._reduced()
         tags = sorted(reduced)
         if len(tags) == 2:
-            terms = list(self._terms(reduced[tags[0]], reduced[tags[1]]))
+            terms = list(self._terms(tags, reduced[tags[0]], reduced[tags[1]], losses))
             self._counts["steps_combined"] += 1
-        else:  # one modality this step: nothing to combine, its gradient is the update
-            terms = [reduced[tags[0]]]
+        else:  # one modality this step: nothing to combine, its gradient (times its fixed weight) is the update
+            weight = self.modality_weights[modality_index(tags[0], "modality_weights")] \
+                if self.modality_weights != (1.0, 1.0) else 1.0
+            terms = [[g * weight for g in reduced[tags[0]]] if weight != 1.0 else reduced[tags[0]]]
             self._counts["steps_single_modality"] += 1
         self._clip(terms)
         self._sums.clear()
+        self._losses.clear()
         self._capture.reset()
         if isinstance(self.base, TakesMicrosteps):  # each term is one tagged micro-step; their sum is the update
             for tag, parts in zip(tags, terms):

@@ -32,9 +32,10 @@ from typing import Any, Iterator, Optional
 import datasets
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from model_zoo.vq import CODES, SIDE, VQTokenizer, digits
+from model_zoo.wordpiece import train_wordpiece
 
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATES = ["a handwritten digit {w}", "the number {d} written by hand", "a small image of a {w}",
@@ -76,21 +77,22 @@ def _cache_dir(cache_dir: str | os.PathLike) -> Path:
 
 
 def load_or_train_text_tokenizer(cache_dir: str | os.PathLike) -> Tokenizer:
-    """A WordPiece tokenizer trained on the caption corpus, cached as JSON (atomic write). The file
-    name carries a hash of the corpus, so editing the templates never reuses a stale tokenizer."""
+    """A WordPiece tokenizer trained on the caption corpus (model_zoo/wordpiece.py: its content is a
+    function of the corpus alone), cached as JSON (atomic write). The file name carries a hash of the
+    corpus, so editing the templates never reuses a stale tokenizer, and the trainer's version, so a
+    cache left by Hugging Face's nondeterministic trainer (v1) is never read."""
     corpus = caption_corpus()
     digest = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
-    path = _cache_dir(cache_dir) / f"text-wordpiece-{TEXT_VOCAB}-{digest}.json"
+    path = _cache_dir(cache_dir) / f"text-wordpiece-v2-{TEXT_VOCAB}-{digest}.json"
     if path.exists():
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:
             raise ValueError(f"text tokenizer cache {path} is unreadable or corrupt ({e}); delete it to retrain") from e
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
-    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=TEXT_VOCAB, special_tokens=["[UNK]"]))
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words = [w for text in corpus for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+    tok = Tokenizer(models.WordPiece(train_wordpiece(words, TEXT_VOCAB), unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         tok.save(str(tmp))

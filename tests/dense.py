@@ -45,20 +45,31 @@ def eta(g_tot: torch.Tensor, c: torch.Tensor, m: torch.Tensor) -> float:
 
 def fold_tree(gs: list[torch.Tensor], m: torch.Tensor) -> torch.Tensor:
     """Binary-counter folding written recursively: split K into its largest power-of-two prefix."""
-    if len(gs) == 1:
-        return gs[0]
+    return fold_tree_top(gs, m)[0] if len(gs) > 1 else gs[0]
+
+
+def fold_tree_top(gs: list[torch.Tensor], m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fold_tree's result c and the count-weighted average a of the two items its last fold paired."""
     k = 1
     while 2 * k < len(gs):
         k *= 2
-    head, tail = gs[:k], gs[k:]
-    return fop(fold_tree(head, m), fold_tree(tail, m), m, len(head), len(tail))[0]
+    head, tail = fold_tree(gs[:k], m), fold_tree(gs[k:], m)
+    n1, n2 = k, len(gs) - k
+    return fop(head, tail, m, n1, n2)[0], (n1 * head + n2 * tail) / (n1 + n2)
 
 
 def fold_streaming(gs: list[torch.Tensor], m: torch.Tensor) -> torch.Tensor:
     """z_j = FOP(z_{j-1}, mean of the next equal-count chunk); a short last chunk is count-weighted."""
+    return fold_streaming_top(gs, m)[0] if len(gs) > 1 else gs[0]
+
+
+def fold_streaming_top(gs: list[torch.Tensor], m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fold_streaming's result c and the count-weighted average a of its last fold."""
     z, nz, i = gs[0], 1, 1
     while i < len(gs):
-        chunk = gs[i:i + nz]
-        z = fop(z, sum(chunk) / len(chunk), m, nz, len(chunk))[0]
-        nz, i = nz + len(chunk), i + len(chunk)
-    return z
+        chunk = sum(gs[i:i + nz]) / len(gs[i:i + nz])
+        nc = len(gs[i:i + nz])
+        a = (nz * z + nc * chunk) / (nz + nc)
+        z = fop(z, chunk, m, nz, nc)[0]
+        nz, i = nz + nc, i + nc
+    return z, a

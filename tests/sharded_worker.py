@@ -165,8 +165,9 @@ def two_objective(config, named, opts):
         opts = {k: opts[k] for k in ("lr", "betas", "weight_decay")}
     elif base == "soap":
         opts = {k: v for k, v in opts.items() if k not in ("max_block", "pair_source", "fop", "fold_schedule",
-                                                             "bucket_mb")}
-    return build_optimizer({"name": config["rule"], "params": dict(base=base, max_grad_norm=clip, **opts)}, named)
+                                                             "bucket_mb", "level")}
+    return build_optimizer({"name": config["rule"], "params": dict(base=base, max_grad_norm=clip, **opts,
+                                                                   **config.get("rule_params", {}))}, named)
 
 
 def train(config, rank, world):
@@ -189,8 +190,11 @@ def _train(config, rank, world):
     for step in range(config.get("start", 0), config.get("steps", 5)):
         for k in range(k_micro):
             if config.get("rule"):
-                with opt.modality("text" if k % 2 == 0 else "image"):
-                    (loss_of(model, step, rank, k, dtype, world=world) / k_micro).backward()
+                tag = "text" if k % 2 == 0 else "image"
+                loss = loss_of(model, step, rank, k, dtype, world=world)
+                opt.record_loss(tag, loss)  # every rule accepts it; GradNorm needs it
+                with opt.modality(tag):
+                    (loss / k_micro).backward()
             elif config.get("global_batch"):
                 (loss_of(model, step, rank, k, dtype, world=world) / k_micro).backward()
             elif config.get("reference"):

@@ -44,7 +44,7 @@ def test_head_split_that_does_not_divide():
 
 
 def test_registry_lists_valid_names_and_arguments():
-    with pytest.raises(ValueError, match=r"unknown: choose one of \['adamw', 'mgda', 'mlfop_soap', 'pareto_lora', 'pcgrad', 'soap', 'sum'\]"):
+    with pytest.raises(ValueError, match=r"unknown: choose one of \['adamw', 'gradnorm', 'mgda', 'mlfop_soap', 'pareto_lora', 'pcgrad', 'soap', 'sum'\]"):
         build_optimizer({"name": "lion"}, params())
     with pytest.raises(ValueError, match="no argument.*'precondition_freq'.*valid arguments are.*precondition_frequency"):
         build_optimizer({"name": "mlfop_soap", "params": {"precondition_freq": 5}}, params())
@@ -55,6 +55,6 @@ def test_registry_lists_valid_names_and_arguments():
 
 
 def test_registry_builds_each_optimizer_with_the_same_interface():
-    for name in ("adamw", "soap", "mlfop_soap", "pcgrad", "mgda", "pareto_lora"):
+    for name in ("adamw", "soap", "mlfop_soap", "pcgrad", "mgda", "pareto_lora", "gradnorm"):
         opt = build_optimizer({"name": name, "params": {"lr": 1e-3}}, [("w", torch.nn.Parameter(torch.zeros(2, 2)))])
         assert isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["lr"] == 1e-3

@@ -1,18 +1,22 @@
-"""FOP operator invariants (research/algorithms.md section 1d) against the dense reference."""
+"""FOP operator invariants (research/algorithms.md section 1d) against the dense reference, and the
+pure functions of docs/algorithm.md section 2: damping, the bounded eta*, diagnostics, the gate."""
 
 import pytest
 import torch
 
+import dense
 from dense import fop, random_spd
-from distopt.fop import BlockMetric, eta_coefficient, fop_coefficients, fop_combine
+from distopt.fold import make_fold
+from distopt.fop import (BlockMetric, correction_partials, cosine_sq, eta_coefficient, fold_eta, fop_coefficients,
+                         fop_combine, gate_statistic, gated_beta, noise_variance, relative_correction)
 
 N = 12
 TOL = 1e-5
 
 
-def combine(g1, g2, q, dvec, n1=1, n2=1):
+def combine(g1, g2, q, dvec, n1=1, n2=1, damping=0.0):
     """distopt's path: rotate once, partials, coefficients, combine; returned unrotated, with (s, beta)."""
-    metric = BlockMetric([q], dvec)
+    metric = BlockMetric([q], dvec, damping=damping)
     x1, x2 = metric.prepare(g1), metric.prepare(g2)
     a, d = (n1 * x1 + n2 * x2) / (n1 + n2), x1 - x2
     s, beta, _ = fop_coefficients(metric.partials(a, d), TOL)
@@ -115,3 +119,174 @@ def test_eta_is_one_without_correction(setup):
     m, _, _, g1, _ = setup
     minv = torch.linalg.inv(m)
     assert float(eta_coefficient(torch.stack([g1 @ minv @ g1, g1 @ minv @ g1]))) == pytest.approx(1.0)
+
+
+# -- damping -----------------------------------------------------------------------------------------
+
+def test_damped_metric_matches_dense_reference(setup):
+    """dvec + lam mean(dvec) is M + lam (tr M / n) I: FOP's F + lam I, relative to M's average eigenvalue."""
+    m, q, dvec, g1, g2 = setup
+    lam = 0.3
+    damped = m + lam * float(dvec.mean()) * torch.eye(N, dtype=torch.float64)
+    c, s, beta = combine(g1, g2, q, dvec, damping=lam)
+    c_ref, s_ref, beta_ref = fop(g1, g2, damped)
+    torch.testing.assert_close(c, c_ref, rtol=1e-10, atol=1e-12)
+    assert (s, beta) == pytest.approx((s_ref, beta_ref), rel=1e-10)
+    assert abs(beta - combine(g1, g2, q, dvec)[2]) > 1e-2 * abs(beta), "damping must change the fold"
+    _, s7, beta7 = combine(g1, g2, q, 7.0 * dvec, damping=lam)
+    assert (s7, beta7) == pytest.approx((s, beta), rel=1e-10), "still invariant to M -> cM"
+    _, _, beta_big = combine(g1, g2, q, dvec, damping=1e9)
+    assert abs(beta_big) < 1e-6, "heavy damping: a scalar metric, FOP is the mean"
+    with pytest.raises(ValueError, match="fop_damping=-0.1 is invalid"):
+        BlockMetric([q], dvec, damping=-0.1)
+
+
+# -- eta* bounded by construction ----------------------------------------------------------------------
+
+def _micro_gradients(kind: str, k: int, gen: torch.Generator) -> list[torch.Tensor]:
+    gs = [torch.randn(N, generator=gen, dtype=torch.float64) for _ in range(k)]
+    if kind == "scaled":  # micro-steps whose sizes span four decades
+        return [g * 10 ** (4 * float(torch.rand(1, generator=gen)) - 2) for g in gs]
+    if kind == "alternating":  # large alternating halves around a small mean: big lower-level corrections
+        base, u = 0.05 * torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
+        return [base + (-1) ** i * (1 + 0.5 * float(torch.randn(1, generator=gen))) * u + 0.3 * g
+                for i, g in enumerate(gs)]
+    return gs
+
+
+def _distopt_fold(gs, q, dvec, schedule):
+    """distopt.fold with distopt.fop in the eigenbasis; returns (c unrotated, the last fold's partials and beta)."""
+    metric, last = BlockMetric([q], dvec), {}
+
+    def combine_items(x1, n1, x2, n2):
+        a, d = (n1 * x1 + n2 * x2) / (n1 + n2), x1 - x2
+        last["partials"] = metric.partials(a, d)
+        s, beta, _ = fop_coefficients(last["partials"], TOL)
+        last["beta"] = beta
+        return fop_combine(a, d, s, beta)
+
+    fold = make_fold(schedule, combine_items, lambda x, y: x + y, lambda x, c: x * c, metric.prepare)
+    for g in gs:
+        fold.push(g)
+    return q @ fold.result()[0], last["partials"], last["beta"]
+
+
+def test_eta_is_bounded_for_every_k_and_schedule_and_the_old_formula_is_not():
+    """eta* against the top fold's own a is (1 + x)/(1 + 3x) in [1/2, 1] by construction; against the
+    plain mean (the old g_tot) it leaves [1/2, 1] for K >= 3, and turns negative (an ascent step)."""
+    gen = torch.Generator().manual_seed(5)
+    old_outside, old_min = set(), 1.0
+    for schedule in ("streaming", "tree"):
+        for k in range(2, 17):
+            for draw in range(18):
+                m, q, dvec = random_spd(N, gen, spread=6.0)
+                gs = _micro_gradients(("random", "scaled", "alternating")[draw % 3], k, gen)
+                c, partials, beta = _distopt_fold(gs, q, dvec, schedule)
+                c_ref, a_top = (dense.fold_tree_top if schedule == "tree" else dense.fold_streaming_top)(gs, m)
+                torch.testing.assert_close(c, c_ref, rtol=1e-8, atol=1e-10)
+                eta = float(fold_eta(partials, beta))
+                assert eta == pytest.approx(dense.eta(a_top, c_ref, m), rel=1e-8, abs=1e-10)
+                assert 0.5 - 1e-12 <= eta <= 1 + 1e-12, (schedule, k, draw, eta)
+                old = dense.eta(sum(gs) / k, c_ref, m)
+                if k == 2:
+                    assert old == pytest.approx(eta, rel=1e-8), "one fold: a is the plain mean"
+                elif not 0.5 - 1e-9 <= old <= 1 + 1e-9:
+                    old_outside.add((schedule, k))
+                old_min = min(old_min, old)
+    assert len(old_outside) >= 20, f"the old formula should leave [1/2, 1] for most K >= 3: {sorted(old_outside)}"
+    assert old_min < 0, "and turn the step around somewhere"
+
+
+# -- diagnostics ---------------------------------------------------------------------------------------
+
+def test_diagnostics_match_dense(setup):
+    """x = D^2/(A E) is the squared M^-1-cosine of a and p, and eta* = (1 + x)/(1 + 3x); the relative
+    correction ||G_fop - G|| / ||G|| is basis-free (measured on rotated items)."""
+    m, q, dvec, g1, g2 = setup
+    minv = torch.linalg.inv(m)
+    metric = BlockMetric([q], dvec)
+    x1, x2 = metric.prepare(g1), metric.prepare(g2)
+    a_rot, d_rot = (x1 + x2) / 2, x1 - x2
+    partials = metric.partials(a_rot, d_rot)
+    s, beta, _ = fop_coefficients(partials, TOL)
+    c_rot = fop_combine(a_rot, d_rot, s, beta)
+    a, p = (g1 + g2) / 2, (g1 - g2) - float(s) * (g1 + g2) / 2
+    x_ref = float((a @ minv @ p) ** 2 / ((a @ minv @ a) * (p @ minv @ p)))
+    assert 1e-3 < x_ref < 1
+    assert float(cosine_sq(partials)) == pytest.approx(x_ref, rel=1e-9)
+    assert float(fold_eta(partials, beta)) == pytest.approx((1 + x_ref) / (1 + 3 * x_ref), rel=1e-9)
+    c = q @ c_rot
+    ratio = float(relative_correction(correction_partials(a_rot, c_rot)))
+    assert ratio == pytest.approx(float((c - a).norm() / a.norm()), rel=1e-9)
+    two_blocks = correction_partials(a_rot, c_rot) + correction_partials(2 * a_rot, 2 * a_rot)
+    assert float(relative_correction(two_blocks)) == pytest.approx(
+        float((c - a).norm() / (5 * a @ a).sqrt()), rel=1e-9), "partials add over blocks"
+    zero = torch.zeros(5, dtype=torch.float64)
+    assert float(cosine_sq(zero)) == 0.0 and float(fold_eta(zero, torch.tensor(0.0, dtype=torch.float64))) == 1.0
+
+
+# -- the variance-aware gate ---------------------------------------------------------------------------
+
+def _window(gen, k, dim, shift, cov_root):
+    """k interleaved micro-gradients (text, image, text, ...): mean 0 for text, `shift` for image, noise
+    cov_root @ z. Returns them, their tags (0, 1, 0, ...)."""
+    gs = [cov_root @ torch.randn(dim, generator=gen, dtype=torch.float64) + (i % 2) * shift for i in range(k)]
+    return gs, [i % 2 for i in range(k)]
+
+
+def _noise(gs, tags):
+    groups = sorted(set(tags))
+    sums = torch.stack([sum(g for g, t in zip(gs, tags) if t == m) for m in groups])
+    counts = torch.tensor([tags.count(m) for m in groups])
+    return noise_variance(sum(float(g @ g) for g in gs) * torch.ones((), dtype=torch.float64),
+                          (sums * sums).sum(-1), counts)
+
+
+def test_noise_variance_is_the_pooled_within_group_variance():
+    gen = torch.Generator().manual_seed(3)
+    gs, tags = _window(gen, 8, 5, torch.full((5,), 3.0, dtype=torch.float64), torch.eye(5, dtype=torch.float64))
+    means = {m: sum(g for g, t in zip(gs, tags) if t == m) / tags.count(m) for m in (0, 1)}
+    two_pass = sum(float((g - means[t]) @ (g - means[t])) for g, t in zip(gs, tags)) / (8 - 2)
+    assert float(_noise(gs, tags)) == pytest.approx(two_pass, rel=1e-12)
+    assert _noise(gs[:2], tags[:2]).isnan(), "one micro-step per group: no degree of freedom"
+
+
+def test_gate_statistic_is_calibrated_and_separates_a_systematic_difference():
+    """Under the null (both halves share one expected gradient) E||d||^2 = (1/n1 + 1/n2) tr(Sigma) and the
+    pooled within-group variance estimates tr(Sigma) (a text/image shift is not noise); the noise of
+    the previous window gates this window's text-against-image fold (n1 = n2 = 1)."""
+    gen = torch.Generator().manual_seed(4)
+    dim, k, draws = 12, 8, 1500
+    root = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
+    trace = float((root @ root.T).trace())
+    for ratio in (0.0, 4.0):  # ||shift||^2 = ratio x the noise of a difference of two micro-steps, 2 tr(Sigma)
+        shift_size = (ratio * 2 * trace) ** 0.5
+        shift = torch.full((dim,), shift_size / dim ** 0.5, dtype=torch.float64)
+        noise, diff_sq, stats = [], [], []
+        for _ in range(draws):
+            previous, tags = _window(gen, k, dim, shift, root)
+            current, _ = _window(gen, k, dim, shift, root)
+            sigma2 = _noise(previous, tags)
+            d = current[0] - current[1]                      # the level-1 fold: text against image
+            noise.append(float(sigma2))
+            diff_sq.append(float(d @ d))
+            stats.append(float(gate_statistic(d @ d, 1, 1, sigma2)))
+        mean_noise = sum(noise) / draws
+        assert mean_noise == pytest.approx(trace, rel=0.06), "within-group variance: the shift is not noise"
+        expected_d = 2 * trace + shift_size ** 2
+        assert sum(diff_sq) / draws == pytest.approx(expected_d, rel=0.06)
+        passed = sum(t > 3.84 for t in stats) / draws
+        if ratio == 0.0:
+            assert passed < 0.05, "Gaussian noise, n_eff >= 1: T > 3.84 at most 5% of the time under the null"
+        else:
+            assert passed > 0.5, "a systematic difference 4x the noise of the difference (E[T] = 5) passes"
+
+
+def test_gated_beta_keeps_the_correction_only_above_the_threshold():
+    beta = torch.tensor([0.7, -0.4, 0.2, 0.3], dtype=torch.float64)
+    stat = gate_statistic(torch.tensor([8.0, 1.0, 3.0, 2.0], dtype=torch.float64), 2, 2,
+                          torch.tensor([2.0, 1.0, 1.0, float("nan")], dtype=torch.float64))  # T = 4, 1, 3, NaN
+    torch.testing.assert_close(stat[:3], torch.tensor([4.0, 1.0, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(gated_beta(beta, stat, 2.5), torch.tensor([0.7, 0.0, 0.2, 0.3], dtype=torch.float64))
+    zero_noise = gate_statistic(torch.tensor([1.0, 0.0], dtype=torch.float64), 1, 1, torch.zeros(2, dtype=torch.float64))
+    assert zero_noise.tolist() == [float("inf"), 0.0]

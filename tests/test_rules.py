@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from distopt import build_optimizer
-from distopt.rules import combine
-from distopt.rules import module_of
+from distopt.rules import combine, gradnorm_weights, module_of
 from sharded_worker import run_sharded, train
 
 F64 = torch.float64
@@ -107,6 +106,90 @@ def test_resumed_wrapper_keeps_the_lr_schedule_reaching_its_base(tmp_path):
     assert fresh.base.param_groups[0]["lr"] == fresh.param_groups[0]["lr"] == 0.05
 
 
+def test_gradnorm_weight_update_matches_a_hand_computation():
+    """w = (1, 1), norms (3, 1), losses (0.5, 0.8) from (1, 1), alpha 1.5, lr 0.1:
+    G = (3, 1), Gbar = 2; Lt = (0.5, 0.8), r = (0.5, 0.8) / 0.65 = (0.7692, 1.2308), r^1.5 = (0.6747, 1.3654),
+    target = (1.3493, 2.7308); G - target = (+, -), so dL/dw = (+3, -1), divided by the mean norm 2:
+    w = (1 - 0.15, 1 + 0.05) = (0.85, 1.05), rescaled to sum 2: (0.8947, 1.1053). The task whose gradient
+    is larger and whose loss falls faster loses weight."""
+    new = gradnorm_weights(vec(1.0, 1.0), vec(3.0, 1.0), vec(0.5, 0.8), vec(1.0, 1.0), 1.5, 0.1)
+    torch.testing.assert_close(new, vec(0.85, 1.05) * 2 / 1.9)
+    clamped = gradnorm_weights(vec(1.0, 1.0), vec(3.0, 1.0), vec(0.5, 0.8), vec(1.0, 1.0), 1.5, 1.0)
+    torch.testing.assert_close(clamped, vec(1e-3, 1.5) * 2 / 1.501, msg="1 - 1.5 < 0: clamped to 1e-3, rescaled")
+    balanced = gradnorm_weights(vec(1.0, 1.0), vec(2.0, 2.0), vec(0.3, 0.6), vec(0.5, 1.0), 1.5, 0.1)
+    torch.testing.assert_close(balanced, vec(1.0, 1.0), msg="equal norms and equal training rates: fixed")
+
+
+def _one_layer_rule(name, **params):
+    p = torch.nn.Parameter(torch.zeros(2, dtype=F64))
+    opt = build_optimizer({"name": name, "params": {"base": "adamw", "lr": 0.1, "granularity": "global", **params}},
+                          [("l.weight", p)])
+    opt.base.step = lambda closure=None: None  # keep the combined gradient in p.grad
+    return p, opt
+
+
+def _step(p, opt, grads: dict, losses: dict = None):
+    p.grad = None
+    for tag, g in grads.items():
+        if losses:
+            opt.record_loss(tag, torch.tensor(losses[tag], dtype=F64))
+        with opt.modality(tag):
+            (p * g).sum().backward()
+    opt.step()
+    return p.grad.clone()
+
+
+def test_gradnorm_uses_its_weights_then_moves_them():
+    """Text gradient (3, 0), image (0, 1). Step 1 (losses 0.5, 0.8 become L(0)): weights (1, 1), so the
+    update is vanilla; then, r = (1, 1) and target Gbar = 2: w = (0.85, 1.05) * 2 / 1.9 = (0.8947, 1.1053).
+    Step 2 (text loss halved, 0.25): the update is 0.8947 g_text + 1.1053 g_image; then G = (2.6842,
+    1.1053), Gbar = 1.8947, r = (0.5, 1) / 0.75, target = (1.0314, 2.9171): (+, -) again, w = (0.7447,
+    1.1553) * 2 / 1.9 = (0.7839, 1.2161)."""
+    p, opt = _one_layer_rule("gradnorm", gradnorm_lr=0.1)
+    grads = {"text": vec(3.0, 0.0), "image": vec(0.0, 1.0)}
+    torch.testing.assert_close(_step(p, opt, grads, {"text": 0.5, "image": 0.8}), vec(3.0, 1.0))
+    w1 = opt.param_groups[0]["gradnorm"]["weights"]["all"]
+    assert w1["text"] == pytest.approx(0.85 * 2 / 1.9) and w1["image"] == pytest.approx(1.05 * 2 / 1.9)
+    torch.testing.assert_close(_step(p, opt, grads, {"text": 0.25, "image": 0.8}), vec(3 * 0.85, 1.05) * 2 / 1.9)
+    w2 = opt.param_groups[0]["gradnorm"]["weights"]["all"]
+    assert w2["text"] == pytest.approx(0.7447368 * 2 / 1.9, rel=1e-6)
+    assert w2["image"] == pytest.approx(1.1552632 * 2 / 1.9, rel=1e-6)
+    assert opt.param_groups[0]["gradnorm"]["initial_loss"] == {"text": 0.5, "image": 0.8}
+    saved = opt.state_dict()
+    _, fresh = _one_layer_rule("gradnorm", gradnorm_lr=0.1)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[0]["gradnorm"] == opt.param_groups[0]["gradnorm"], "weights and L(0) are resumed"
+    with pytest.raises(RuntimeError, match="record_loss"):
+        _step(p, opt, grads)
+
+
+def test_fixed_modality_weights_scale_each_modality():
+    """sum with [w_text, w_image] is the gradient of w_text L_text + w_image L_image, also on a step that
+    has one modality only; understanding/generation are the text/image tags of the training loop."""
+    p, opt = _one_layer_rule("sum", modality_weights=[0.5, 2.0])
+    grads = {"understanding": vec(3.0, 1.0), "generation": vec(-1.0, 2.0)}
+    torch.testing.assert_close(_step(p, opt, grads), 0.5 * grads["understanding"] + 2.0 * grads["generation"])
+    torch.testing.assert_close(_step(p, opt, {"text": vec(3.0, 1.0)}), vec(1.5, 0.5))
+    p, vanilla = _one_layer_rule("sum", modality_weights=[1, 1])
+    torch.testing.assert_close(_step(p, vanilla, grads), grads["understanding"] + grads["generation"])
+    p, odd = _one_layer_rule("sum", modality_weights=[0.5, 2.0])
+    with pytest.raises(ValueError, match="modality_weights: modality tag 'left'"):
+        _step(p, odd, {"left": vec(1.0, 0.0), "text": vec(0.0, 1.0)})
+
+
+@pytest.mark.parametrize("name, params, match", [
+    ("pcgrad", {"modality_weights": [1, 2]}, "modality_weights=.*for rule 'sum'"),
+    ("sum", {"modality_weights": [1, -2]}, r"modality_weights=\[1, -2\] is invalid"),
+    ("sum", {"modality_weights": [1]}, "w_text, w_image"),
+    ("sum", {"modality_weights": ["heavy", 1]}, "two positive numbers"),
+    ("sum", {"gradnorm_lr": 0.1}, "for rule 'gradnorm'"),
+    ("gradnorm", {"gradnorm_alpha": -1}, "gradnorm_alpha=-1 is invalid"),
+])
+def test_rule_options_are_checked(name, params, match):
+    with pytest.raises(ValueError, match=match):
+        _one_layer_rule(name, **params)
+
+
 def test_lora_a_and_b_form_one_layer():
     a = "base_model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
     b = "base_model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
@@ -152,13 +235,15 @@ def test_wrapper_changes_the_update_when_modalities_differ(name):
 
 
 RANK_CASES = [dict(rule="pareto_lora", base="adamw"), dict(rule="pcgrad", base="soap", max_grad_norm=0.05),
-              dict(rule="mgda", base="mlfop_soap"), dict(rule="sum", base="mlfop_soap", max_block=4)]
+              dict(rule="mgda", base="mlfop_soap"), dict(rule="sum", base="mlfop_soap", max_block=4),
+              dict(rule="gradnorm", base="adamw", rule_params=dict(gradnorm_lr=0.2))]
 
 
 def test_rules_on_two_ranks_equal_one_process(tmp_path):
     """Each rank holds half of every global micro-batch: the rule must see the two modality gradients
     of the whole batch (one all-reduce of [g_text; g_image] per step, plus a 2-number tag check),
-    so every base optimizer ends where one process with the whole batch ends."""
+    so every base optimizer ends where one process with the whole batch ends (GradNorm: with the
+    recorded losses averaged over ranks in the same all-reduce)."""
     configs = [{**c, "K": 4, "W": 2, "steps": 4} for c in RANK_CASES]
     results = run_sharded(2, configs, str(tmp_path))
     for ci, config in enumerate(configs):
