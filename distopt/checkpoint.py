@@ -109,7 +109,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     name = _describe(optimizer)
     if getattr(optimizer, "in_window", False):
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
-    optimizer = _stateful(optimizer)
+    outer, optimizer = optimizer, _stateful(optimizer)
     root = Path(root)
     rank, world = _rank_world()
     tmp = _all_gather(root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)[0]
@@ -138,7 +138,9 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name, model_format=model_format,
                         blocks=blocks, param_groups=groups,
-                        runtime=optimizer.runtime_state() if sharded else None, files=files, extra=extra or {})
+                        runtime=optimizer.runtime_state() if sharded else None,
+                        rule_runtime=outer.runtime_state() if outer is not optimizer else None, files=files,
+                        extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         _publish(root, tmp, final)
         if keep_last:
@@ -266,6 +268,8 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     else:
         outer.load_state_dict(_load(path / "optim-rank0.pt")["state_dict"])
+    if outer is not optimizer:
+        outer.load_runtime_state(manifest.get("rule_runtime"))
     _barrier()
     return manifest
 

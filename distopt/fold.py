@@ -1,9 +1,9 @@
 """Hierarchical folding of the K micro-step gradients of one optimizer step.
 
 A fold merges two equal-count gradient sets with FOP (`combine(x1, n1, x2, n2)`), the older first.
-Items are opaque to this module (one tensor per block, a dict of them, ...); `prepare` turns a raw
-gradient into the form folds work on (for SOAP's metric: a rotation into the eigenbasis), and is
-called once per item that takes part in a fold.
+Items are opaque to this module (one tensor per block, a dict of them, ...); `prepare(mean, count)`
+turns the raw mean of `count` micro-steps into the form folds work on (for SOAP's metric: a rotation
+into the eigenbasis), and is called once per item that takes part in a fold.
 
 `streaming` (canonical): z folds with the plain mean of the next equal-count chunk,
 z_j = FOP(z_{j-1}, mean(g_{2^(j-1)+1 .. 2^j})), the MLMC-style telescoping. Level 1 is micro-step 1
@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 Combine = Callable[[Any, int, Any, int], Any]
 Add = Callable[[Any, Any], Any]
 Scale = Callable[[Any, float], Any]
-Prepare = Callable[[Any], Any]
+Prepare = Callable[[Any, int], Any]  # prepare(mean of `count` micro-steps, count)
 
 class TreeFold:
     def __init__(self, combine: Combine, prepare: Prepare):
@@ -36,7 +36,7 @@ class TreeFold:
         """One micro-step's gradient (count = 1: every level-1 fold pairs single micro-steps)."""
         if count != 1:
             raise ValueError(f"the tree schedule folds single micro-steps, got a sum of {count}")
-        node = (self.prepare(item), 1)
+        node = (self.prepare(item, 1), 1)
         while self.stack and self.stack[-1][1] == node[1]:
             older, n = self.stack.pop()
             node = (self.combine(older, n, node[0], node[1]), n + node[1])
@@ -60,7 +60,7 @@ class StreamingFold:
     def push(self, item: Any, count: int = 1) -> None:
         """The raw sum of `count` micro-steps' gradients (one micro-step, or a whole chunk reduced at once)."""
         if self.z is None:
-            self.z = (self.prepare(item if count == 1 else self.scale(item, 1.0 / count)), count)
+            self.z = (self.prepare(item if count == 1 else self.scale(item, 1.0 / count), count), count)
             return
         self.chunk = (item, count) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + count)
         if self.chunk[1] >= self.z[1]:
@@ -68,7 +68,7 @@ class StreamingFold:
 
     def _fold_chunk(self) -> None:
         (z, nz), (total, nc) = self.z, self.chunk
-        self.z = (self.combine(z, nz, self.prepare(self.scale(total, 1.0 / nc)), nc), nz + nc)
+        self.z = (self.combine(z, nz, self.prepare(self.scale(total, 1.0 / nc), nc), nc), nz + nc)
         self.chunk = None
 
     def result(self) -> Optional[tuple[Any, int]]:

@@ -26,7 +26,6 @@ Also here, for the optimizer to call (docs/algorithm.md section 2 derives each):
     fold_eta            eta* with g_tot = the top-level fold's own a: in [1/2, 1] for every K and schedule
     cosine_sq           x = D^2 / (A E), the squared M^-1-cosine of a and p (FOP's effect is O(x))
     correction_partials, relative_correction    ||G_fop - G|| / ||G||
-    noise_variance, gate_statistic, gated_beta  the variance-aware gate
 """
 
 from __future__ import annotations
@@ -130,42 +129,6 @@ def correction_partials(g: torch.Tensor, g_fop: torch.Tensor) -> torch.Tensor:
 def relative_correction(partials: torch.Tensor) -> torch.Tensor:
     """||G_fop - G|| / ||G|| from correction_partials (..., 2); 0 where G = 0."""
     return _ratio(partials[..., 0], partials[..., 1], 0.0).sqrt()
-
-
-def noise_variance(sum_sq: torch.Tensor, group_sums_sq: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Pooled within-group variance of one window's micro-gradients g_1..g_K (per block or layer):
-
-        sigma^2 = sum_m sum_{k in m} ||g_k - mean_m||^2 / (K - G)
-                = (sum_k ||g_k||^2 - sum_m ||S_m||^2 / n_m) / (K - G)
-
-    with groups m = the modality tags (G of them; one group when untagged), S_m = sum_{k in m} g_k,
-    n_m = |m|. Unbiased for E||g_k - E g_k||^2 = tr(Sigma) when each group's micro-steps share one
-    expected gradient, whatever the groups' means: a systematic text/image difference is not noise.
-    `sum_sq` = sum_k ||g_k||^2 (...), `group_sums_sq` = ||S_m||^2 (..., G), `counts` = n_m (G,).
-    NaN where K - G < 1 (no degree of freedom: no estimate)."""
-    k, groups = counts.sum(), counts.numel()
-    within = sum_sq - (group_sums_sq / counts.to(group_sums_sq.dtype)).sum(-1)
-    if k - groups < 1:
-        return torch.full_like(within, float("nan"))
-    return within.clamp_min(0.0) / (k - groups)
-
-
-def gate_statistic(diff_sq: torch.Tensor, n1: float, n2: float, noise: torch.Tensor) -> torch.Tensor:
-    """T = ||d||^2 / ((1/n1 + 1/n2) sigma^2): the fold's difference d = g1 - g2 (halves of n1 and n2
-    micro-steps) against what sampling noise alone gives, E||d||^2 = (1/n1 + 1/n2) sigma^2 when both
-    halves share one expected gradient; so E[||d||^2] / ((1/n1 + 1/n2) E[sigma^2]) = 1 under that null
-    and T grows with a systematic difference. +inf where sigma^2 = 0 and d != 0; NaN (no estimate)
-    stays NaN."""
-    expected = (1.0 / n1 + 1.0 / n2) * noise
-    return torch.where(expected > 0, diff_sq / torch.where(expected > 0, expected, torch.ones_like(expected)),
-                       torch.where(diff_sq > 0, torch.full_like(diff_sq, float("inf")), torch.zeros_like(diff_sq)))
-
-
-def gated_beta(beta: torch.Tensor, statistic: torch.Tensor, threshold: float) -> torch.Tensor:
-    """beta* where T > threshold (the halves differ by more than noise), 0 elsewhere (the fold is the
-    plain count-weighted mean). Where there is no noise estimate yet (T NaN) beta* is kept."""
-    keep = (statistic > threshold) | statistic.isnan()
-    return torch.where(keep, beta, torch.zeros_like(beta))
 
 
 class BlockMetric:

@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from distopt.fop import BlockMetric, eta_coefficient, fop_coefficients, fop_combine
+from distopt.fop import BlockMetric, cosine_sq, fold_eta, fop_coefficients, fop_combine
 from distopt.plan import Block
 
 Bundle = dict[int, torch.Tensor]  # one item per owned block (block index -> tensor)
@@ -39,11 +39,11 @@ class Levels:
         self.all_reduce_sum, self.needs_sums, self.counters = all_reduce_sum, needs_sums, counters
         self.device = device
         self.modality_norm_ema: dict[str, float] = {}  # fisher_norm's running natural-gradient norms
-        self.betas: list[torch.Tensor] = []            # |beta*| of this window's folds, for stats()
+        self.top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (partials, beta*) of its last fold
         self.guarded = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no host sync
 
     def begin_window(self) -> None:
-        self.betas = []
+        self.top = {}
 
     # -- tables ------------------------------------------------------------------------------------
 
@@ -73,8 +73,9 @@ class Levels:
         table = self.table({i: metrics[i].partials(a[i], d[i]) for i in b1}, 5)
         out = {}
         for i in b1:
-            s, beta, guarded = fop_coefficients(self.lookup(table, i, metrics[i].n_segments), self.tolerance)
-            self.betas.append(beta.abs())
+            partials = self.lookup(table, i, metrics[i].n_segments)
+            s, beta, guarded = fop_coefficients(partials, self.tolerance)
+            self.top[i] = (partials, beta)  # the last fold a block takes part in is the top-level fold
             self.guarded += guarded.sum()
             out[i] = fop_combine(a[i], d[i], metrics[i].expand(s, a[i]), metrics[i].expand(beta, a[i]))
         self.counters["fop_folds"] += len(b1)
@@ -94,21 +95,23 @@ class Levels:
             inverse.append(1.0 / max(ema[tag], 1e-30))
         return [2 * x / sum(inverse) for x in inverse]
 
-    # -- eta* --------------------------------------------------------------------------------------
+    # -- eta* and what a step reports ---------------------------------------------------------------
 
-    def eta(self, table: torch.Tensor, local: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
-        """eta* per block (per segment) from the reduced eta table, in the configured convention."""
+    def eta(self, i: int, n_segments: int) -> torch.Tensor:
+        """eta* of block i (per segment) in the configured convention: the top-level fold's, measured
+        against that fold's own average, so in [1/2, 1] ('mean') for every K and schedule
+        (distopt.fop.fold_eta); 1 where the block did not fold."""
         factor = ETA_FACTORS[self.eta_convention]
-        eta = {}
-        for i, partials in local.items():
-            n = partials.shape[0]
-            eta[i] = eta_coefficient(self.lookup(table, i, n)) * factor if factor else \
-                torch.ones(n, dtype=torch.float64, device=partials.device)
-        return eta
+        if not factor or i not in self.top:
+            return torch.ones(n_segments, dtype=torch.float64, device=self.device)
+        return fold_eta(*self.top[i]) * factor
 
-    def take_betas(self) -> list[torch.Tensor]:
-        """|beta*| of the window that just ended; its guard count joins the counters (one host sync)."""
+    def diagnostics(self, i: int) -> torch.Tensor:
+        """[|beta*|, eta*, x = D^2 / (A E)] of block i's top fold, averaged over its segments."""
+        partials, beta = self.top[i]
+        return torch.stack([beta.abs().mean(), self.eta(i, beta.numel()).mean(), cosine_sq(partials).mean()])
+
+    def count_guarded(self) -> None:
+        """The window's guarded folds join the counters (one host sync, at step())."""
         self.counters["fop_beta_guarded"] += int(self.guarded)
         self.guarded.zero_()
-        betas, self.betas = self.betas, []
-        return betas

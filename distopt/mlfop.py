@@ -33,7 +33,7 @@ import torch
 
 from distopt.capture import MicrostepCapture
 from distopt.distributor import Distributor, check_vector, disagreement, make_distributor
-from distopt.fop import BlockMetric
+from distopt.fop import BlockMetric, correction_partials
 from distopt.levels import Bundle, Levels
 from distopt.options import MLFOPOptions
 from distopt.plan import Block
@@ -103,7 +103,7 @@ class MLFOPSOAP(SOAP):
         self._window: Optional[Window] = None
         self._action, self._tag = KEEP, ""
         self._taken: set[int] = set()
-        self._stats: Optional[tuple] = None
+        self._diagnostics: Optional[torch.Tensor] = None
         self._fetch_masters = False
         self.window_peak_bytes = 0
         self._capture = MicrostepCapture(self._params, self, o.capture)
@@ -221,7 +221,8 @@ class MLFOPSOAP(SOAP):
             st = self.block_state(b)
             if self.options.fop and st.get("step", 0) >= 1:
                 eps = self._group_of[self._params[b.param]]["eps"]
-                metrics[b.index] = BlockMetric(st["Q"], st["exp_avg_sq"].sqrt() + eps, self.levels.segments.get(b.index))
+                metrics[b.index] = BlockMetric(st["Q"], st["exp_avg_sq"].sqrt() + eps, self.levels.segments.get(b.index),
+                                               damping=self.options.fop_damping)
             elif self.options.fop:
                 self.counters["fop_metric_not_ready"] += 1
         self.levels.begin_window()
@@ -324,7 +325,7 @@ class MLFOPSOAP(SOAP):
         if self.options.fop and folded is None:
             self.counters["fop_unpaired_steps"] += 1
         fop_items = {i: x * w.microsteps for i, x in folded.items()} if folded else {}
-        present, scale, eta = self._boundary_sums(w, fop_items)
+        present, scale = self._boundary_sums(w, fop_items)
         if scale is None:
             self.counters["skipped_nonfinite_steps"] += 1
             return
@@ -333,15 +334,18 @@ class MLFOPSOAP(SOAP):
                 self.block_state(self._blocks[b]).setdefault("master", master)
         for b in self.distributor.owned:
             if b.param in present:
-                self._update_block(b, w, fop_items, scale, eta)
+                self._update_block(b, w, fop_items, scale)
         if self.distributor.replicated_params:
             self.distributor.write_back(self._params)
         else:
             self.distributor.write_back(self._params, {b.index: self.block_state(b)["master"]
                                                        for b in self.distributor.owned})
-        self._stats = (self.levels.take_betas(), list(eta.values()))
+        self.levels.count_guarded()
 
-    def _update_block(self, b: Block, w: Window, fop_items: Bundle, scale: float, eta: dict) -> None:
+    def _update_block(self, b: Block, w: Window, fop_items: Bundle, scale: float) -> None:
+        """SOAP on one owned block, fed by FOP as `coupling` says (docs/algorithm.md sections 4, 4a):
+        moments  m from rot(G_fop), v from rot(G_fop) ('folded') or rot(G) ('plain'), step x eta*
+        update   m, v from G (SOAP's own state), plus gamma unrot(rot(G_fop - G) / (sqrt(v) + eps))."""
         p = self._params[b.param]
         st = self.block_state(b)
         if not self.distributor.replicated_params:  # FSDP2: the owner's master is the block
@@ -352,13 +356,20 @@ class MLFOPSOAP(SOAP):
             if low_precision and "master" not in st:
                 st["master"] = view.to(state_dtype(p))  # the block's fp32 master copy, on its owner only
             target = st["master"] if low_precision else view
+        o = self.options
         g = w.plain[b.index] * scale if scale != 1.0 else w.plain[b.index]
-        moment, lr_scale = None, 1.0
+        extra = {}
         if b.index in fop_items:
             metric = w.metrics[b.index]
-            moment = metric.finish(fop_items[b.index] * scale if scale != 1.0 else fop_items[b.index])
-            lr_scale = metric.expand(eta[b.index], fop_items[b.index])
-        soap_update(st, target, g, self.block_layout(b), self._group_of[p], self.counters, moment, lr_scale)
+            g_fop = metric.finish(fop_items[b.index] * scale if scale != 1.0 else fop_items[b.index])
+            if o.coupling == "moments":
+                extra["moment_grad_rot"] = g_fop
+                extra["lr_scale"] = metric.expand(self.levels.eta(b.index, metric.n_segments), fop_items[b.index])
+                if o.second_moment == "plain":
+                    extra["second_moment_rot"] = metric.finish(_scaled(w.plain_prepared[b.index], scale))
+            elif o.fop_gamma:
+                extra["extra_rot"] = o.fop_gamma * (g_fop - metric.finish(_scaled(w.plain_prepared[b.index], scale)))
+        soap_update(st, target, g, self.block_layout(b), self._group_of[p], self.counters, **extra)
         if low_precision:
             view.copy_(target)
 
@@ -372,41 +383,54 @@ class MLFOPSOAP(SOAP):
 
     def _boundary_sums(self, w: Window, fop_items: Bundle):
         """One fp64 all-reduce for: a non-finite flag, the squared global norm, which parameters had a
-        gradient on some rank, and the eta* partials. Returns (present params, clip scale or None, eta)."""
-        n, segs = len(self._params), self.levels.max_segments
-        vec = torch.zeros(2 + n + n * segs * 2, dtype=torch.float64, device=self.distributor.device)
+        gradient on some rank, and per parameter the FOP diagnostics (|beta*|, eta*, x of its top fold;
+        ||G_fop - G||^2 and ||G||^2). Returns (present params, clip scale or None); the diagnostics
+        stay on the device for stats()."""
+        n = len(self._params)
+        vec = torch.zeros(2 + n + 6 * n, dtype=torch.float64, device=self.distributor.device)
         if w.present:
             vec[2 + torch.tensor(sorted(w.present), device=vec.device)] = 1.0
-        eta_local = {}
+        diagnostics = vec[2 + n:].view(n, 6)  # |beta*|, eta*, x, folded (each 1/blocks); ||G_fop - G||^2, ||G||^2
         for i, g in w.plain.items():
             sq = g.square().sum(dtype=torch.float64)
             vec[0] += (~torch.isfinite(sq)).double()
             vec[1] += sq
             if i in fop_items:
+                b = self._blocks[i]
                 vec[0] += (~torch.isfinite(fop_items[i]).all()).double()
-                eta_local[i] = w.metrics[i].eta_partials(w.metrics[i].prepare(g), fop_items[i])
-        self.levels.add_into(vec[2 + n:].view(n, segs, 2), eta_local)
+                share = 1.0 / len(self.plan.of_param(b.param))
+                diagnostics[b.param, :3] += self.levels.diagnostics(i) * share
+                diagnostics[b.param, 3] += share
+                diagnostics[b.param, 4:] += correction_partials(w.plain_prepared[i], fop_items[i])
         vec = self.distributor.all_reduce_sum(vec)
         head = vec[:2 + n].tolist()
         self.counters["host_syncs"] += 1
+        self._diagnostics = diagnostics
         if head[0] > 0:
-            return set(), None, {}
-        present = {i for i in range(n) if head[2 + i] > 0}
-        scale = self._clip_scale(head[1])
-        return present, scale, self.levels.eta(vec[2 + n:].view(n, segs, 2), eta_local)
+            return set(), None
+        return {i for i in range(n) if head[2 + i] > 0}, self._clip_scale(head[1])
 
     # -- what others read --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, float]:
-        """|beta*| and eta* (mean, min, max) of the last step, over this rank's blocks."""
-        if self._stats is None:
+        """FOP's diagnostics of the last step (docs/algorithm.md section 4a.3), equal on every rank: per
+        layer (`<kind>/<parameter>`) and over layers (`<kind>_mean|min|max`), for |beta*|, eta*,
+        x = D^2 / (A E) (the squared M^-1-cosine of the mean and the orthogonal part: FOP's effect is
+        O(x)) and correction = ||G_fop - G|| / ||G||. A run whose x is ~0 cannot show an effect of FOP."""
+        if self._diagnostics is None:
             return {}
-        out = {}
-        for name, values in zip(("beta_abs", "eta"), self._stats):
-            if values:
-                flat = torch.cat([v.reshape(-1) for v in values]).double()
-                out.update({f"{name}_mean": float(flat.mean()), f"{name}_min": float(flat.min()),
-                            f"{name}_max": float(flat.max())})
+        rows = self._diagnostics.tolist()
+        out, columns = {}, {}
+        for i, (beta, eta, x, folded, diff, total) in enumerate(rows):
+            if folded < 0.5:
+                continue
+            name = self.routes[self._params[i]].name or f"param{i}"
+            values = dict(beta_abs=beta, eta=eta, cosine_sq=x, correction=(diff / total) ** 0.5 if total > 0 else 0.0)
+            for kind, value in values.items():
+                out[f"{kind}/{name}"] = value
+                columns.setdefault(kind, []).append(value)
+        for kind, values in columns.items():
+            out.update({f"{kind}_mean": sum(values) / len(values), f"{kind}_min": min(values), f"{kind}_max": max(values)})
         return out
 
     @property
@@ -458,6 +482,10 @@ class MLFOPSOAP(SOAP):
     def close(self) -> None:
         """Remove the gradient hooks."""
         self._capture.remove()
+
+
+def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return x * scale if scale != 1.0 else x
 
 
 def _nbytes(value) -> int:

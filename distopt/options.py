@@ -114,6 +114,8 @@ ETA_CONVENTIONS = ("mean", "sum", "none")
 MODALITY_WEIGHTINGS = ("none", "fisher_norm")
 CAPTURE_MODES = ("hooks", "manual")
 COMM_DTYPES = ("fp32", "bf16")
+SECOND_MOMENTS = ("folded", "plain")
+COUPLINGS = ("moments", "update")
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class MLFOPOptions(SOAPOptions):
     max_block: cut sides longer than this into blocks.  max_grad_norm: clip the accumulated gradient's
     global norm.  bucket_mb: size of the reduction buckets.  comm_dtype: 'fp32' (default) or 'bf16',
     the dtype gradients are reduced in (fp64 parameters always reduce in fp64).
+    fop_damping: lam, FOP's metric M + lam (tr M / n) I.  second_moment: 'folded' (v from G_fop) |
+    'plain' (v from G).  coupling: 'moments' (FOP feeds Adam's moments, step x eta*) | 'update' (SOAP's
+    own step plus fop_gamma times the preconditioned correction; needs eta_convention 'none').
     """
 
     fop: bool = True
@@ -146,6 +151,10 @@ class MLFOPOptions(SOAPOptions):
     max_grad_norm: Optional[float] = None
     bucket_mb: float = 25.0
     comm_dtype: str = "fp32"
+    fop_damping: float = 0.0
+    second_moment: str = "folded"
+    coupling: str = "moments"
+    fop_gamma: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -174,6 +183,17 @@ class MLFOPOptions(SOAPOptions):
                "max_grad_norm", self.max_grad_norm, "must be > 0 (or None for no clipping)")
         _check(_number(self.bucket_mb) and self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
         _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        _check(_number(self.fop_damping) and 0 <= self.fop_damping < float("inf"), "fop_damping", self.fop_damping,
+               "must be a finite number >= 0 (0: undamped)")
+        _choice("second_moment", self.second_moment, SECOND_MOMENTS)
+        _choice("coupling", self.coupling, COUPLINGS)
+        _check(_number(self.fop_gamma) and self.fop_gamma >= 0, "fop_gamma", self.fop_gamma, "must be >= 0")
+        if self.coupling == "update":
+            _check(self.eta_convention == "none", "eta_convention", self.eta_convention,
+                   "coupling='update' applies FOP after Adam's normalisation, where eta* (fitted to the folded "
+                   "gradient the step no longer follows) does not apply: set eta_convention='none'")
+            _check(self.second_moment == "folded", "second_moment", self.second_moment,
+                   "coupling='update' keeps SOAP's moments exactly SOAP's (v from G): leave second_moment at its default")
 
     def check_world(self, world: int) -> None:
         """Checks that need the number of ranks."""

@@ -140,8 +140,8 @@ class TwoObjective(torch.optim.Optimizer):
 
     modality_weights: [w_text, w_image] for rule 'sum' (None: [1, 1], vanilla). GradNorm:
     gradnorm_alpha (default 1.5), gradnorm_lr (default 0.025); its weights (per group: 'global' is the
-    paper's one pair) and the initial losses L_i(0) live in param_groups[0]["gradnorm"], so they are
-    saved and restored with the optimizer's state. (All validated by distopt.options.RuleOptions.)
+    paper's one pair) and the initial losses L_i(0) are the rule's runtime state (`runtime_state()`,
+    saved by state_dict() and by checkpoints). (All validated by distopt.options.RuleOptions.)
 
     The wrapper shares the base optimizer's param_groups and state, so LR schedulers, state_dict()
     and load_state_dict() act on the base optimizer. Layer groups come from parameter names (pass
@@ -173,6 +173,7 @@ class TwoObjective(torch.optim.Optimizer):
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         self._tag: Optional[str] = None
+        self._runtime: dict = {}
         self._losses: dict[str, list] = {}  # tag -> [sum of recorded losses (a tensor), micro-steps] this step
         self._capture = MicrostepCapture(self._params, self, self.options.capture)
 
@@ -286,7 +287,14 @@ class TwoObjective(torch.optim.Optimizer):
         return tuple(torch.full_like(g11, weights.get(t, 1.0) / 2) for t in tags)
 
     def _gradnorm_state(self) -> dict:
-        return self.param_groups[0].setdefault("gradnorm", {"initial_loss": {}, "weights": {}})
+        return self._runtime.setdefault("gradnorm", {"initial_loss": {}, "weights": {}})
+
+    def runtime_state(self) -> dict:
+        """State that lives between steps outside the base optimizer: GradNorm's weights and L_i(0)."""
+        return {k: {kk: dict(vv) for kk, vv in v.items()} for k, v in self._runtime.items()}
+
+    def load_runtime_state(self, state: dict) -> None:
+        self._runtime = {k: {kk: dict(vv) for kk, vv in v.items()} for k, v in (state or {}).items()}
 
     def _gradnorm_step(self, tags: list[str], dots: dict[str, list[torch.Tensor]], losses: dict[str, float]) -> None:
         """Move every group's weights (groups both modalities reach) after this step used them."""
@@ -357,11 +365,13 @@ class TwoObjective(torch.optim.Optimizer):
                 p.grad = g.clone() if p.grad is None else p.grad + g
 
     def state_dict(self) -> dict:
-        return self.base.state_dict()
+        return {**self.base.state_dict(), "rule": self.runtime_state()}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """The base loads; torch's loader replaces its param_groups and state, so share them again
         (an LR scheduler on the wrapper must keep reaching the base)."""
+        state_dict = dict(state_dict)
+        self.load_runtime_state(state_dict.pop("rule", {}))
         self.base.load_state_dict(state_dict)
         self.param_groups, self.state = self.base.param_groups, self.base.state
 

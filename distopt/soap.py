@@ -204,26 +204,32 @@ def soap_init(st: dict, g: torch.Tensor, layout: Layout, group: dict, counters: 
 
 
 def soap_update(st: dict, param: torch.Tensor, g: torch.Tensor, layout: Layout, group: dict, counters: Counter,
-                moment_grad_rot: Optional[torch.Tensor] = None, lr_scale: float | torch.Tensor = 1.0) -> None:
+                moment_grad_rot: Optional[torch.Tensor] = None, lr_scale: float | torch.Tensor = 1.0,
+                second_moment_rot: Optional[torch.Tensor] = None, extra_rot: Optional[torch.Tensor] = None) -> None:
     """One SOAP step of `param` (a parameter or a view of one block) with gradient g (precond layout).
 
-    `moment_grad_rot`, already in the eigenbasis, feeds Adam's moments instead of rot(g); `lr_scale`
-    multiplies the update (not the weight decay). The statistics always use g.
+    `moment_grad_rot`, already in the eigenbasis, feeds Adam's moments instead of rot(g), and
+    `second_moment_rot` feeds v alone; `lr_scale` multiplies the update (not the weight decay).
+    `extra_rot` adds a term after Adam's normalisation, in the bias-corrected scale:
+    p <- p - lr sqrt(1 - b2^t) [unrot(m / d) / (1 - b1^t) + unrot(extra_rot / d)],  d = sqrt(v) + eps.
+    The statistics always use g.
     """
     if "step" not in st:
         soap_init(st, g, layout, group, counters)
         return
     basis: Basis = st["Q"]
     g_rot = rotate(g, basis) if moment_grad_rot is None else moment_grad_rot
+    v_rot = g_rot if second_moment_rot is None else second_moment_rot
     beta1, beta2 = group["betas"]
     st["step"] += 1
     m, v = st["exp_avg"], st["exp_avg_sq"]
     m.mul_(beta1).add_(g_rot, alpha=1.0 - beta1)
-    v.mul_(beta2).add_(g_rot.square(), alpha=1.0 - beta2)
+    v.mul_(beta2).add_(v_rot.square(), alpha=1.0 - beta2)
     step_size = group["lr"]
     if group["correct_bias"]:
         step_size *= math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
-    direction = soap_direction(m, v, group["eps"], basis, group["normalize_grads"]) * lr_scale
+    numerator = m if extra_rot is None else m + extra_rot * ((1.0 - beta1 ** st["step"]) if group["correct_bias"] else 1.0)
+    direction = soap_direction(numerator, v, group["eps"], basis, group["normalize_grads"]) * lr_scale
     param.add_(layout.from_precond(direction).to(param.dtype), alpha=-step_size)
     if group["weight_decay"] > 0:
         param.add_(param, alpha=-group["lr"] * group["weight_decay"])

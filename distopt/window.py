@@ -86,11 +86,13 @@ class Piece:
 
 @dataclass
 class _Group:
-    """A group's mean per micro-step summed over its `microsteps`, each standing for `size` sub-batches."""
+    """A group's mean per micro-step summed over its `microsteps`, each standing for `size` sub-batches;
+    `in_plain`: what its mean is multiplied by in G."""
 
     total: Bundle
     microsteps: int
     size: int
+    in_plain: float
 
 
 @dataclass
@@ -104,6 +106,7 @@ class Window:
     blocks: dict[int, Block]
     fold: object = None
     plain: dict[int, torch.Tensor] = field(default_factory=dict)
+    plain_prepared: dict[int, torch.Tensor] = field(default_factory=dict)  # G in the folds' space, from their items
     groups: dict[str, _Group] = field(default_factory=dict)
     present: set[int] = field(default_factory=set)  # parameters that had a gradient on this rank
     microsteps: int = 0
@@ -126,14 +129,19 @@ class Window:
         if piece.group == "chunk":
             self.fold.push(_scale(folding, 1.0 / self.world) if self.world > 1 else folding, piece.microsteps)
         elif piece.group in ("even", "odd"):
-            self.groups[piece.group] = _Group(_scale(folding, 1.0 / piece.ranks), piece.microsteps, piece.ranks)
+            self.groups[piece.group] = _Group(_scale(folding, 1.0 / piece.ranks), piece.microsteps, piece.ranks,
+                                              piece.microsteps * piece.ranks / self.world)
         else:
             self.groups[piece.group] = _Group(_scale(folding, 1.0 / self.world) if self.world > 1 else folding,
-                                              piece.microsteps, 1)
+                                              piece.microsteps, 1, piece.microsteps)
 
-    def prepare(self, items: Bundle) -> Bundle:
-        """Raw gradients into the form folds measure (rotated into each block's eigenbasis)."""
-        return {i: self.metrics[i].prepare(x) for i, x in items.items()}
+    def prepare(self, items: Bundle, count: float) -> Bundle:
+        """Raw means of `count` micro-steps into the form folds measure (rotated into each block's
+        eigenbasis); count x them also adds up G in that form, rot(G) with no rotation of its own."""
+        prepared = {i: self.metrics[i].prepare(x) for i, x in items.items()}
+        for i, x in prepared.items():
+            self.plain_prepared[i] = x * count if i not in self.plain_prepared else self.plain_prepared[i] + x * count
+        return prepared
 
     def _combine(self, b1: Bundle, n1: int, b2: Bundle, n2: int) -> Bundle:
         return self.levels.combine(self.metrics, b1, n1, b2, n2)
@@ -147,7 +155,7 @@ class Window:
             raise RuntimeError(f"FOP folds two groups, got {sorted(self.groups)}")
         if len(self.groups) < 2:
             return None
-        means = {tag: self.prepare(_scale(g.total, 1.0 / g.microsteps)) for tag, g in self.groups.items()}
+        means = {tag: self.prepare(_scale(g.total, 1.0 / g.microsteps), g.in_plain) for tag, g in self.groups.items()}
         weights = self.levels.modality_weights(self.metrics, means)
         (m1, m2), (g1, g2) = means.values(), self.groups.values()
         return self._combine(_scale(m1, weights[0]), g1.size * g1.microsteps, _scale(m2, weights[1]),
@@ -155,7 +163,8 @@ class Window:
 
     def held_bytes(self) -> int:
         """Bytes of the tensors this window holds (the memory accounting of docs/distributed.md)."""
-        tensors = list(self.plain.values()) + [x for s in self.stash.values() for x in s.values()]
+        tensors = list(self.plain.values()) + list(self.plain_prepared.values())
+        tensors += [x for s in self.stash.values() for x in s.values()]
         tensors += [x for g in self.groups.values() for x in g.total.values()]
         for node in _fold_nodes(self.fold):
             tensors += list(node.values())

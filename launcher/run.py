@@ -214,6 +214,8 @@ def run_step(run: Run, probe_geometry: bool) -> StepResult:
                     tagged.enter_context(owner.modality(batch["modality"]))
             engine.backward(result["loss"])
         seconds["backward"] += time.perf_counter() - t
+        if hasattr(opt, "record_loss"):  # GradNorm balances the modalities by their losses
+            opt.record_loss(batch["modality"], result["loss"])
         for kind in ("text", "image"):  # (sum of micro-step losses, micro-steps) of the kind
             seen = result[f"n_{kind}"] > 0
             sums[kind] += torch.stack([torch.where(seen, result[f"{kind}_loss"].detach(), 0.0).double(), seen.double()])

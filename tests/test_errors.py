@@ -26,7 +26,8 @@ def test_soap_arguments(kwargs, name):
     (dict(fold_schedule="dyadic"), "fold_schedule"), (dict(eta_convention="avg"), "eta_convention"),
     (dict(modality_weighting="fisher_norm"), "modality_weighting"), (dict(capture="auto"), "capture"),
     (dict(fop_tolerance=2.0), "fop_tolerance"), (dict(level="head"), "head_splits"),
-    (dict(lr=-1.0), "lr"),
+    (dict(lr=-1.0), "lr"), (dict(fop_damping=-0.1), "fop_damping"), (dict(second_moment="v"), "second_moment"),
+    (dict(coupling="after"), "coupling"), (dict(fop_gamma=-1.0), "fop_gamma"), (dict(comm_dtype="fp16"), "comm_dtype"),
 ])
 def test_mlfop_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):

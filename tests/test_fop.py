@@ -1,5 +1,5 @@
 """FOP operator invariants (research/algorithms.md section 1d) against the dense reference, and the
-pure functions of docs/algorithm.md section 2: damping, the bounded eta*, diagnostics, the gate."""
+pure functions of docs/algorithm.md section 2: damping, the bounded eta*, diagnostics."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import dense
 from dense import fop, random_spd
 from distopt.fold import make_fold
 from distopt.fop import (BlockMetric, correction_partials, cosine_sq, eta_coefficient, fold_eta, fop_coefficients,
-                         fop_combine, gate_statistic, gated_beta, noise_variance, relative_correction)
+                         fop_combine, relative_correction)
 
 N = 12
 TOL = 1e-5
@@ -165,7 +165,7 @@ def _distopt_fold(gs, q, dvec, schedule):
         last["beta"] = beta
         return fop_combine(a, d, s, beta)
 
-    fold = make_fold(schedule, combine_items, lambda x, y: x + y, lambda x, c: x * c, metric.prepare)
+    fold = make_fold(schedule, combine_items, lambda x, y: x + y, lambda x, c: x * c, lambda x, _: metric.prepare(x))
     for g in gs:
         fold.push(g)
     return q @ fold.result()[0], last["partials"], last["beta"]
@@ -225,68 +225,3 @@ def test_diagnostics_match_dense(setup):
     assert float(cosine_sq(zero)) == 0.0 and float(fold_eta(zero, torch.tensor(0.0, dtype=torch.float64))) == 1.0
 
 
-# -- the variance-aware gate ---------------------------------------------------------------------------
-
-def _window(gen, k, dim, shift, cov_root):
-    """k interleaved micro-gradients (text, image, text, ...): mean 0 for text, `shift` for image, noise
-    cov_root @ z. Returns them, their tags (0, 1, 0, ...)."""
-    gs = [cov_root @ torch.randn(dim, generator=gen, dtype=torch.float64) + (i % 2) * shift for i in range(k)]
-    return gs, [i % 2 for i in range(k)]
-
-
-def _noise(gs, tags):
-    groups = sorted(set(tags))
-    sums = torch.stack([sum(g for g, t in zip(gs, tags) if t == m) for m in groups])
-    counts = torch.tensor([tags.count(m) for m in groups])
-    return noise_variance(sum(float(g @ g) for g in gs) * torch.ones((), dtype=torch.float64),
-                          (sums * sums).sum(-1), counts)
-
-
-def test_noise_variance_is_the_pooled_within_group_variance():
-    gen = torch.Generator().manual_seed(3)
-    gs, tags = _window(gen, 8, 5, torch.full((5,), 3.0, dtype=torch.float64), torch.eye(5, dtype=torch.float64))
-    means = {m: sum(g for g, t in zip(gs, tags) if t == m) / tags.count(m) for m in (0, 1)}
-    two_pass = sum(float((g - means[t]) @ (g - means[t])) for g, t in zip(gs, tags)) / (8 - 2)
-    assert float(_noise(gs, tags)) == pytest.approx(two_pass, rel=1e-12)
-    assert _noise(gs[:2], tags[:2]).isnan(), "one micro-step per group: no degree of freedom"
-
-
-def test_gate_statistic_is_calibrated_and_separates_a_systematic_difference():
-    """Under the null (both halves share one expected gradient) E||d||^2 = (1/n1 + 1/n2) tr(Sigma) and the
-    pooled within-group variance estimates tr(Sigma) (a text/image shift is not noise); the noise of
-    the previous window gates this window's text-against-image fold (n1 = n2 = 1)."""
-    gen = torch.Generator().manual_seed(4)
-    dim, k, draws = 12, 8, 1500
-    root = torch.randn(dim, dim, generator=gen, dtype=torch.float64) / dim ** 0.5
-    trace = float((root @ root.T).trace())
-    for ratio in (0.0, 4.0):  # ||shift||^2 = ratio x the noise of a difference of two micro-steps, 2 tr(Sigma)
-        shift_size = (ratio * 2 * trace) ** 0.5
-        shift = torch.full((dim,), shift_size / dim ** 0.5, dtype=torch.float64)
-        noise, diff_sq, stats = [], [], []
-        for _ in range(draws):
-            previous, tags = _window(gen, k, dim, shift, root)
-            current, _ = _window(gen, k, dim, shift, root)
-            sigma2 = _noise(previous, tags)
-            d = current[0] - current[1]                      # the level-1 fold: text against image
-            noise.append(float(sigma2))
-            diff_sq.append(float(d @ d))
-            stats.append(float(gate_statistic(d @ d, 1, 1, sigma2)))
-        mean_noise = sum(noise) / draws
-        assert mean_noise == pytest.approx(trace, rel=0.06), "within-group variance: the shift is not noise"
-        expected_d = 2 * trace + shift_size ** 2
-        assert sum(diff_sq) / draws == pytest.approx(expected_d, rel=0.06)
-        passed = sum(t > 3.84 for t in stats) / draws
-        if ratio == 0.0:
-            assert passed < 0.05, "Gaussian noise, n_eff >= 1: T > 3.84 at most 5% of the time under the null"
-        else:
-            assert passed > 0.5, "a systematic difference 4x the noise of the difference (E[T] = 5) passes"
-
-
-def test_gated_beta_keeps_the_correction_only_above_the_threshold():
-    beta = torch.tensor([0.7, -0.4, 0.2, 0.3], dtype=torch.float64)
-    stat = gate_statistic(torch.tensor([8.0, 1.0, 3.0, 2.0], dtype=torch.float64), 2, 2,
-                          torch.tensor([2.0, 1.0, 1.0, float("nan")], dtype=torch.float64))  # T = 4, 1, 3, NaN
-    torch.testing.assert_close(stat[:3], torch.tensor([4.0, 1.0, 3.0], dtype=torch.float64))
-    torch.testing.assert_close(gated_beta(beta, stat, 2.5), torch.tensor([0.7, 0.0, 0.2, 0.3], dtype=torch.float64))
-    zero_noise = gate_statistic(torch.tensor([1.0, 0.0], dtype=torch.float64), 1, 1, torch.zeros(2, dtype=torch.float64))
-    assert zero_noise.tolist() == [float("inf"), 0.0]

@@ -87,9 +87,10 @@ def test_layer_level_step_matches_dense(schedule, k):
     gs = micro_grads(gen, p.shape, k)
     m = dense_metric(st, HP["eps"])
     flat = [g.reshape(-1) for g in gs]
-    z = (dense.fold_tree if schedule == "tree" else dense.fold_streaming)(flat, m)
+    z, a_top = (dense.fold_tree_top if schedule == "tree" else dense.fold_streaming_top)(flat, m)
     g_plain, g_fop = sum(flat), k * z
-    expected = dense_step(p0, st, g_plain, g_fop, dense.eta(g_plain, g_fop, m))
+    # eta* against the top fold's own average (docs/algorithm.md 4a.2; the plain mean for K = 2)
+    expected = dense_step(p0, st, g_plain, g_fop, dense.eta(k * a_top, g_fop, m))
     folds = opt.counters["fop_folds"]
     feed(opt, [p], [[g] for g in gs])
     opt.step()
@@ -335,10 +336,11 @@ def test_fisher_norm_weights_modalities_by_inverse_natural_norm():
     norms = [float(g.reshape(-1) @ minv @ g.reshape(-1)) ** 0.5 for g in (text, image)]
     w = [2 * (1 / n) / (1 / norms[0] + 1 / norms[1]) for n in norms]
     assert opt.levels.modality_norm_ema["text"] == pytest.approx(norms[0], rel=1e-10)
-    c = dense.fop(w[0] * text.reshape(-1), w[1] * image.reshape(-1), m)[0]
+    weighted = (w[0] * text.reshape(-1), w[1] * image.reshape(-1))
+    c = dense.fop(*weighted, m)[0]
     g_plain, g_fop = (text + image).reshape(-1), 2 * c
-    torch.testing.assert_close(p.detach().reshape(-1), dense_step(p0, st, g_plain, g_fop, dense.eta(g_plain, g_fop, m)),
-                               rtol=1e-9, atol=1e-11)
+    eta = dense.eta(weighted[0] + weighted[1], g_fop, m)  # against the fold's own (weighted) average
+    torch.testing.assert_close(p.detach().reshape(-1), dense_step(p0, st, g_plain, g_fop, eta), rtol=1e-9, atol=1e-11)
 
 
 def test_state_dict_mid_accumulation_is_refused():
@@ -363,3 +365,109 @@ def test_max_grad_norm_applies_with_fop_off_too():
             opt.step()
         results.append(p.detach().clone())
     torch.testing.assert_close(results[0], results[1], rtol=1e-12, atol=1e-14)
+
+
+# -- the open readings as options (docs/algorithm.md section 4a) -----------------------------------------
+
+
+def dense_step_full(p0, state, g_m, g_v, eta=1.0, delta=None, gamma=0.0, hp=HP):
+    """One SOAP step, written out: m from g_m, v from g_v, the step scaled by eta, plus gamma times the
+    preconditioned rot(delta) after Adam's normalisation (coupling='update'); row-major flat vectors."""
+    rot = state["Q"][0].T
+    for q in state["Q"][1:]:
+        rot = torch.kron(rot, q.T)
+    b1, b2 = hp["betas"]
+    t = state["step"] + 1
+    m = b1 * state["exp_avg"].reshape(-1) + (1 - b1) * (rot @ g_m)
+    v = b2 * state["exp_avg_sq"].reshape(-1) + (1 - b2) * (rot @ g_v) ** 2
+    d = v.sqrt() + hp["eps"]
+    step = eta * (rot.T @ (m / d)) / (1 - b1 ** t)
+    if delta is not None:
+        step = step + gamma * (rot.T @ ((rot @ delta) / d))
+    new = p0.reshape(-1) - hp["lr"] * math.sqrt(1 - b2 ** t) * step
+    return new * (1 - hp["lr"] * hp["weight_decay"])
+
+
+def one_fold_case(**opts):
+    """A warmed-up block and K = 2 micro-gradients; the dense metric, plain and folded gradients, and eta*."""
+    opt, (p,), gen = make(**opts)
+    st, p0 = snapshot(blk(opt, p)), p.detach().clone()
+    g1, g2 = micro_grads(gen, p.shape, 2)
+    feed(opt, [p], [[g1], [g2]])
+    opt.step()
+    return opt, p, st, p0, g1.reshape(-1), g2.reshape(-1)
+
+
+def test_damping_measures_in_the_damped_metric():
+    lam = 0.1
+    opt, p, st, p0, g1, g2 = one_fold_case(fop_damping=lam)
+    dvec = st["exp_avg_sq"].sqrt() + HP["eps"]
+    m = dense.kron_metric(st["Q"], dvec + lam * dvec.mean())
+    c = dense.fop(g1, g2, m)[0]
+    expected = dense_step(p0, st, g1 + g2, 2 * c, dense.eta(g1 + g2, 2 * c, m))
+    torch.testing.assert_close(p.detach().reshape(-1), expected, rtol=1e-9, atol=1e-11)
+    undamped = dense_metric(st, HP["eps"])
+    c0 = dense.fop(g1, g2, undamped)[0]
+    assert not torch.allclose(expected, dense_step(p0, st, g1 + g2, 2 * c0, dense.eta(g1 + g2, 2 * c0, undamped)),
+                              rtol=1e-6, atol=0), "damping made no difference: the test would not notice it ignored"
+
+
+def test_plain_second_moment_feeds_v_from_the_plain_gradient():
+    opt, p, st, p0, g1, g2 = one_fold_case(second_moment="plain")
+    m = dense_metric(st, HP["eps"])
+    c = 2 * dense.fop(g1, g2, m)[0]
+    eta = dense.eta(g1 + g2, c, m)
+    torch.testing.assert_close(p.detach().reshape(-1), dense_step_full(p0, st, c, g1 + g2, eta), rtol=1e-9, atol=1e-11)
+    assert not torch.allclose(p.detach().reshape(-1), dense_step_full(p0, st, c, c, eta), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_update_coupling_adds_the_preconditioned_correction_to_soaps_own_step(gamma):
+    opt, p, st, p0, g1, g2 = one_fold_case(coupling="update", eta_convention="none", fop_gamma=gamma)
+    m = dense_metric(st, HP["eps"])
+    g, g_fop = g1 + g2, 2 * dense.fop(g1, g2, m)[0]
+    expected = dense_step_full(p0, st, g, g, 1.0, delta=g_fop - g, gamma=gamma)
+    torch.testing.assert_close(p.detach().reshape(-1), expected, rtol=1e-9, atol=1e-11)
+    assert not torch.allclose(expected, dense_step_full(p0, st, g, g), rtol=1e-6, atol=0)
+
+
+def test_update_coupling_with_gamma_zero_is_soap_bit_for_bit():
+    def run(**opts):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        opt = MLFOPSOAP(model.named_parameters(), verbose=False, **HP, **opts)
+        x, y = torch.randn(12, 6), torch.randn(12, 3)
+        for _ in range(6):
+            for i in range(3):
+                ((model(x[4 * i:4 * i + 4]) - y[4 * i:4 * i + 4]) ** 2).mean().div(3).backward()
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    soap, _ = run(fop=False)
+    coupled, opt = run(coupling="update", eta_convention="none", fop_gamma=0.0)
+    assert opt.counters["fop_folds"] > 0, "FOP ran; only its term is switched off"
+    for a, b in zip(soap, coupled):
+        assert torch.equal(a, b)
+
+
+def test_stats_report_each_layers_diagnostics():
+    opt, p, st, p0, g1, g2 = one_fold_case()
+    m = dense_metric(st, HP["eps"])
+    c = dense.fop(g1, g2, m)[0]
+    minv = torch.linalg.inv(m)
+    a, d = (g1 + g2) / 2, g1 - g2
+    s = float(d @ m @ a / (a @ m @ a))
+    perp = d - s * a
+    x = float((a @ minv @ perp) ** 2 / ((a @ minv @ a) * (perp @ minv @ perp)))
+    stats = opt.stats()
+    assert stats["cosine_sq/layer0.weight"] == pytest.approx(x, rel=1e-8)
+    assert stats["eta/layer0.weight"] == pytest.approx(dense.eta(g1 + g2, 2 * c, m), rel=1e-10)
+    assert stats["correction/layer0.weight"] == pytest.approx(float((2 * c - (g1 + g2)).norm() / (g1 + g2).norm()),
+                                                              rel=1e-8)
+    assert stats["beta_abs_max"] >= stats["beta_abs_min"] > 0
+
+
+def test_coupling_update_needs_eta_none():
+    with pytest.raises(ValueError, match="eta_convention.*coupling='update'"):
+        MLFOPSOAP([torch.nn.Parameter(torch.zeros(3, 3))], coupling="update")

@@ -148,17 +148,17 @@ def test_gradnorm_uses_its_weights_then_moves_them():
     p, opt = _one_layer_rule("gradnorm", gradnorm_lr=0.1)
     grads = {"text": vec(3.0, 0.0), "image": vec(0.0, 1.0)}
     torch.testing.assert_close(_step(p, opt, grads, {"text": 0.5, "image": 0.8}), vec(3.0, 1.0))
-    w1 = opt.param_groups[0]["gradnorm"]["weights"]["all"]
+    w1 = opt.runtime_state()["gradnorm"]["weights"]["all"]
     assert w1["text"] == pytest.approx(0.85 * 2 / 1.9) and w1["image"] == pytest.approx(1.05 * 2 / 1.9)
     torch.testing.assert_close(_step(p, opt, grads, {"text": 0.25, "image": 0.8}), vec(3 * 0.85, 1.05) * 2 / 1.9)
-    w2 = opt.param_groups[0]["gradnorm"]["weights"]["all"]
+    w2 = opt.runtime_state()["gradnorm"]["weights"]["all"]
     assert w2["text"] == pytest.approx(0.7447368 * 2 / 1.9, rel=1e-6)
     assert w2["image"] == pytest.approx(1.1552632 * 2 / 1.9, rel=1e-6)
-    assert opt.param_groups[0]["gradnorm"]["initial_loss"] == {"text": 0.5, "image": 0.8}
+    assert opt.runtime_state()["gradnorm"]["initial_loss"] == {"text": 0.5, "image": 0.8}
     saved = opt.state_dict()
     _, fresh = _one_layer_rule("gradnorm", gradnorm_lr=0.1)
     fresh.load_state_dict(saved)
-    assert fresh.param_groups[0]["gradnorm"] == opt.param_groups[0]["gradnorm"], "weights and L(0) are resumed"
+    assert fresh.runtime_state()["gradnorm"] == opt.runtime_state()["gradnorm"], "weights and L(0) are resumed"
     with pytest.raises(RuntimeError, match="record_loss"):
         _step(p, opt, grads)
 
