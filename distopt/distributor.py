@@ -13,8 +13,8 @@ smaller):
 
 `LocalDistributor`: one process, no communication, no copies. `OwnerDistributor`: every rank holds
 the whole model (DeepSpeed ZeRO stage 0, or a DDP-style loop) and each block has one owner. The FSDP2
-distributor (distopt.fsdp2) is the third. `make_distributor` is the one place that chooses; pass
-`MLFOPSOAP(distributor=...)` to choose yourself.
+distributor (distopt.fsdp2) is the third. `distopt.mlfop.make_distributor` is the one place that
+chooses; pass `MLFOPSOAP(distributor=...)` to choose yourself.
 """
 
 from __future__ import annotations
@@ -389,23 +389,3 @@ def disagreement(summed: Sequence[float]) -> list[int]:
     """Indices of the values (see check_vector) on which ranks disagreed."""
     n = summed[0]
     return [i for i in range((len(summed) - 1) // 2) if summed[2 + 2 * i] * n != summed[1 + 2 * i] ** 2]
-
-
-def make_distributor(params: Sequence[torch.Tensor], process_group: Optional[dist.ProcessGroup] = None,
-                     bucket_mb: float = 25.0, comm_dtype: torch.dtype = torch.float32) -> Distributor:
-    """The one place that decides how blocks are communicated: FSDP2-sharded parameters (DTensors) get
-    the FSDP2 distributor (over their mesh); replicated parameters get owners over the group (default:
-    the world) when torch.distributed is initialised with more than one rank; else one process."""
-    from torch.distributed.tensor import DTensor
-
-    sharded = [isinstance(p, DTensor) for p in params]
-    if any(sharded):
-        if not all(sharded):
-            raise ValueError("some parameters are FSDP2-sharded (DTensor) and some are not: apply fully_shard to the "
-                             "root module too, so that every parameter the optimizer gets is sharded")
-        from distopt.fsdp2 import FSDP2Distributor
-
-        return FSDP2Distributor(list(params), comm_dtype)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
-        return OwnerDistributor(process_group, bucket_mb, comm_dtype)
-    return LocalDistributor()

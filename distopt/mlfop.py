@@ -27,13 +27,16 @@ import contextlib
 import time
 import zlib
 from fnmatch import fnmatchcase
-from typing import Iterable, Iterator, Mapping, Optional
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from distopt.capture import MicrostepCapture
-from distopt.distributor import Distributor, check_vector, disagreement, make_distributor
+from distopt.distributor import Distributor, LocalDistributor, OwnerDistributor, check_vector, disagreement
 from distopt.fop import BlockMetric, correction_partials
+from distopt.fsdp2 import FSDP2Distributor
 from distopt.levels import Bundle, Levels
 from distopt.options import MLFOPOptions
 from distopt.plan import Block
@@ -48,6 +51,22 @@ def attention_head_splits(num_heads: int, num_kv_heads: Optional[int] = None) ->
     kv = num_kv_heads or num_heads
     return {"*q_proj.weight": (num_heads, 0), "*k_proj.weight": (kv, 0),
             "*v_proj.weight": (kv, 0), "*o_proj.weight": (num_heads, 1)}
+
+
+def make_distributor(params: Sequence[torch.Tensor], process_group: Optional[dist.ProcessGroup] = None,
+                     bucket_mb: float = 25.0, comm_dtype: torch.dtype = torch.float32) -> Distributor:
+    """The one place that decides how blocks are communicated: FSDP2-sharded parameters (DTensors) get
+    the FSDP2 distributor (over their mesh); replicated parameters get owners over the group (default:
+    the world) when torch.distributed is initialised with more than one rank; else one process."""
+    sharded = [isinstance(p, DTensor) for p in params]
+    if any(sharded):
+        if not all(sharded):
+            raise ValueError("some parameters are FSDP2-sharded (DTensor) and some are not: apply fully_shard to the "
+                             "root module too, so that every parameter the optimizer gets is sharded")
+        return FSDP2Distributor(list(params), comm_dtype)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
+        return OwnerDistributor(process_group, bucket_mb, comm_dtype)
+    return LocalDistributor()
 
 
 def _code(text: str) -> int:
