@@ -11,6 +11,8 @@
     logging:    every, tensorboard, progress
     eval:       every, batches, samples_png, generated_digits
     checkpoint: every, resume (auto | none | <path>), keep_last
+    engine:     deepspeed (ZeRO stage 0, replicated parameters) | fsdp2 (PyTorch FSDP2, all sharded)
+    fsdp:       replicate (HSDP groups; engine fsdp2)
     deepspeed:  extra DeepSpeed JSON keys (distopt.deepspeed_glue builds and validates the engine's JSON)
 """
 
@@ -25,7 +27,8 @@ import torch
 import yaml
 
 from distopt.options import MLFOPOptions, OptionError, RuleOptions
-from distopt.registry import OPTIMIZERS, parse_options, valid_arguments
+from distopt.registry import OPTIMIZERS, TWO_OBJECTIVE, parse_options, valid_arguments
+from launcher.engines import ENGINES
 from model_zoo.data import FORMATS
 from model_zoo.lora import LLAMA_LINEARS
 
@@ -48,6 +51,7 @@ class ModelConfig:
     pretrained: Optional[str] = None
     overrides: dict = field(default_factory=dict)
     dtype: str = "float32"  # bfloat16: bf16 parameters and compute; the optimizer keeps fp32 masters on block owners
+    activation_checkpointing: bool = False  # non-reentrant torch.utils.checkpoint on every decoder layer
 
 
 @dataclass
@@ -117,6 +121,12 @@ class CheckpointConfig:
 
 
 @dataclass
+class FsdpConfig:
+    """engine: fsdp2 only. replicate > 1: HSDP, shard within groups of world / replicate ranks."""
+    replicate: int = 1
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -128,6 +138,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    engine: str = "deepspeed"
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     deepspeed: dict = field(default_factory=dict)
 
 
@@ -172,7 +184,26 @@ def validate(cfg: Config, world_size: int) -> Config:
     _validate_checkpoint(cfg.checkpoint)
     _validate_data(cfg.data)
     _validate_lora(cfg.lora)
+    _validate_engine(cfg, world_size)
     return cfg
+
+
+def _validate_engine(cfg: Config, world_size: int) -> None:
+    _check(cfg.engine in ENGINES, "engine", f"{cfg.engine!r}; choose one of {ENGINES}")
+    if cfg.engine != "fsdp2":
+        _check(cfg.fsdp.replicate == 1, "fsdp.replicate", "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
+        return
+    r = cfg.fsdp.replicate
+    _check(isinstance(r, int) and r >= 1 and world_size % r == 0, "fsdp.replicate",
+           f"{r!r} must be an integer >= 1 that divides the world size {world_size} (HSDP: world / replicate ranks "
+           "per shard group)")
+    _check(cfg.optimizer.name != "soap", "optimizer.name",
+           "'soap' under engine: fsdp2: plain SOAP does not shard its state; use mlfop_soap with params.fop: false "
+           "(sharded SOAP, bit for bit)")
+    _check(cfg.optimizer.name not in TWO_OBJECTIVE, "optimizer.name",
+           f"{cfg.optimizer.name!r} under engine: fsdp2: the two-objective rules need each rank's unreduced "
+           "modality gradients, which FSDP2's reduce-scatter averages away; use engine: deepspeed")
+    _check(not cfg.lora.enabled, "lora.enabled", "LoRA runs are small and tested under engine: deepspeed; use it")
 
 
 def _validate_model(m: ModelConfig) -> None:
@@ -281,8 +312,8 @@ def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[
         raise ConfigError(f"--config: {path} is not valid YAML ({e})") from None
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        if not sep or ("." not in key and key not in ("engine",)):
+            raise ConfigError(f"--set {item!r}: expected section.key=value (or engine=...)")
         node = data
         *parents, leaf = key.split(".")
         for part in parents:

@@ -6,8 +6,8 @@
     srun --mpi=none --ntasks-per-node=8 python launcher/run.py --config ...   (Slurm: ranks from srun, docs/cluster.md)
 
 The config (launcher/config.py) picks model, data, optimizer {name, params}, batch, schedule,
-logging, evaluation and checkpointing; it is validated before any work starts. The engine is
-DeepSpeed at ZeRO stage 0 with the distopt optimizer (distopt/deepspeed_glue.py). `train` reads as
+logging, evaluation and checkpointing; it is validated before any work starts. The engine
+(launcher/engines.py) is DeepSpeed at ZeRO stage 0 with the distopt optimizer, or PyTorch FSDP2. `train` reads as
 its stages: set_up, then per step run_step, log_step, evaluate_and_sample and save.
 """
 
@@ -30,6 +30,7 @@ from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.cluster import srun_env
 from launcher.config import DTYPES, Config, ConfigError, load_config
+from launcher.engines import build_engine
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import build_model
 from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, collate
@@ -152,13 +153,14 @@ def set_up(cfg: Config) -> Run:
     sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
                                 world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
                                 grad_accum=cfg.batch.grad_accum, text_format=cfg.data.text_format)
-    model = build_model(cfg.model, vocab).to(DTYPES[cfg.model.dtype])  # bf16: parameters and compute, no autocast
+    model = build_model(cfg.model, vocab)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
-    ds_config = deepspeed_glue.engine_config(cfg.batch.micro_batch_size, cfg.batch.grad_accum, world,
-                                             cfg.optimizer.max_grad_norm, cfg.deepspeed)
-    engine, opt = deepspeed_glue.initialize(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params},
-                                            ds_config)
+    engine, opt = build_engine(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params}, engine=cfg.engine,
+                               micro_batch_size=cfg.batch.micro_batch_size, grad_accum=cfg.batch.grad_accum,
+                               max_grad_norm=cfg.optimizer.max_grad_norm, bf16=cfg.model.dtype == "bfloat16",
+                               replicate=cfg.fsdp.replicate, deepspeed=cfg.deepspeed,
+                               activation_checkpointing=cfg.model.activation_checkpointing)
     mbs = cfg.batch.micro_batch_size
     val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality, text_format=cfg.data.text_format)
                    for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
@@ -275,14 +277,19 @@ def evaluate_and_sample(run: Run, step: int) -> None:
     cfg = run.cfg
     dtype = DTYPES[cfg.model.dtype]
     results = evaluate(run.model, [to_device(b, run.engine.device, dtype) for b in run.val_batches])
-    if run.judge is not None:
+    # a forward pass of an FSDP2-sharded model is a collective: every rank samples (the same images)
+    samples_here = run.rank == 0 or cfg.engine == "fsdp2"
+    if cfg.eval.generated_digits and samples_here:
         images, digits = generate_digits(run.model, run.vocab, run.vq, cfg.eval.generated_digits, cfg.data.text_format)
-        results["val/generated_digit_accuracy"] = run.judge.accuracy(images, digits)
+        if run.judge is not None:
+            results["val/generated_digit_accuracy"] = run.judge.accuracy(images, digits)
     run.history["val"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **results})
     run.logger.scalars(step, results)
-    if cfg.eval.samples_png and run.rank == 0:
+    if cfg.eval.samples_png and samples_here:
         images, _ = generate_digits(run.model, run.vocab, run.vq, 2, cfg.data.text_format)
-        run.logger.image("samples", step, render_grid(images, run.out / "samples" / f"step-{step + 1}.png", nrow=10))
+        if run.rank == 0:
+            run.logger.image("samples", step, render_grid(images, run.out / "samples" / f"step-{step + 1}.png",
+                                                          nrow=10))
 
 
 def save(run: Run, step: int) -> None:
