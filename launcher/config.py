@@ -1,9 +1,10 @@
 """The run configuration: one YAML file, typed sections, errors that name the field and the fix.
 
     run:        name, out_dir, seed (initialisation, batch order, augmentation)
-    model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides
-    data:       cache_dir, seed (the split and the VQ codebook), codebook_size, val_fraction, augment,
-                text_format (plain | instruct)
+    model:      family (emu3 | janus), size, pretrained, overrides (model_zoo/config.py)
+    data:       source (digits | pairs | tokenized), path, prepared, streaming, seq_len, on_bad_record,
+                image_tokenizer, text_tokenizer, image_size, cache_dir, seed, codebook_size, val_fraction,
+                augment, text_format (model_zoo/config.py)
     lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
@@ -25,7 +26,7 @@ import yaml
 
 from distopt.registry import OPTIMIZERS, TWO_OBJECTIVE, valid_arguments
 from distopt.rules import GRANULARITIES
-from model_zoo.data import FORMATS
+from model_zoo.config import DataConfig, ModelConfig, validate_data, validate_model
 from model_zoo.lora import LLAMA_LINEARS
 
 
@@ -38,24 +39,6 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
     seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    family: str = "emu3"
-    size: str = "tiny"
-    pretrained: Optional[str] = None
-    overrides: dict = field(default_factory=dict)
-
-
-@dataclass
-class DataConfig:
-    cache_dir: str = ".cache/distopt"
-    seed: int = 0  # fixes the split and the VQ codebook, so runs of any run.seed (and fine-tuning) share them
-    codebook_size: int = 64
-    val_fraction: float = 0.1
-    augment: bool = True
-    text_format: str = "plain"  # instruct: instructions and answers, loss on the response only
 
 
 @dataclass
@@ -138,7 +121,6 @@ class Config:
         return ds
 
 
-FAMILIES = {"emu3": ("tiny", "emu3_8b"), "janus": ("tiny", "janus_1_3b")}
 SCHEDULES = ("constant", "cosine")
 RESUME = ("auto", "none")
 
@@ -169,12 +151,7 @@ def _check(cond: bool, field_path: str, message: str) -> None:
 
 def validate(cfg: Config, world_size: int) -> Config:
     """Every check that can fail before any work starts."""
-    _check(cfg.model.family in FAMILIES, "model.family", f"{cfg.model.family!r} is unknown; choose one of {sorted(FAMILIES)}")
-    sizes = FAMILIES[cfg.model.family]
-    _check(cfg.model.size in sizes, "model.size", f"{cfg.model.size!r} is not a {cfg.model.family} size; choose one of {sizes}")
-    if cfg.model.pretrained is not None:
-        _check(Path(cfg.model.pretrained).is_dir(), "model.pretrained",
-               f"{cfg.model.pretrained!r} is not a directory; point it at a local checkpoint (nothing is downloaded)")
+    _validate_model_and_data(cfg)
     b = cfg.batch
     for name in ("micro_batch_size", "grad_accum"):
         value = getattr(b, name)
@@ -222,16 +199,24 @@ def validate(cfg: Config, world_size: int) -> Config:
     if c.resume not in RESUME:
         _check(Path(c.resume).is_dir(), "checkpoint.resume",
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
-    _check(cfg.data.text_format in FORMATS, "data.text_format", f"{cfg.data.text_format!r}; choose one of {FORMATS}")
     _validate_lora(cfg.lora)
     _check(isinstance(cfg.eval.generated_digits, int) and cfg.eval.generated_digits >= 0, "eval.generated_digits",
            f"{cfg.eval.generated_digits!r} must be an integer >= 0 (images per digit; 0: off)")
-    _check(0.0 < cfg.data.val_fraction < 1.0, "data.val_fraction", f"{cfg.data.val_fraction} must be in (0, 1)")
-    existing = Path(cfg.data.cache_dir).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    _check(existing.is_dir(), "data.cache_dir", f"{cfg.data.cache_dir!r} cannot be created: {existing} is not a directory")
     return cfg
+
+
+def _validate_model_and_data(cfg: Config) -> None:
+    """model_zoo's own field checks, as config errors; the sample grid and the digit judge prompt digits."""
+    try:
+        validate_model(cfg.model)
+        validate_data(cfg.data, cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.source != "digits":
+        for name in ("samples_png", "generated_digits"):
+            _check(not getattr(cfg.eval, name), f"eval.{name}",
+                   f"{getattr(cfg.eval, name)!r}, but it prompts for digits and data.source is "
+                   f"{cfg.data.source!r}; set it to false / 0")
 
 
 def _validate_lora(lora: LoraSection) -> None:

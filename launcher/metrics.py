@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from distopt.capture import MicrostepCapture
 from distopt.rules import module_of
+from model_zoo.data import MODALITIES
 
 
 class Logger:
@@ -40,9 +41,8 @@ class Logger:
 
 
 class ModalityGradProbe:
-    """This step's gradient split by micro-batch modality (understanding = "text", generation =
-    "image"), averaged over ranks, and the text-vs-image cosine and norm ratio: globally and per layer
-    (a module; a LoRA layer's A and B together). Micro-step gradients are captured by hooks during
+    """This step's gradient split by micro-batch modality (MODALITIES: text, image), averaged over
+    ranks, and the text-vs-image cosine and norm ratio: globally and per layer (a module; a LoRA layer's A and B together). Micro-step gradients are captured by hooks during
     backward, before DeepSpeed's own all-reduce can touch p.grad. Costs two gradient copies and one
     all-reduce of them, so the loop uses it on log steps only; every rank must call stats()."""
 
@@ -65,10 +65,10 @@ class ModalityGradProbe:
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
         self._capture.remove()
-        if set(self.sums) != {"understanding", "generation"}:
+        if set(self.sums) != set(MODALITIES):
             return {}
         flat = torch.stack([torch.cat([self.sums[m].get(p, torch.zeros_like(p)).double().reshape(-1)
-                                       for p in self.params]) for m in ("understanding", "generation")])
+                                       for p in self.params]) for m in MODALITIES])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
             flat /= dist.get_world_size()

@@ -28,11 +28,10 @@ from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.config import Config, ConfigError, load_config
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_mib
-from model_zoo import build_model
-from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, collate
+from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
+from model_zoo.images import render_grid
 from model_zoo.lora import add_lora, has_lora, merged, save_adapter
 from model_zoo.quality import DigitJudge, generate_digits
-from model_zoo.vq import render_grid
 
 
 def init_distributed() -> None:
@@ -59,6 +58,30 @@ def lr_lambda(cfg: Config):
         return 1.0
 
     return factor
+
+
+def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.Module, object, object, Data]:
+    """(model, layout, image tokenizer, data). Rank 0 first fits and caches the project's tokenizers
+    (WordPiece, digits VQ) when they are not cached yet; the other ranks then load them."""
+    if rank == 0:
+        build_vocab(cfg.data, cfg.model)
+        if cfg.data.image_tokenizer == "digits_vq":
+            build_image_tokenizer(cfg.data, cfg.model)
+    dist.barrier()
+    vocab = build_vocab(cfg.data, cfg.model)
+    model = build_model(cfg.model, vocab)
+    images = build_image_tokenizer(cfg.data, cfg.model, model)
+    layout = layout_for(cfg.model, vocab, images.grid, model)
+    data = build_data(cfg.data, layout, images, micro_batch_size=cfg.batch.micro_batch_size,
+                      grad_accum=cfg.batch.grad_accum, rank=rank, world_size=world, seed=cfg.run.seed,
+                      eval_batches=cfg.eval.batches)
+    return model, layout, images, data
+
+
+def sample_grid(model: torch.nn.Module, layout, images, cfg: Config, step: int, out: Path) -> torch.Tensor:
+    """Four generated images per digit, one row per digit, each labelled with the digit asked for."""
+    pictures, digits = generate_digits(model, layout, images, 4, cfg.data.text_format)
+    return render_grid(pictures, out / "samples" / f"step-{step + 1}.png", nrow=4, labels=[str(int(d)) for d in digits])
 
 
 def export(model: torch.nn.Module, out: Path) -> None:
@@ -94,18 +117,8 @@ def train(cfg: Config) -> dict:
     out = Path(cfg.run.out_dir)
     ckpt_root = out / "checkpoints"
 
-    # data: rank 0 trains (or loads) the cached VQ codebook and tokenizer first; the others then load it
-    if rank == 0:
-        build_datasets(cfg.data.cache_dir, seed=cfg.data.seed, val_fraction=cfg.data.val_fraction,
-                       codebook_size=cfg.data.codebook_size)
-    dist.barrier()
-    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, seed=cfg.data.seed,
-                                                   val_fraction=cfg.data.val_fraction,
-                                                   codebook_size=cfg.data.codebook_size)
-    sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
-                                world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
-                                grad_accum=cfg.batch.grad_accum, text_format=cfg.data.text_format)
-    model = build_model(cfg.model, vocab)
+    model, layout, images, data = build_model_and_data(cfg, rank, world)
+    sampler = data.sampler
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
     engine, opt = deepspeed_glue.initialize(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params},
@@ -128,10 +141,8 @@ def train(cfg: Config) -> dict:
         from tqdm import tqdm
 
         progress = tqdm(total=cfg.schedule.steps, initial=start, desc=cfg.run.name)
-    mbs = cfg.batch.micro_batch_size
-    val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality, text_format=cfg.data.text_format)
-                   for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
-    judge = DigitJudge(train_set, val_set, vq) if cfg.eval.generated_digits and rank == 0 else None
+    val_batches = data.validation
+    judge = DigitJudge(*data.digits, images) if cfg.eval.generated_digits and rank == 0 else None
     tokens_per_micro = None
     history: dict = {"train": [], "val": [], "grad": [], "diverged": False}
     t_start = time.perf_counter()
@@ -177,6 +188,7 @@ def train(cfg: Config) -> dict:
                            "time/backward_s": t_bwd, "time/optimizer_s": t_opt,
                            "throughput/tokens_per_s": tokens_per_micro * cfg.batch.grad_accum * world / step_time,
                            "memory/rank0_mib": memory_mib(), **geometry})
+            values["data/skipped_records"] = float(sampler.skipped)
             counters = getattr(opt, "counters", {})
             values.update({f"optimizer/{k}": float(v) for k, v in counters.items()})
             values.update({f"fop/{k}": v for k, v in getattr(opt, "last_stats", {}).items()})
@@ -191,19 +203,22 @@ def train(cfg: Config) -> dict:
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
             results = evaluate(model, val_batches)
             if judge is not None:
-                images, digits = generate_digits(model, vocab, vq, cfg.eval.generated_digits, cfg.data.text_format)
-                results["val/generated_digit_accuracy"] = judge.accuracy(images, digits)
+                pictures, digits = generate_digits(model, layout, images, cfg.eval.generated_digits, cfg.data.text_format)
+                results["val/generated_digit_accuracy"] = judge.accuracy(pictures, digits)
             history["val"].append({"step": step, "seconds": time.perf_counter() - t_start, **results})
             logger.scalars(step, results)
             if cfg.eval.samples_png and rank == 0:
-                images, _ = generate_digits(model, vocab, vq, 2, cfg.data.text_format)
-                logger.image("samples", step, render_grid(images, out / "samples" / f"step-{step + 1}.png", nrow=10))
+                logger.image("samples", step, sample_grid(model, layout, images, cfg, step, out))
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
             save_checkpoint(ckpt_root, step, model, opt,
                             extra={"sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
     if rank == 0:
         export(model, out)
         history["judge_ceiling"] = judge.ceiling if judge is not None else None
+        scored = [v for v in history["val"] if "val/generated_digit_accuracy" in v]
+        if scored:
+            print(f"[distopt] generated-digit accuracy {scored[-1]['val/generated_digit_accuracy']:.3f} at step "
+                  f"{scored[-1]['step'] + 1} (judge ceiling {judge.ceiling:.3f}, chance 0.100)", file=sys.stderr)
     logger.close()
     if progress is not None:
         progress.close()
