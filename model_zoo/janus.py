@@ -134,8 +134,9 @@ class Janus(UnifiedModel):
         targets = batch["labels"][:, 1:]
         image = targets >= self.image_offset
         text = (targets != -100) & ~image
-        return token_losses(self.hf.lm_head(h[text]), targets[text], self._base().model.generation_head(h[image]),
-                            targets[image] - self.image_offset)
+        text_logits = _head(self.hf.lm_head, h[text], self.text_config.vocab_size)
+        image_logits = _head(self._base().model.generation_head, h[image], self.codebook_size)
+        return token_losses(text_logits, targets[text], image_logits, targets[image] - self.image_offset)
 
     @torch.no_grad()
     def generate_images(self, layout: JanusLayout, caption: Sequence[int], n: int = 1, temperature: float = 1.0,
@@ -154,3 +155,9 @@ class Janus(UnifiedModel):
                 out = decoder(inputs_embeds=self.embed(codes[-1] + self.image_offset),
                               past_key_values=out.past_key_values, use_cache=True)
         return torch.cat(codes, 1)
+
+
+def _head(head: torch.nn.Module, h: torch.Tensor, width: int) -> torch.Tensor:
+    """head(h), or with no rows an empty [0, width] still in the graph, without calling the head: a
+    micro-batch of the other task leaves the head's gradient None, not zero."""
+    return head(h) if len(h) else h.new_zeros(0, width) + h.sum()
