@@ -94,8 +94,7 @@ def build_image_tokenizer(d: DataConfig, m: ModelConfig,
         from transformers import Emu3VQVAE, JanusVQVAE
 
         config = checkpoint_config(m.pretrained)
-        vqmodel = load_submodule((Emu3VQVAE if m.family == "emu3" else JanusVQVAE)(config.vq_config),
-                                 m.pretrained, "model.vqmodel.")
+        vqmodel = load_submodule((Emu3VQVAE if m.family == "emu3" else JanusVQVAE)(config.vq_config), m.pretrained)
     size = d.image_size
     if size is None:
         if m.family == "emu3":

@@ -102,22 +102,26 @@ def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict,
     return model
 
 
-def load_submodule(module: torch.nn.Module, path: str, prefix: str) -> torch.nn.Module:
-    """Fill `module` with the tensors under `prefix` of a (possibly sharded) safetensors checkpoint,
-    reading only those tensors: a VQ-VAE of an 8B checkpoint without loading the 8B."""
+def load_submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
+    """Fill `module` with its tensors from a (possibly sharded) safetensors checkpoint, reading only
+    those: a VQ-VAE of an 8B checkpoint without loading the 8B. The tensors are found by their names
+    under some prefix (transformers writes a class's published key layout, which may differ from its
+    module names, e.g. `vqmodel.` for Emu3's `model.vqmodel`)."""
     from safetensors import safe_open
 
     root = Path(path)
     index = root / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
         else ["model.safetensors"]
-    state = {}
-    for name in files:
-        with safe_open(str(root / name), framework="pt") as f:
-            state.update({k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)})
-    if not state:
-        raise ValueError(f"model.pretrained: {path} holds no tensors under {prefix!r}")
-    module.load_state_dict(state, strict=True)
+    wanted = list(module.state_dict())
+    handles = [safe_open(str(root / name), framework="pt") for name in files]
+    keys = {k: f for f in handles for k in f.keys()}
+    prefixes = [k[:-len(wanted[0])] for k in keys if k.endswith(wanted[0])]
+    prefix = next((p for p in prefixes if all(p + w in keys for w in wanted)), None)
+    if prefix is None:
+        raise ValueError(f"model.pretrained: {path} holds no complete {type(module).__name__} "
+                         f"({len(wanted)} tensors such as {wanted[0]!r})")
+    module.load_state_dict({w: keys[prefix + w].get_tensor(prefix + w) for w in wanted}, strict=True)
     return module
 
 
