@@ -135,7 +135,8 @@ def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_acc
     splits = None
     if d.source == "digits":
         splits = digit_data.split(d.seed, d.val_fraction)
-        train = DigitsSource(splits[0], layout, images, d.text_format, seed, shuffle=True)
+        train = DigitsSource(splits[0], layout, images, d.text_format, seed, shuffle=True,
+                             caption_dropout=d.caption_dropout)
         val = DigitsSource(splits[1], layout, images, d.text_format, seed, shuffle=False)
     else:
         path = d.prepared_dir() if d.source == "pairs" else Path(d.path)

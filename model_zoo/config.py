@@ -7,7 +7,8 @@ reads them from the same file.
            fields; with a checkpoint, only fields that keep its shapes)
     data:  source (digits | pairs | tokenized), path, prepared, streaming, seq_len, on_bad_record (error |
            skip), image_tokenizer (digits_vq | pretrained), text_tokenizer (wordpiece | pretrained),
-           image_size, cache_dir, seed, codebook_size, val_fraction, augment, text_format (plain | instruct)
+           image_size, cache_dir, seed, codebook_size, val_fraction, augment, caption_dropout, text_format
+           (plain | instruct)
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class DataConfig:
     codebook_size: int = 64
     val_fraction: float = 0.1
     augment: bool = True
+    caption_dropout: float = 0.0  # digits: share of generation documents with an empty caption (for guidance)
     text_format: str = "plain"  # instruct: instructions and answers, loss on the response only
 
     def prepared_dir(self) -> Path:
@@ -126,6 +128,10 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
            f"{d.codebook_size!r} must be an integer in [2, 4096]")
     _check(isinstance(d.val_fraction, (int, float)) and 0.0 < d.val_fraction < 1.0, "data.val_fraction",
            f"{d.val_fraction} must be in (0, 1)")
+    _check(isinstance(d.caption_dropout, (int, float)) and 0.0 <= d.caption_dropout < 1.0, "data.caption_dropout",
+           f"{d.caption_dropout!r} must be in [0, 1)")
+    _check(d.source == "digits" or not d.caption_dropout, "data.caption_dropout",
+           f"{d.caption_dropout}, but a prepared corpus is read as written; drop captions when preparing it, or set 0")
     _check(d.text_format in FORMATS, "data.text_format", f"{d.text_format!r}; choose one of {FORMATS}")
     existing = Path(d.cache_dir).absolute()
     while not existing.exists():

@@ -102,10 +102,13 @@ def fit_images(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
 
 class DigitsSource:
     """The digits as documents: per task and epoch a seeded permutation of the rows (validation: stored
-    order); each document built when its micro-batch is, from a fresh augmented view when `gen` is given."""
+    order); each document built when its micro-batch is, from a fresh augmented view when `gen` is given,
+    and then with probability `caption_dropout` a generation document gets an empty caption (so the
+    model also learns the unconditioned image distribution that classifier-free guidance needs)."""
 
-    def __init__(self, rows: datasets.Dataset, layout, images, text_format: str, seed: int, shuffle: bool):
-        self.rows, self.layout, self.images = rows, layout, images
+    def __init__(self, rows: datasets.Dataset, layout, images, text_format: str, seed: int, shuffle: bool,
+                 caption_dropout: float = 0.0):
+        self.rows, self.layout, self.images, self.caption_dropout = rows, layout, images, caption_dropout
         self.seed, self.shuffle, self.response_only = seed, shuffle, text_format == "instruct"
         n_codes = images.grid[0] * images.grid[1]
         self.captions = {t: [layout.vocab.text(digit_data.caption(d, i, text_format, t))
@@ -132,8 +135,12 @@ class DigitsSource:
         pixels = fit_images(pixels, self.images.channels, self.images.image_size)
         codes = self.images.encode(pixels).tolist()
         keep = task in self.layout.pixels
-        return [Doc(*self.layout.document(task, self.captions[task][r], c, self.response_only), p if keep else None)
-                for r, c, p in zip(rows, codes, pixels)]
+        captions = [self.captions[task][r] for r in rows]
+        if gen is not None and task == "generation" and self.caption_dropout:  # unconditioned samples, for guidance
+            drop = (torch.rand(len(rows), generator=gen) < self.caption_dropout).tolist()
+            captions = [[] if d else c for c, d in zip(captions, drop)]
+        return [Doc(*self.layout.document(task, c, code, self.response_only), p if keep else None)
+                for c, code, p in zip(captions, codes, pixels)]
 
 
 def open_tokenized(path: str | Path, split: str, streaming: bool,

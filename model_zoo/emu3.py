@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import torch
 from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3TextConfig
 
-from model_zoo.unified import UnifiedModel, check_overrides, load_checkpoint, override_keys, sample, token_losses
+from model_zoo.unified import (UnifiedModel, check_overrides, guided, load_checkpoint, override_keys, sample,
+                               token_losses)
 from model_zoo.vocab import Vocab
 
 SIZES = ("tiny", "emu3_8b")
@@ -137,19 +138,21 @@ class Emu3(UnifiedModel):
 
     @torch.no_grad()
     def generate_images(self, layout: Emu3Layout, caption: Sequence[int], n: int = 1, temperature: float = 1.0,
-                        gen: Optional[torch.Generator] = None) -> torch.Tensor:
+                        gen: Optional[torch.Generator] = None, guidance: float = 1.0) -> torch.Tensor:
         """n images for one caption (text ids), prompted by layout.generation_prompt: each step samples
-        only among the image codes, with the KV cache; with an eol token, each row's end is fed in,
-        not sampled. Returns codebook indices LongTensor[n, h * w]."""
-        ids = torch.tensor(layout.generation_prompt(caption), dtype=torch.long, device=self.hf.lm_head.weight.device)
-        out = self.hf(input_ids=ids.expand(n, -1), use_cache=True)
+        only among the image codes, with the KV cache; with an eol token, each row's end is fed in, not
+        sampled. With guidance != 1 an unconditioned stream (empty caption) runs beside and the logits
+        are guided (`guided`). Returns codebook indices LongTensor[n, h * w]."""
+        device, lo, hi = self.hf.lm_head.weight.device, self.image_offset, self.image_offset + self.codebook_size
+        prompts = [layout.generation_prompt(caption)] + ([layout.generation_prompt([])] if guidance != 1.0 else [])
+        outs = [self.hf(input_ids=torch.tensor(p, device=device).expand(n, -1), use_cache=True) for p in prompts]
         codes, (h, w), eol = [], layout.grid, layout.vocab.eol
         for step in range(h * w):
-            logits = out.logits[:, -1, self.image_offset:self.image_offset + self.codebook_size]
-            codes.append(sample(logits, temperature, gen))
+            logits = [o.logits[:, -1, lo:hi] for o in outs]
+            codes.append(sample(guided(logits[0], logits[1] if len(logits) > 1 else None, guidance), temperature, gen))
             if step + 1 < h * w:
-                nxt = codes[-1] + self.image_offset
+                nxt = codes[-1] + lo
                 if eol is not None and (step + 1) % w == 0:
                     nxt = torch.cat([nxt, torch.full_like(nxt, eol)], 1)
-                out = self.hf(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                outs = [self.hf(input_ids=nxt, past_key_values=o.past_key_values, use_cache=True) for o in outs]
         return torch.cat(codes, 1)

@@ -23,7 +23,8 @@ from typing import Optional, Sequence
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
 
-from model_zoo.unified import UnifiedModel, check_overrides, load_checkpoint, override_keys, sample, token_losses
+from model_zoo.unified import (UnifiedModel, check_overrides, guided, load_checkpoint, override_keys, sample,
+                               token_losses)
 from model_zoo.vocab import Vocab
 
 SIZES = ("tiny", "janus_1_3b")
@@ -140,20 +141,24 @@ class Janus(UnifiedModel):
 
     @torch.no_grad()
     def generate_images(self, layout: JanusLayout, caption: Sequence[int], n: int = 1, temperature: float = 1.0,
-                        gen: Optional[torch.Generator] = None) -> torch.Tensor:
+                        gen: Optional[torch.Generator] = None, guidance: float = 1.0) -> torch.Tensor:
         """n images for one caption (text ids): the prompt, then h * w steps of generation-head sampling,
-        each sampled code fed back through the generation embedding and aligner (KV cache). Returns
-        codebook indices LongTensor[n, h * w]."""
+        each sampled code fed back through the generation embedding and aligner (KV cache). With
+        guidance != 1 an unconditioned stream (empty caption) runs beside and the logits are guided
+        (`guided`), as Janus samples. Returns codebook indices LongTensor[n, h * w]."""
         base = self._base()
-        ids = torch.tensor(layout.generation_prompt(caption), dtype=torch.long, device=self.hf.lm_head.weight.device)
+        device = self.hf.lm_head.weight.device
         decoder, head = base.model.language_model, base.model.generation_head
-        out = decoder(inputs_embeds=self.embed(ids.expand(n, -1)), use_cache=True)
-        codes = []
-        for step in range(layout.grid[0] * layout.grid[1]):
-            codes.append(sample(head(out.last_hidden_state[:, -1]), temperature, gen))
-            if step + 1 < layout.grid[0] * layout.grid[1]:
-                out = decoder(inputs_embeds=self.embed(codes[-1] + self.image_offset),
-                              past_key_values=out.past_key_values, use_cache=True)
+        prompts = [layout.generation_prompt(caption)] + ([layout.generation_prompt([])] if guidance != 1.0 else [])
+        outs = [decoder(inputs_embeds=self.embed(torch.tensor(p, device=device).expand(n, -1)), use_cache=True)
+                for p in prompts]
+        codes, steps = [], layout.grid[0] * layout.grid[1]
+        for step in range(steps):
+            logits = [head(o.last_hidden_state[:, -1]) for o in outs]
+            codes.append(sample(guided(logits[0], logits[1] if len(logits) > 1 else None, guidance), temperature, gen))
+            if step + 1 < steps:
+                x = self.embed(codes[-1] + self.image_offset)
+                outs = [decoder(inputs_embeds=x, past_key_values=o.past_key_values, use_cache=True) for o in outs]
         return torch.cat(codes, 1)
 
 

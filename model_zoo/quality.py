@@ -39,13 +39,14 @@ class DigitJudge:
 
 @torch.no_grad()
 def generate_digits(model: torch.nn.Module, layout, images, per_digit: int, text_format: str = "plain",
-                    seed: int = 0, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int = 0, temperature: float = 1.0, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [10 * per_digit, C, S, S], digits): per_digit samples for each digit 0..9, each from its own
-    prompt (templates drawn as for samples 10,000 + j, outside the data set's indices)."""
+    prompt (templates drawn as for samples 10,000 + j, outside the data set's indices), at `temperature`
+    with classifier-free `guidance`."""
     gen = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
     codes = [model.generate_images(layout, layout.vocab.text(caption(d, 10_000 + j, text_format, "generation")), 1,
-                                   temperature, gen) for d in range(10) for j in range(per_digit)]
+                                   temperature, gen, guidance) for d in range(10) for j in range(per_digit)]
     model.train(was_training)
     return images.decode(torch.cat(codes)), torch.arange(10).repeat_interleave(per_digit)

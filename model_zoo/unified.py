@@ -56,6 +56,13 @@ def sample(logits: torch.Tensor, temperature: float, gen: Optional[torch.Generat
     return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=gen)
 
 
+def guided(cond: torch.Tensor, uncond: Optional[torch.Tensor], guidance: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022; Emu3 and Janus sample with it): logits
+    u + g (c - u) from the caption-conditioned c and the unconditioned u (an empty caption); g = 1 is
+    plain conditional sampling."""
+    return cond if uncond is None or guidance == 1.0 else uncond + guidance * (cond - uncond)
+
+
 def override_keys(text_config_cls: type, extra: tuple[str, ...] = ()) -> list[str]:
     """The `model.overrides` a family accepts: its text config's own fields, plus `extra`."""
     from transformers import PreTrainedConfig
