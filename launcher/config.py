@@ -10,7 +10,7 @@
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
     schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
     logging:    every, tensorboard, progress
-    eval:       every, batches, samples_png, generated_digits
+    eval:       every, batches, samples_png, generated_digits, temperature, guidance
     checkpoint: every, resume (auto | none | <path>)
     deepspeed:  extra DeepSpeed JSON keys (validated by distopt.deepspeed_glue)
 """
@@ -88,6 +88,8 @@ class EvalConfig:
     batches: int = 4
     samples_png: bool = True
     generated_digits: int = 0  # images generated per digit and scored by the digit classifier (0: off)
+    temperature: float = 1.0   # sampling of generated images (samples_png, generated_digits)
+    guidance: float = 1.0      # classifier-free guidance scale (1: none; needs data.caption_dropout > 0)
 
 
 @dataclass
@@ -202,6 +204,10 @@ def validate(cfg: Config, world_size: int) -> Config:
     _validate_lora(cfg.lora)
     _check(isinstance(cfg.eval.generated_digits, int) and cfg.eval.generated_digits >= 0, "eval.generated_digits",
            f"{cfg.eval.generated_digits!r} must be an integer >= 0 (images per digit; 0: off)")
+    _check(isinstance(cfg.eval.temperature, (int, float)) and cfg.eval.temperature >= 0, "eval.temperature",
+           f"{cfg.eval.temperature!r} must be >= 0 (0: greedy)")
+    _check(isinstance(cfg.eval.guidance, (int, float)) and cfg.eval.guidance >= 1, "eval.guidance",
+           f"{cfg.eval.guidance!r} must be >= 1 (1: no guidance)")
     return cfg
 
 

@@ -80,18 +80,20 @@ def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.M
 
 def sample_grid(model: torch.nn.Module, layout, images, cfg: Config, step: int, out: Path) -> torch.Tensor:
     """Four generated images per digit, one row per digit, each labelled with the digit asked for."""
-    pictures, digits = generate_digits(model, layout, images, 4, cfg.data.text_format)
+    pictures, digits = generate_digits(model, layout, images, 4, cfg.data.text_format,
+                                       temperature=cfg.eval.temperature, guidance=cfg.eval.guidance)
     return render_grid(pictures, out / "samples" / f"step-{step + 1}.png", nrow=4, labels=[str(int(d)) for d in digits])
 
 
-def export(model: torch.nn.Module, out: Path) -> None:
-    """The trained model for inference and for `model.pretrained` of a later run: <out>/model in the
-    family's save_pretrained format; a LoRA run also writes <out>/adapter in peft's format and
-    exports the merged model."""
+def export(model: torch.nn.Module, out: Path, layout, family: str) -> None:
+    """The trained model for inference and for `model.pretrained` of a later run: <out>/model, the
+    transformers class's save_pretrained with its tokenizer; a LoRA run also writes <out>/adapter in
+    peft's format and exports the merged model."""
     if has_lora(model):
         save_adapter(model, out / "adapter")
         model = merged(model)
     model.save_pretrained(str(out / "model"))
+    layout.vocab.save(str(out / "model"), family)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -203,7 +205,8 @@ def train(cfg: Config) -> dict:
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
             results = evaluate(model, val_batches)
             if judge is not None:
-                pictures, digits = generate_digits(model, layout, images, cfg.eval.generated_digits, cfg.data.text_format)
+                pictures, digits = generate_digits(model, layout, images, cfg.eval.generated_digits, cfg.data.text_format,
+                                                   temperature=cfg.eval.temperature, guidance=cfg.eval.guidance)
                 results["val/generated_digit_accuracy"] = judge.accuracy(pictures, digits)
             history["val"].append({"step": step, "seconds": time.perf_counter() - t_start, **results})
             logger.scalars(step, results)
@@ -213,7 +216,7 @@ def train(cfg: Config) -> dict:
             save_checkpoint(ckpt_root, step, model, opt,
                             extra={"sampler": sampler.state_dict(), "scheduler": scheduler.state_dict()})
     if rank == 0:
-        export(model, out)
+        export(model, out, layout, cfg.model.family)
         history["judge_ceiling"] = judge.ceiling if judge is not None else None
         scored = [v for v in history["val"] if "val/generated_digit_accuracy" in v]
         if scored:

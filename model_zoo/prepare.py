@@ -31,7 +31,7 @@ import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, TextIO
 
 import datasets
 import numpy as np
@@ -101,8 +101,8 @@ def png(pixels: torch.Tensor) -> bytes:
 class Preparer:
     """Turns pairs into records of both tasks, chunk by chunk (the image tokenizer encodes a chunk at once)."""
 
-    def __init__(self, m: ModelConfig, d: DataConfig, log=sys.stderr):
-        self.d, self.log = d, log
+    def __init__(self, m: ModelConfig, d: DataConfig, log: Optional[TextIO] = None):
+        self.d, self.log = d, log or sys.stderr
         self.vocab = build_vocab(d, m)
         self.images = build_image_tokenizer(d, m)
         self.layout = layout_for(m, self.vocab, self.images.grid)
@@ -157,7 +157,7 @@ class Preparer:
                 yield dict(input_ids=ids, loss_mask=mask, task=task, image=image, source=where, split=split)
 
 
-def prepare(m: ModelConfig, d: DataConfig, progress: bool = True, log=sys.stderr) -> Path:
+def prepare(m: ModelConfig, d: DataConfig, progress: bool = True, log: Optional[TextIO] = None) -> Path:
     """Write the tokenized dataset of `d.path` to `d.prepared_dir()`; returns that folder."""
     validate_model(m)
     validate_data(d, m)
@@ -171,8 +171,9 @@ def prepare(m: ModelConfig, d: DataConfig, progress: bool = True, log=sys.stderr
     try:
         datasets.disable_progress_bars()
         try:
+            # a fresh cache folder, so the fingerprint only has to be unique (hashing the generator would pickle it)
             every = datasets.Dataset.from_generator(lambda: prep.records(pairs, total, progress), features=FEATURES,
-                                                    cache_dir=str(work / "cache"))
+                                                    cache_dir=str(work / "cache"), fingerprint=work.name)
         except datasets.exceptions.DatasetGenerationError as e:
             raise (e.__cause__ if isinstance(e.__cause__, ValueError) else e) from None
         if not prep.counts["pairs"]:
@@ -193,7 +194,7 @@ def prepare(m: ModelConfig, d: DataConfig, progress: bool = True, log=sys.stderr
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"[prepare] {prep.counts['pairs']} pairs -> {out} ({', '.join(f'{k} {v}' for k, v in sorted(prep.counts.items()) if '/' in k)}); "
-          f"skipped {sum(prep.skipped.values())} {dict(prep.skipped) or ''}".rstrip(), file=log)
+          f"skipped {sum(prep.skipped.values())} {dict(prep.skipped) or ''}".rstrip(), file=prep.log)
     return out
 
 

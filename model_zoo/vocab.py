@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -57,6 +57,7 @@ class Vocab:
 
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
+    tokenizer: Any  # the tokenizers.Tokenizer (wordpiece) or the transformers tokenizer (a checkpoint's)
     pad: int
     bos: int
     eos: int
@@ -87,8 +88,8 @@ class Vocab:
         text = tokenizer.get_vocab_size()
         ids = {name: text + i for i, name in enumerate(SPECIALS)}
         return cls(encode=lambda s: tokenizer.encode(s, add_special_tokens=False).ids,
-                   decode=lambda ids_: tokenizer.decode(ids_), **ids, image_offset=text + len(SPECIALS),
-                   codebook_size=codebook_size)
+                   decode=lambda ids_: tokenizer.decode(ids_), tokenizer=tokenizer, **ids,
+                   image_offset=text + len(SPECIALS), codebook_size=codebook_size)
 
     @classmethod
     def from_checkpoint(cls, path: str, family: str, config) -> "Vocab":
@@ -112,7 +113,7 @@ class Vocab:
                 return None
             return tid
 
-        base = dict(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], decode=tok.decode,
+        base = dict(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], decode=tok.decode, tokenizer=tok,
                     pad=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                     bos=tok.bos_token_id, eos=tok.eos_token_id)
         if family == "emu3":
@@ -127,3 +128,35 @@ class Vocab:
         return cls(**base, sov=special("boi_token", "<begin_of_image>"), sot=None,
                    eov=special("eoi_token", "<end_of_image>"), img=special("image_token", "<image_placeholder>"),
                    image_offset=config.text_config.vocab_size, codebook_size=config.vq_config.num_embeddings)
+
+    def save(self, path: str, family: str) -> None:
+        """The tokenizer beside a checkpoint, in transformers' format, so that `data.text_tokenizer:
+        pretrained` (and plain transformers) reads this vocabulary back: a checkpoint's own tokenizer as
+        it is; the project's WordPiece with the special tokens (and Emu3's visual tokens) appended at
+        their ids, named as transformers' Emu3 and Janus processors look them up."""
+        if hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(path)
+            return
+        from tokenizers import AddedToken
+        from transformers import PreTrainedTokenizerFast
+
+        names = dict(SPECIAL_NAMES[family])
+        tok = Tokenizer.from_str(self.tokenizer.to_str())
+        tok.add_special_tokens([AddedToken(names[k], special=True) for k in SPECIALS])
+        if family == "emu3":
+            tok.add_special_tokens([AddedToken(f"<|visual token{c:06d}|>", special=True)
+                                    for c in range(self.codebook_size)])
+        roles = {"sov": "boi_token", "eov": "eoi_token", "sot": "image_wrapper_token", "img": "image_token"}
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=names["pad"], bos_token=names["bos"],
+                                       eos_token=names["eos"], unk_token="[UNK]",
+                                       extra_special_tokens={roles[k]: names[k] for k in roles})
+        fast.save_pretrained(path)
+
+
+# the project's special tokens, named as each family's transformers processor looks them up
+SPECIAL_NAMES = {
+    "emu3": dict(pad="<|endoftext|>", bos="<|extra_203|>", eos="<|extra_204|>", sov="<|image start|>",
+                 sot="<|image token|>", eov="<|image end|>", img="<image>"),
+    "janus": dict(pad="<|pad|>", bos="<|begin_of_sentence|>", eos="<|end_of_sentence|>", sov="<begin_of_image>",
+                  sot="<|image token|>", eov="<end_of_image>", img="<image_placeholder>"),
+}
