@@ -269,8 +269,8 @@ def collate(rows: list[list[Doc]], seq_len: int, pad: int, task: str) -> dict[st
             if doc.pixels is not None:
                 pixels.append(doc.pixels)
         position_ids[r, at:] = torch.arange(seq_len - at)
-    return {"modality": MODALITY[task], "task": task, "input_ids": input_ids, "labels": labels,
-            "position_ids": position_ids, "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0)}
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0), "modality": MODALITY[task], "task": task}
 
 
 @dataclass

@@ -20,8 +20,8 @@ from model_zoo.vq import VQTokenizer, digits
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
+def built(digits_cache):
+    cache = digits_cache
     vocab = Vocab.from_wordpiece(load_or_train_wordpiece(cache, caption_corpus()), 64)
     vq = VQTokenizer.load_or_train(cache, 64, 0)
     train, val = split(0, 0.1)

@@ -37,16 +37,16 @@ def write_pairs(folder, corrupt=10, empty=15):
     return folder
 
 
-def config(tmp_path, family="emu3", **data):
+def config(tmp_path, cache, family="emu3", **data):
     m = ModelConfig(family=family)
     d = DataConfig(source="pairs", path=str(tmp_path / "pairs"), prepared=str(tmp_path / "prepared"),
-                   cache_dir=str(tmp_path.parent / "cache"), val_fraction=0.25, **data)
+                   cache_dir=str(cache), val_fraction=0.25, **data)
     return m, d
 
 
-def test_bad_pairs_are_named_or_counted(tmp_path, capsys):
+def test_bad_pairs_are_named_or_counted(tmp_path, digits_cache, capsys):
     write_pairs(tmp_path / "pairs")
-    m, d = config(tmp_path)
+    m, d = config(tmp_path, digits_cache)
     with pytest.raises(ValueError, match=r"010.txt \(row 10\): .*010.png, field 'image': unreadable"):
         prepare(m, d, progress=False)
     assert not (tmp_path / "prepared").exists(), "nothing is written for a failed preparation"
@@ -84,12 +84,12 @@ def test_bad_pairs_are_named_or_counted(tmp_path, capsys):
     assert all(int((b["labels"] != -100).sum()) > 0 for b in batches)
 
 
-def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path):
+def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path, digits_cache):
     write_pairs(tmp_path / "files", corrupt=None, empty=None)
     rows = [{"image": f"files/{i:03d}.png", "text": f"digit {i}"} for i in range(N)] + \
         [{"image": "files/missing.png", "text": "gone"}]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    m, d = config(tmp_path, family="janus")
+    m, d = config(tmp_path, digits_cache, family="janus")
     d.path = str(tmp_path / "pairs.jsonl")
     with pytest.raises(ValueError, match=rf"pairs.jsonl row {N}: .*missing.png, field 'image': unreadable"):
         prepare(m, d, progress=False)
@@ -103,18 +103,18 @@ def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path)
     assert np.array_equal(np.asarray(understanding["image"]), np.asarray(Image.open(tmp_path / "files" / f"{row:03d}.png")))
 
 
-def test_a_checkpoints_own_tokenizers_prepare_the_records(tmp_path):
+def test_a_checkpoints_own_tokenizers_prepare_the_records(tmp_path, digits_cache):
     """A tiny Emu3 saved with its tokenizer: the text ids and image codes come from the checkpoint."""
     from model_zoo.emu3 import Emu3
 
     write_pairs(tmp_path / "pairs", corrupt=None, empty=None)
-    words = DataConfig(cache_dir=str(tmp_path.parent / "cache"))
+    words = DataConfig(cache_dir=str(digits_cache))
     vocab = build_vocab(words, ModelConfig())
     torch.manual_seed(0)
     model = Emu3.build("tiny", vocab)
     model.save_pretrained(str(tmp_path / "ckpt"))
     vocab.save(str(tmp_path / "ckpt"), "emu3")
-    m, d = config(tmp_path, text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8)
+    m, d = config(tmp_path, digits_cache, text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8)
     m.pretrained = str(tmp_path / "ckpt")
     prepare(m, d, progress=False)
     record = datasets.load_from_disk(str(tmp_path / "prepared"))["train"][0]

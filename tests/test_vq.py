@@ -18,9 +18,8 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("vq-cache")
-    return cache, VQTokenizer.load_or_train(cache, codebook_size=64, seed=0)
+def cached(digits_cache):
+    return digits_cache, VQTokenizer.load_or_train(digits_cache, codebook_size=64, seed=0)
 
 
 def test_reconstruction_beats_the_mean_image_and_improves_with_codebook_size(images, cached):
@@ -59,17 +58,17 @@ def test_fit_is_deterministic_per_seed(images):
 
 def test_cache_round_trip_is_bit_identical_and_not_refitted(cached, tmp_path):
     cache, vq = cached
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and not files[0].startswith("."), files  # no temp file left behind
-    mtime = (cache / files[0]).stat().st_mtime_ns
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".")], "no temp file left behind"
+    (path,) = cache.glob("vq-digits-k64-seed0-*.pt")
+    mtime = path.stat().st_mtime_ns
     again = VQTokenizer.load_or_train(cache, codebook_size=64, seed=0)
-    assert torch.equal(again.codebook, vq.codebook) and (cache / files[0]).stat().st_mtime_ns == mtime
+    assert torch.equal(again.codebook, vq.codebook) and path.stat().st_mtime_ns == mtime
     vq.save(tmp_path / "vq.pt")
     assert torch.equal(VQTokenizer.load(tmp_path / "vq.pt").codebook, vq.codebook)
 
 
 def test_corrupt_cache_names_the_file_and_the_fix(cached, tmp_path):
-    name = next(cached[0].iterdir()).name
+    name = next(cached[0].glob("vq-digits-*.pt")).name
     (tmp_path / name).write_bytes(b"not a codebook")
     with pytest.raises(ValueError, match=f"(?s){name}.*corrupt.*delete it to retrain"):
         VQTokenizer.load_or_train(tmp_path, codebook_size=64, seed=0)
