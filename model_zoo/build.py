@@ -89,7 +89,7 @@ def build_image_tokenizer(d: DataConfig, m: ModelConfig,
     if d.image_tokenizer == "digits_vq":
         return VQTokenizer.load_or_train(d.cache_dir, d.codebook_size, d.seed)
     if model is not None:
-        vqmodel, config = model.vqmodel(), model._base().config
+        vqmodel, config = model.vqmodel(), model.base().config
     else:
         from transformers import Emu3VQVAE, JanusVQVAE
 
@@ -111,7 +111,7 @@ def layout_for(m: ModelConfig, vocab: Vocab, grid: tuple[int, int],
     if m.family == "emu3":
         return Emu3Layout(vocab, grid)
     if model is not None:
-        config = model._base().config
+        config = model.base().config
     elif m.pretrained is not None:
         config = checkpoint_config(m.pretrained)
     else:

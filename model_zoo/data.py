@@ -85,7 +85,7 @@ class BadRecordError(ValueError):
     pass
 
 
-def _seed(*parts: int) -> int:
+def mixed_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same in every process."""
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
@@ -120,7 +120,7 @@ class DigitsSource:
     def items(self, task: str, epoch: int, start: int) -> Iterator[Item]:
         order = range(len(self.rows))
         if self.shuffle:
-            gen = torch.Generator().manual_seed(_seed(self.seed, epoch, TASKS.index(task)))
+            gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, TASKS.index(task)))
             order = torch.randperm(len(self.rows), generator=gen).tolist()
         for row in order[start:]:
             yield Item(self.lengths[task][row], row, f"digits row {row}")
@@ -352,7 +352,7 @@ class MicroBatchSampler:
     def next_micro_batch(self) -> dict[str, Any]:
         task = TASKS[self.served % 2]
         mine = self._pack(task)[self.rank * self.micro:(self.rank + 1) * self.micro]
-        gen = torch.Generator().manual_seed(_seed(self.seed, self.served, self.rank)) if self.augment else None
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, self.served, self.rank)) if self.augment else None
         docs = iter(self.source.docs([it for row in mine for it in row], task, gen))
         self.served += 1
         return collate([[next(docs) for _ in row] for row in mine], self.seq_len, self.pad, task)

@@ -116,11 +116,12 @@ class Janus(UnifiedModel):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Text ids through the text embedding, image ids (>= image_offset) through the generation
         embedding and aligner."""
-        base = self._base()
+        base = self.base()
         image = ids >= self.image_offset
         x = base.get_input_embeddings()(ids.masked_fill(image, 0))
         if bool(image.any()):
-            x = x.masked_scatter(image[..., None], base.prepare_embeddings_for_image_generation(ids[image] - self.image_offset).to(x.dtype))
+            codes = base.prepare_embeddings_for_image_generation(ids[image] - self.image_offset)
+            x = x.masked_scatter(image[..., None], codes.to(x.dtype))
         return x
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -130,13 +131,13 @@ class Janus(UnifiedModel):
         the generation head."""
         pixels = batch.get("pixel_values")
         pixels = None if pixels is None or len(pixels) == 0 else pixels * 2 - 1
-        h = self._base().model(inputs_embeds=self.embed(batch["input_ids"]), pixel_values=pixels,
+        h = self.base().model(inputs_embeds=self.embed(batch["input_ids"]), pixel_values=pixels,
                                position_ids=batch["position_ids"], use_cache=False).last_hidden_state[:, :-1]
         targets = batch["labels"][:, 1:]
         image = targets >= self.image_offset
         text = (targets != -100) & ~image
         text_logits = _head(self.hf.lm_head, h[text], self.text_config.vocab_size)
-        image_logits = _head(self._base().model.generation_head, h[image], self.codebook_size)
+        image_logits = _head(self.base().model.generation_head, h[image], self.codebook_size)
         return token_losses(text_logits, targets[text], image_logits, targets[image] - self.image_offset)
 
     @torch.no_grad()
@@ -146,7 +147,7 @@ class Janus(UnifiedModel):
         each sampled code fed back through the generation embedding and aligner (KV cache). With
         guidance != 1 an unconditioned stream (empty caption) runs beside and the logits are guided
         (`guided`), as Janus samples. Returns codebook indices LongTensor[n, h * w]."""
-        base = self._base()
+        base = self.base()
         device = self.hf.lm_head.weight.device
         decoder, head = base.model.language_model, base.model.generation_head
         prompts = [layout.generation_prompt(caption)] + ([layout.generation_prompt([])] if guidance != 1.0 else [])

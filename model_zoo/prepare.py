@@ -40,7 +40,7 @@ import yaml
 
 from model_zoo.build import PREPARED_META, build_image_tokenizer, build_vocab, layout_fingerprint, layout_for
 from model_zoo.config import DataConfig, ModelConfig, validate_data, validate_model
-from model_zoo.data import TASKS, BadRecord, BadRecordError, _seed, fit_images
+from model_zoo.data import TASKS, BadRecord, BadRecordError, fit_images, mixed_seed
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 FEATURES = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),
@@ -148,7 +148,7 @@ class Preparer:
                 self.bad(BadRecord(where, "text", f"a {len(caption)}-token caption makes a {longest}-token document, "
                                                   f"more than data.seq_len={self.d.seq_len}"))
                 continue
-            split = "validation" if _seed(self.d.seed, self.counts["pairs"]) % 10**6 < self.d.val_fraction * 10**6 \
+            split = "validation" if mixed_seed(self.d.seed, self.counts["pairs"]) % 10**6 < self.d.val_fraction * 10**6 \
                 else "train"
             self.counts["pairs"] += 1
             for task, (ids, mask) in docs.items():
@@ -193,8 +193,9 @@ def prepare(m: ModelConfig, d: DataConfig, progress: bool = True, log: Optional[
         (work / "dataset").rename(out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"[prepare] {prep.counts['pairs']} pairs -> {out} ({', '.join(f'{k} {v}' for k, v in sorted(prep.counts.items()) if '/' in k)}); "
-          f"skipped {sum(prep.skipped.values())} {dict(prep.skipped) or ''}".rstrip(), file=prep.log)
+    records = ", ".join(f"{k} {v}" for k, v in sorted(prep.counts.items()) if "/" in k)
+    print(f"[prepare] {prep.counts['pairs']} pairs -> {out} ({records}); skipped {sum(prep.skipped.values())} "
+          f"{dict(prep.skipped) or ''}".rstrip(), file=prep.log)
     return out
 
 
@@ -202,8 +203,10 @@ def load_sections(path: str, overrides: list[str]) -> tuple[ModelConfig, DataCon
     """The `model` and `data` sections of a run config, with `section.key=value` overrides (YAML values)."""
     cfg = yaml.safe_load(Path(path).read_text()) or {}
     for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, leaf = key.partition(".")
+        key, eq, value = item.partition("=")
+        section, dot, leaf = key.partition(".")
+        if not (eq and dot and leaf):
+            raise ValueError(f"--set {item!r}: expected section.key=value")
         cfg.setdefault(section, {})[leaf] = yaml.safe_load(value)
     sections = []
     for name, cls in (("model", ModelConfig), ("data", DataConfig)):

@@ -145,15 +145,15 @@ class UnifiedModel(torch.nn.Module):
         self.vqmodel().requires_grad_(False)  # the VQ-VAE is a frozen tokenizer in both families
 
     def vqmodel(self) -> torch.nn.Module:
-        return self._base().model.vqmodel
+        return self.base().model.vqmodel
 
-    def _base(self) -> torch.nn.Module:
+    def base(self) -> torch.nn.Module:
         """`hf` itself, or the model inside a peft wrapper."""
         return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
 
     @property
     def text_config(self) -> Any:
-        return self._base().config.text_config
+        return self.base().config.text_config
 
     @property
     def num_heads(self) -> int:

@@ -25,8 +25,8 @@ from model_zoo.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 # text 0..19, specials 20..26, then 32 image codes: one unified vocabulary of 59 ids
-VOCAB = Vocab(encode=lambda s: [ord(c) % 20 for c in s], decode=str, tokenizer=None, pad=20, bos=21, eos=22, sov=23, sot=24, eov=25,
-              img=26, image_offset=27, codebook_size=32)
+VOCAB = Vocab(encode=lambda s: [ord(c) % 20 for c in s], decode=str, tokenizer=None, pad=20, bos=21, eos=22, sov=23,
+              sot=24, eov=25, img=26, image_offset=27, codebook_size=32)
 GRID = (4, 4)
 LAYOUTS = {"emu3": Emu3Layout(VOCAB, GRID), "janus": JanusLayout(VOCAB, GRID, 16)}
 
