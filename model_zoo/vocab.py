@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
-import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from model_zoo.files import atomic_write, writable_dir
@@ -56,7 +55,6 @@ class Vocab:
     image row with `eol` and the image with `eof` (None: plain code rows)."""
 
     encode: Callable[[str], list[int]]
-    decode: Callable[[list[int]], str]
     tokenizer: Any  # the tokenizers.Tokenizer (wordpiece) or the transformers tokenizer (a checkpoint's)
     pad: int
     bos: int
@@ -78,17 +76,12 @@ class Vocab:
         """Text-token ids of `s` (no special tokens)."""
         return list(self.encode(s))
 
-    def is_image(self, ids: torch.Tensor) -> torch.Tensor:
-        """BoolTensor: True where `ids` are image codes (so -100 labels and specials are False)."""
-        return (ids >= self.image_offset) & (ids < self.size)
-
     @classmethod
     def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> "Vocab":
         """Text ids, then SPECIALS in order, then the image codes."""
         text = tokenizer.get_vocab_size()
         ids = {name: text + i for i, name in enumerate(SPECIALS)}
-        return cls(encode=lambda s: tokenizer.encode(s, add_special_tokens=False).ids,
-                   decode=lambda ids_: tokenizer.decode(ids_), tokenizer=tokenizer, **ids,
+        return cls(encode=lambda s: tokenizer.encode(s, add_special_tokens=False).ids, tokenizer=tokenizer, **ids,
                    image_offset=text + len(SPECIALS), codebook_size=codebook_size)
 
     @classmethod
@@ -113,7 +106,7 @@ class Vocab:
                 return None
             return tid
 
-        base = dict(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], decode=tok.decode, tokenizer=tok,
+        base = dict(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], tokenizer=tok,
                     pad=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                     bos=tok.bos_token_id, eos=tok.eos_token_id)
         if family == "emu3":

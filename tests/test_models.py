@@ -6,6 +6,7 @@ the training layout predicts)."""
 
 import ast
 import dataclasses
+from fnmatch import fnmatchcase
 from pathlib import Path
 
 import pytest
@@ -25,7 +26,7 @@ from model_zoo.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
 # text 0..19, specials 20..26, then 32 image codes: one unified vocabulary of 59 ids
-VOCAB = Vocab(encode=lambda s: [ord(c) % 20 for c in s], decode=str, tokenizer=None, pad=20, bos=21, eos=22, sov=23,
+VOCAB = Vocab(encode=lambda s: [ord(c) % 20 for c in s], tokenizer=None, pad=20, bos=21, eos=22, sov=23,
               sot=24, eov=25, img=26, image_offset=27, codebook_size=32)
 GRID = (4, 4)
 LAYOUTS = {"emu3": Emu3Layout(VOCAB, GRID), "janus": JanusLayout(VOCAB, GRID, 16)}
@@ -208,6 +209,25 @@ def test_greedy_generation_samples_what_training_predicts():
             start = len(layout.generation_prompt(caption))
             logits = model.hf(input_ids=torch.tensor([doc.ids])).logits[0, start - 1:start + 15]
             assert logits[:, VOCAB.image_offset:].argmax(-1).tolist() == greedy
+
+
+@pytest.mark.parametrize("make", [emu3, janus])
+def test_head_splits_composed_from_the_models_head_counts_name_whole_heads(make):
+    """Models expose num_heads / num_kv_heads; ML-FOP-SOAP's head splits are composed from them, limited
+    to the decoder (Janus' vision encoder and the VQ-VAEs have q/k/v projections of their own)."""
+    from distopt import attention_head_splits
+
+    model = make()
+    prefix = f"hf.{model.decoder_path}."
+    splits = {prefix + k: v for k, v in attention_head_splits(model.num_heads, model.num_kv_heads).items()}
+    head_dim = model.text_config.hidden_size // model.num_heads
+    matched = 0
+    for name, p in model.named_parameters():
+        for pattern, (heads, dim) in splits.items():
+            if fnmatchcase(name, pattern):
+                matched += 1
+                assert p.shape[dim] == heads * head_dim, name
+    assert matched == 4 * model.text_config.num_hidden_layers and model.num_kv_heads == 2 and model.num_heads == 4
 
 
 def test_model_zoo_imports_neither_distopt_nor_launcher():
