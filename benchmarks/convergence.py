@@ -4,8 +4,9 @@ on the tiny Emu3-style model (configs/emu3_tiny_*.yaml), one process, in one run
     python benchmarks/convergence.py --quick      # < 10 minutes on 2 cores
     python benchmarks/convergence.py              # more steps, batch sizes, learning rates and seeds
 
-For every optimizer and global batch size (micro-batch 16 x K accumulation steps; training batches
-are fresh augmented views of the 1,617 training digits, so a large batch is not the data set):
+For every optimizer and global batch size (micro-batch of about 16 documents in 8 packed rows, x K
+accumulation steps; training batches are fresh augmented views of the 1,617 training digits, so a
+large batch is not the data set):
 1. a learning-rate sweep (seed 0): the width of the converging range (runs that neither diverge
    nor fail to reach 0.8 x their first loss) is the stability measure;
 2. the best learning rate (lowest final validation loss, both modalities) rerun with several seeds;
@@ -59,7 +60,7 @@ def run(variant: str, lr: float, k: int, seed: int, steps: int, out: Path) -> di
                 logging={"every": 5, "tensorboard": False, "progress": False},
                 eval={"every": 5, "batches": 2, "samples_png": False},
                 checkpoint={"every": 0, "resume": "none"})
-    data["batch"] = {"micro_batch_size": 16, "grad_accum": k}
+    data["batch"] = {"micro_batch_size": 8, "grad_accum": k}  # 8 rows of 64 packed tokens: about 16 documents
     data["data"]["cache_dir"] = str(ROOT / ".cache" / "distopt")
     return train(validate(_build(Config, data, ""), 1))
 
@@ -124,8 +125,9 @@ def main() -> None:
     lines = [f"# Convergence at CPU scale{' (quick)' if args.quick else ''}", "",
              f"Command: `python benchmarks/convergence.py{' --quick' if args.quick else ''}` "
              f"({time.perf_counter() - t0:.0f} s). Tiny Emu3-style model on digits, {steps} steps, cosine LR, "
-             f"micro-batch 16, learning rates {lrs}, seeds {seeds}; targets = AdamW's final validation loss "
-             "per modality at the same batch. Mean ± standard deviation over seeds.", "",
+             f"micro-batch of about 16 documents (8 packed rows), learning rates {lrs}, seeds {seeds}; "
+             "targets = AdamW's final validation loss per modality at the same batch. Mean ± standard deviation "
+             "over seeds.", "",
              "| optimizer | batch | best lr | converging lrs | diverged | final val text | final val image | "
              "steps to text target | steps to image target | s to image target | text-image grad cosine |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -142,7 +142,7 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["batch.global_batch_size=7"], "batch.global_batch_size: 7 != micro_batch_size 8"),
+    (["batch.global_batch_size=7"], "batch.global_batch_size: 7 != micro_batch_size 4"),
     (["checkpoint.resume=/no/such/dir"], "checkpoint.resume: '/no/such/dir' is neither"),
     (["data.cache_dir=/etc/hostname/cache"], "data.cache_dir: '/etc/hostname/cache' cannot be created"),
     (["optimizer.params.levle=head"], "optimizer.params.levle: not an argument of mlfop_soap"),
