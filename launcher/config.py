@@ -4,7 +4,7 @@
     model:      family (emu3 | janus), size, pretrained, overrides (model_zoo/config.py)
     data:       source (digits | pairs | tokenized), path, prepared, streaming, seq_len, on_bad_record,
                 image_tokenizer, text_tokenizer, image_size, cache_dir, seed, codebook_size, val_fraction,
-                augment, text_format (model_zoo/config.py)
+                augment, caption_dropout, text_format (model_zoo/config.py)
     lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm

@@ -42,7 +42,8 @@ class Logger:
 
 class ModalityGradProbe:
     """This step's gradient split by micro-batch modality (MODALITIES: text, image), averaged over
-    ranks, and the text-vs-image cosine and norm ratio: globally and per layer (a module; a LoRA layer's A and B together). Micro-step gradients are captured by hooks during
+    ranks, and the text-vs-image cosine and norm ratio: globally and per layer (a module; a LoRA
+    layer's A and B together). Micro-step gradients are captured by hooks during
     backward, before DeepSpeed's own all-reduce can touch p.grad. Costs two gradient copies and one
     all-reduce of them, so the loop uses it on log steps only; every rank must call stats()."""
 

@@ -82,7 +82,8 @@ def sample_grid(model: torch.nn.Module, layout, images, cfg: Config, step: int, 
     """Four generated images per digit, one row per digit, each labelled with the digit asked for."""
     pictures, digits = generate_digits(model, layout, images, 4, cfg.data.text_format,
                                        temperature=cfg.eval.temperature, guidance=cfg.eval.guidance)
-    return render_grid(pictures, out / "samples" / f"step-{step + 1}.png", nrow=4, labels=[str(int(d)) for d in digits])
+    labels = [str(int(d)) for d in digits]
+    return render_grid(pictures, out / "samples" / f"step-{step + 1}.png", nrow=4, labels=labels)
 
 
 def export(model: torch.nn.Module, out: Path, layout, family: str) -> None:
