@@ -183,14 +183,15 @@ class TokenizedSource:
         self.has_image = "image" in ds.column_names
         if not self.streaming:
             tasks = np.asarray(ds.with_format("numpy", columns=["task"])["task"]).astype(str)
-            self.rows = {t: np.flatnonzero(tasks == t) for t in TASKS}
+            self.rows = {t: np.flatnonzero(self._reads(tasks, t)) for t in TASKS}
             self._text = ds.select_columns(["input_ids", "loss_mask", "task"])
             self.no_image = np.asarray(ds.with_format("arrow", columns=["image"])[:]["image"].is_null()) \
                 if self.has_image else np.ones(len(ds), dtype=bool)
 
     def items(self, task: str, epoch: int, start: int) -> Iterator[Union[Item, BadRecord]]:
         if self.streaming:
-            stream = self.ds.map(lambda r, i: {"_row": i}, with_indices=True).filter(lambda r: r["task"] == task)
+            stream = self.ds.map(lambda r, i: {"_row": i}, with_indices=True).filter(
+                lambda r: bool(self._reads(np.asarray([r["task"]]).astype(str), task)[0]))
             for record in stream.skip(start):
                 yield self._check(record, int(record["_row"]))
             return
@@ -201,6 +202,12 @@ class TokenizedSource:
             for j, row in enumerate(chunk):
                 yield self._check({k: got[k][j] for k in got}, row)
 
+    @staticmethod
+    def _reads(tasks: np.ndarray, task: str) -> np.ndarray:
+        """Which records `task`'s stream reads: its own, and for the first task also those with an unknown
+        task, so that they are reported as bad records rather than never read."""
+        return (tasks == task) | (~np.isin(tasks, TASKS) if task == TASKS[0] else False)
+
     def _check(self, record: dict, row: int) -> Union[Item, BadRecord]:
         where = f"{self.name} row {row}"
         ids, mask, task = record["input_ids"], record["loss_mask"], record["task"]
@@ -208,6 +215,8 @@ class TokenizedSource:
         def bad(name: str, problem: str) -> BadRecord:
             return BadRecord(where, name, problem)
 
+        if task not in TASKS:
+            return bad("task", f"{task!r} is not one of {TASKS}")
         if not ids:
             return bad("input_ids", "empty")
         if len(ids) > self.seq_len:

@@ -234,17 +234,18 @@ def test_bad_records_name_file_row_and_field_or_are_counted(built, tmp_path):
     task = docs[3][0]
     docs[3] = (task, Doc(docs[3][1].ids * 3, docs[3][1].loss_mask * 3))                 # too long for 64
     docs[5] = (docs[5][0], Doc([0, built["vocab"].size + 7, 1], [0, 1, 1]))              # outside the vocabulary
+    docs[7] = ("captioning", docs[7][1])                                                  # an unknown task
     write_tokenized(tmp_path, {"train": docs})
     for streaming in (False, True):
         source = TokenizedSource(open_tokenized(tmp_path, "train", streaming), str(tmp_path), built["emu3"],
                                  built["vq"], 64, built["vocab"].size)
         strict = MicroBatchSampler(source, 4, 64, built["vocab"].pad, augment=False)
-        with pytest.raises(BadRecordError, match=rf"{tmp_path} row [35], field 'input_ids': .*data.on_bad_record"):
+        with pytest.raises(BadRecordError, match=rf"{tmp_path} row [357], field '(input_ids|task)': .*on_bad_record"):
             for _ in range(4):
                 strict.next_micro_batch()
         lenient = MicroBatchSampler(source, 4, 64, built["vocab"].pad, augment=False, on_bad_record="skip")
         batches = [lenient.next_micro_batch() for _ in range(2)]  # one per task, within the first epoch
-        assert lenient.skipped == 2 and lenient.state_dict()["skipped"] == 2
+        assert lenient.skipped == 3 and lenient.state_dict()["skipped"] == 3, "none is silently dropped"
         assert all(int(b["input_ids"].max()) < built["vocab"].size for b in batches)
     missing = tmp_path / "no_mask"
     datasets.Dataset.from_dict({"input_ids": [[1, 2]], "task": ["generation"]}).save_to_disk(str(missing))
