@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -169,7 +170,7 @@ class UnifiedModel(torch.nn.Module):
         attn = [n for n in names if n.endswith("_proj") and n[0] in "qkvo"]
         mlp = [n for n in names if n not in attn]
         parts = ([rf"self_attn\.({'|'.join(attn)})"] if attn else []) + ([rf"mlp\.({'|'.join(mlp)})"] if mlp else [])
-        return rf"{self.decoder_path.replace('.', chr(92) + '.')}\.layers\.\d+\.({'|'.join(parts)})"
+        return rf"{re.escape(self.decoder_path)}\.layers\.\d+\.({'|'.join(parts)})"
 
     def save_pretrained(self, path: str) -> None:
         """The transformers class's own save_pretrained (config.json + safetensors)."""
