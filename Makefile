@@ -13,9 +13,9 @@ services:
 test: setup services
 	$(ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/
 
-# 2 CPU ranks under the DeepSpeed launcher: tiny Emu3-style model, ML-FOP-SOAP, TensorBoard + PNG samples in runs/demo
+# 2 CPU ranks under the DeepSpeed launcher: the tiny Emu3 learns captioned digits with ML-FOP-SOAP; prints the
+# digit judge's accuracy on its generated digits; TensorBoard + labelled PNG samples in runs/demo
 demo: setup
-	$(ENV) .venv/bin/deepspeed --num_gpus 2 launcher/run.py --config configs/emu3_tiny_mlfop.yaml \
-	  --set run.out_dir=runs/demo --set checkpoint.resume=none
-	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/demo/tensorboard; samples: runs/demo/samples/"
+	$(ENV) .venv/bin/deepspeed --num_gpus 2 launcher/run.py --config configs/demo.yaml
+	@echo "TensorBoard: .venv/bin/tensorboard --logdir runs/demo/tensorboard; samples: runs/demo/samples/step-250.png"
 

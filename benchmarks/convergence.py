@@ -6,8 +6,9 @@ and GradNorm on the tiny Emu3-style and Janus-style models (configs/*_tiny_mlfop
     python benchmarks/convergence.py               # hours, resolves a 10% effect; run it in the background
     python benchmarks/convergence.py --estimate    # the full mode's runtime, from short measured runs
 
-Method, per arm and global batch size (micro-batch x K accumulation steps; training batches are fresh
-augmented views of the 1,617 training digits, so a large batch is not the data set):
+Method, per arm and global batch size (micro-batch of about 16 documents in 8 packed rows, x K
+accumulation steps; training batches are fresh augmented views of the 1,617 training digits, so a
+large batch is not the data set):
 1. its own learning-rate sweep on a sqrt(2) grid (seed 0, the sweep family): the initial points, then
    one more point beyond an edge while the best lr is at that edge (bracketing), then points above
    while every lr above the best still converges (the stability edge: where the method stops
@@ -96,11 +97,12 @@ MODES = {
     # test builds without training); the sweep's decisions are tested on their own
     "smoke": Mode(steps=2, warmup=1, micro=4, ks=(2, 4), lr_center=1e-2, points=1, max_points=1, seeds=1,
                   families=("emu3", "janus"), eval_every=1, eval_batches=1,
-                  overrides=dict(hidden_size=16, intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1),
+                  overrides=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1),
                   arms=("AdamW", "SOAP", "ML-FOP-SOAP", "sum, weights [0.5, 1] (SOAP)", "GradNorm (SOAP)")),
-    "quick": Mode(steps=40, warmup=3, micro=16, ks=(2, 8), lr_center=1e-2, points=3, max_points=4, seeds=2,
+    "quick": Mode(steps=40, warmup=3, micro=8, ks=(2, 8), lr_center=1e-2, points=3, max_points=4, seeds=2,
                   families=("emu3",), eval_every=5, eval_batches=4),
-    "full": Mode(steps=300, warmup=10, micro=16, ks=(2, 16), lr_center=1e-2, points=5, max_points=10, seeds=5,
+    "full": Mode(steps=300, warmup=10, micro=8, ks=(2, 16), lr_center=1e-2, points=5, max_points=10, seeds=5,
                  families=("emu3", "janus"), eval_every=5, eval_batches=8),
 }
 
@@ -576,21 +578,19 @@ def _timed_run(mode: Mode, family: str, arm: str, k: int, cache: str, tmp: str) 
 
 def _eval_cost(family: str, mode: Mode, cache: str) -> float:
     """CPU seconds of one evaluation (mode.eval_batches batches per modality) of the family's tiny model."""
-    from launcher.metrics import evaluate
-    from model_zoo import build_model
-    from model_zoo.data import MODALITIES as KINDS, build_datasets, collate
     from launcher.config import Config, _build, validate
+    from launcher.metrics import evaluate
+    from launcher.run import build_model_and_data
 
     data = yaml.safe_load((ROOT / "configs" / f"{family}_tiny_mlfop.yaml").read_text())
     data["data"]["cache_dir"] = cache
+    data["batch"] = {"micro_batch_size": mode.micro, "grad_accum": 2}
+    data["eval"] = {"batches": mode.eval_batches}
     cfg = validate(_build(Config, data, ""), 1)
-    _, val_set, vocab, vq = build_datasets(cache, seed=0)
-    batches = [collate(val_set[i * mode.micro:(i + 1) * mode.micro], vocab, vq, m)
-               for i in range(mode.eval_batches) for m in KINDS]
-    model = build_model(cfg.model, vocab)
-    evaluate(model, batches)  # warm-up
+    model, _, _, loaded = build_model_and_data(cfg, 0, 1)
+    evaluate(model, loaded.validation)  # warm-up
     start = time.process_time()
-    evaluate(model, batches)
+    evaluate(model, loaded.validation)
     return time.process_time() - start
 
 

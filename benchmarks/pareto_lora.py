@@ -8,7 +8,7 @@ Reproducible (benchmarks/repro.py): the same command on the same code writes the
 seconds differ): fixed threads (--threads), deterministic kernels, every generator seeded, and the
 versions, commit and the cached tokenizer's and codebook's content hashes printed with it.
 
-One run, one process: pretrain the tiny Emu3-style model on captioned digits (configs/emu3_tiny_adamw.yaml,
+One run, one process: pretrain the tiny Emu3 model on captioned digits (configs/emu3_tiny_adamw.yaml,
 plain captions), then LoRA-tune it (configs/emu3_tiny_lora.yaml: rank 8 on every decoder linear) on the
 instruct format (new instructions and answers, loss on the response only) with each gradient rule over
 AdamW, several seeds each (LoRA initialisation and batch order; the data split and VQ codebook stay fixed):
@@ -64,19 +64,22 @@ def train(config: str, updates: dict, cache: str) -> dict:
 def untuned(path: str, per_digit: int, cache: str) -> dict[str, dict[str, float]]:
     """The pretrained model before tuning, on the validation digits, in both text formats."""
     from launcher.metrics import evaluate
-    from model_zoo.data import MODALITIES, build_datasets, collate
-    from model_zoo.emu3 import Emu3Model
+    from model_zoo import build_data, build_image_tokenizer, build_model, build_vocab, layout_for
+    from model_zoo.config import DataConfig, ModelConfig
     from model_zoo.quality import DigitJudge, generate_digits
 
-    train_set, val_set, vocab, vq = build_datasets(cache, seed=0)
-    model, judge = Emu3Model.from_pretrained(path), DigitJudge(train_set, val_set, vq)
+    m = ModelConfig(family="emu3", pretrained=path)
     out = {}
     for text_format in ("plain", "instruct"):
-        batches = [collate(val_set[i * 16:(i + 1) * 16], vocab, vq, m, text_format=text_format)
-                   for i in range(8) for m in MODALITIES]
-        out[text_format] = evaluate(model, batches)
-        images, digits = generate_digits(model, vocab, vq, per_digit, text_format)
-        out[text_format]["val/generated_digit_accuracy"] = judge.accuracy(images, digits)
+        d = DataConfig(cache_dir=cache, text_format=text_format)
+        vocab = build_vocab(d, m)
+        model = build_model(m, vocab)
+        images = build_image_tokenizer(d, m, model)
+        layout = layout_for(m, vocab, images.grid, model)
+        data = build_data(d, layout, images, micro_batch_size=8, grad_accum=2, eval_batches=8)
+        out[text_format] = evaluate(model, data.validation)
+        pictures, digits = generate_digits(model, layout, images, per_digit, text_format)
+        out[text_format]["val/generated_digit_accuracy"] = DigitJudge(*data.digits, images).accuracy(pictures, digits)
     return out
 
 
@@ -156,7 +159,7 @@ def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds, e
               f"|g_text| / |g_image| from {min(ratios.values()):.2f} to {max(ratios.values()):.2f} "
               f"(median {statistics.median(ratios.values()):.2f}), cosine from {min(cosines.values()):.3f} "
               f"to {max(cosines.values()):.3f}.", "", "| LoRA layer | norm ratio text/image | cosine |", "|---|---|---|"]
-    lines += [f"| {layer.replace('decoder.model.', '')} | {ratio:.2f} | {cosines[layer]:.3f} |" for layer, ratio in ratios.items()]
+    lines += [f"| {layer.replace('hf.model.text_model.', '')} | {ratio:.2f} | {cosines[layer]:.3f} |" for layer, ratio in ratios.items()]
     return "\n".join(lines) + "\n"
 
 

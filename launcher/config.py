@@ -1,15 +1,17 @@
 """The run configuration: one YAML file, typed sections, errors that name the field and the fix.
 
     run:        name, out_dir, seed (initialisation, batch order, augmentation)
-    model:      family (emu3 | janus), size (tiny | emu3_8b | janus_1_3b), pretrained, overrides, dtype
-    data:       cache_dir, seed (the split and the VQ codebook), codebook_size, val_fraction, augment,
-                text_format (plain | instruct)
+    model:      family (emu3 | janus), size, pretrained, overrides, dtype, activation_checkpointing
+                (model_zoo/config.py)
+    data:       source (digits | pairs | tokenized), path, prepared, streaming, seq_len, on_bad_record,
+                image_tokenizer, text_tokenizer, image_size, cache_dir, seed, codebook_size, val_fraction,
+                augment, caption_dropout, text_format (model_zoo/config.py)
     lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
     schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
     logging:    every, tensorboard, progress
-    eval:       every, batches, samples_png, generated_digits
+    eval:       every, batches, samples_png, generated_digits, temperature, guidance
     checkpoint: every, resume (auto | none | <path>), keep_last
     engine:     deepspeed (ZeRO stage 0, replicated parameters) | fsdp2 (PyTorch FSDP2, all sharded)
     fsdp:       replicate (HSDP groups; engine fsdp2)
@@ -23,13 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
 import yaml
 
 from distopt.options import MLFOPOptions, OptionError, RuleOptions
 from distopt.registry import OPTIMIZERS, TWO_OBJECTIVE, parse_options, valid_arguments
 from launcher.engines import ENGINES
-from model_zoo.data import FORMATS
+from model_zoo.config import DataConfig, ModelConfig, validate_data, validate_model
 from model_zoo.lora import LLAMA_LINEARS
 
 
@@ -42,26 +43,6 @@ class RunConfig:
     name: str = "run"
     out_dir: str = "runs/run"
     seed: int = 0
-
-
-@dataclass
-class ModelConfig:
-    family: str = "emu3"
-    size: str = "tiny"
-    pretrained: Optional[str] = None
-    overrides: dict = field(default_factory=dict)
-    dtype: str = "float32"  # bfloat16: bf16 parameters and compute; the optimizer keeps fp32 masters on block owners
-    activation_checkpointing: bool = False  # non-reentrant torch.utils.checkpoint on every decoder layer
-
-
-@dataclass
-class DataConfig:
-    cache_dir: str = ".cache/distopt"
-    seed: int = 0  # fixes the split and the VQ codebook, so runs of any run.seed (and fine-tuning) share them
-    codebook_size: int = 64
-    val_fraction: float = 0.1
-    augment: bool = True
-    text_format: str = "plain"  # instruct: instructions and answers, loss on the response only
 
 
 @dataclass
@@ -111,6 +92,8 @@ class EvalConfig:
     batches: int = 4
     samples_png: bool = True
     generated_digits: int = 0  # images generated per digit and scored by the digit classifier (0: off)
+    temperature: float = 1.0   # sampling of generated images (samples_png, generated_digits)
+    guidance: float = 1.0      # classifier-free guidance scale (1: none; needs data.caption_dropout > 0)
 
 
 @dataclass
@@ -143,8 +126,6 @@ class Config:
     deepspeed: dict = field(default_factory=dict)
 
 
-FAMILIES = {"emu3": ("tiny", "emu3_8b"), "janus": ("tiny", "janus_1_3b")}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCHEDULES = ("constant", "cosine")
 RESUME = ("auto", "none")
 
@@ -175,45 +156,16 @@ def _check(cond: bool, field_path: str, message: str) -> None:
 
 def validate(cfg: Config, world_size: int) -> Config:
     """Every check that can fail before any work starts, section by section."""
-    _validate_model(cfg.model)
+    _validate_model_and_data(cfg)
     _validate_batch(cfg.batch, world_size)
     _validate_optimizer(cfg.optimizer, cfg.batch, world_size)
     _validate_schedule(cfg.schedule)
     _check(cfg.logging.every >= 1, "logging.every", "must be >= 1")
     _validate_eval(cfg.eval)
     _validate_checkpoint(cfg.checkpoint)
-    _validate_data(cfg.data)
     _validate_lora(cfg.lora)
     _validate_engine(cfg, world_size)
     return cfg
-
-
-def _validate_engine(cfg: Config, world_size: int) -> None:
-    _check(cfg.engine in ENGINES, "engine", f"{cfg.engine!r}; choose one of {ENGINES}")
-    if cfg.engine != "fsdp2":
-        _check(cfg.fsdp.replicate == 1, "fsdp.replicate", "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
-        return
-    r = cfg.fsdp.replicate
-    _check(isinstance(r, int) and r >= 1 and world_size % r == 0, "fsdp.replicate",
-           f"{r!r} must be an integer >= 1 that divides the world size {world_size} (HSDP: world / replicate ranks "
-           "per shard group)")
-    _check(cfg.optimizer.name != "soap", "optimizer.name",
-           "'soap' under engine: fsdp2: plain SOAP does not shard its state; use mlfop_soap with params.fop: false "
-           "(sharded SOAP, bit for bit)")
-    _check(cfg.optimizer.name not in TWO_OBJECTIVE, "optimizer.name",
-           f"{cfg.optimizer.name!r} under engine: fsdp2: the two-objective rules need each rank's unreduced "
-           "modality gradients, which FSDP2's reduce-scatter averages away; use engine: deepspeed")
-    _check(not cfg.lora.enabled, "lora.enabled", "LoRA runs are small and tested under engine: deepspeed; use it")
-
-
-def _validate_model(m: ModelConfig) -> None:
-    _check(m.family in FAMILIES, "model.family", f"{m.family!r} is unknown; choose one of {sorted(FAMILIES)}")
-    sizes = FAMILIES[m.family]
-    _check(m.size in sizes, "model.size", f"{m.size!r} is not a {m.family} size; choose one of {sizes}")
-    _check(m.dtype in DTYPES, "model.dtype", f"{m.dtype!r}; choose one of {tuple(DTYPES)}")
-    if m.pretrained is not None:
-        _check(Path(m.pretrained).is_dir(), "model.pretrained",
-               f"{m.pretrained!r} is not a directory; point it at a local checkpoint (nothing is downloaded)")
 
 
 def _validate_batch(b: BatchConfig, world_size: int) -> None:
@@ -243,7 +195,8 @@ def _validate_optimizer(o: OptimizerConfig, b: BatchConfig, world_size: int) -> 
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0 or null")
     try:
         options = parse_options(o.name, o.params)
-        options.check_world(world_size) if hasattr(options, "check_world") else None
+        if hasattr(options, "check_world"):
+            options.check_world(world_size)
     except OptionError as e:
         raise ConfigError(f"optimizer.params.{e.field}: {e.detail}") from None
     if isinstance(options, RuleOptions):
@@ -265,24 +218,51 @@ def _validate_eval(e: EvalConfig) -> None:
     _check(e.every >= 0 and e.batches >= 1, "eval", "every must be >= 0 and batches >= 1")
     _check(isinstance(e.generated_digits, int) and e.generated_digits >= 0, "eval.generated_digits",
            f"{e.generated_digits!r} must be an integer >= 0 (images per digit; 0: off)")
+    _check(isinstance(e.temperature, (int, float)) and e.temperature >= 0, "eval.temperature",
+           f"{e.temperature!r} must be >= 0 (0: greedy)")
+    _check(isinstance(e.guidance, (int, float)) and e.guidance >= 1, "eval.guidance",
+           f"{e.guidance!r} must be >= 1 (1: no guidance)")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
     _check(c.every >= 0, "checkpoint.every", "must be >= 0 (0: only at the end)")
-    _check(c.keep_last is None or (isinstance(c.keep_last, int) and c.keep_last >= 1), "checkpoint.keep_last",
-           f"{c.keep_last!r} must be an integer >= 1 or null (keep every checkpoint)")
     if c.resume not in RESUME:
         _check(Path(c.resume).is_dir(), "checkpoint.resume",
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
+    _check(c.keep_last is None or (isinstance(c.keep_last, int) and c.keep_last >= 1), "checkpoint.keep_last",
+           f"{c.keep_last!r} must be an integer >= 1 or null (keep every checkpoint)")
 
 
-def _validate_data(d: DataConfig) -> None:
-    _check(d.text_format in FORMATS, "data.text_format", f"{d.text_format!r}; choose one of {FORMATS}")
-    _check(0.0 < d.val_fraction < 1.0, "data.val_fraction", f"{d.val_fraction} must be in (0, 1)")
-    existing = Path(d.cache_dir).absolute()
-    while not existing.exists():
-        existing = existing.parent
-    _check(existing.is_dir(), "data.cache_dir", f"{d.cache_dir!r} cannot be created: {existing} is not a directory")
+def _validate_engine(cfg: Config, world_size: int) -> None:
+    _check(cfg.engine in ENGINES, "engine", f"{cfg.engine!r}; choose one of {ENGINES}")
+    if cfg.engine != "fsdp2":
+        _check(cfg.fsdp.replicate == 1, "fsdp.replicate", "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
+        return
+    r = cfg.fsdp.replicate
+    _check(isinstance(r, int) and r >= 1 and world_size % r == 0, "fsdp.replicate",
+           f"{r!r} must be an integer >= 1 that divides the world size {world_size} (HSDP: world / replicate ranks "
+           "per shard group)")
+    _check(cfg.optimizer.name != "soap", "optimizer.name",
+           "'soap' under engine: fsdp2: plain SOAP does not shard its state; use mlfop_soap with params.fop: false "
+           "(sharded SOAP, bit for bit)")
+    _check(cfg.optimizer.name not in TWO_OBJECTIVE, "optimizer.name",
+           f"{cfg.optimizer.name!r} under engine: fsdp2: the two-objective rules need each rank's unreduced "
+           "modality gradients, which FSDP2's reduce-scatter averages away; use engine: deepspeed")
+    _check(not cfg.lora.enabled, "lora.enabled", "LoRA runs are small and tested under engine: deepspeed; use it")
+
+
+def _validate_model_and_data(cfg: Config) -> None:
+    """model_zoo's own field checks, as config errors; the sample grid and the digit judge prompt digits."""
+    try:
+        validate_model(cfg.model)
+        validate_data(cfg.data, cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if cfg.data.source != "digits":
+        for name in ("samples_png", "generated_digits"):
+            _check(not getattr(cfg.eval, name), f"eval.{name}",
+                   f"{getattr(cfg.eval, name)!r}, but it prompts for digits and data.source is "
+                   f"{cfg.data.source!r}; set it to false / 0")
 
 
 def _validate_lora(lora: LoraSection) -> None:
@@ -312,7 +292,7 @@ def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[
         raise ConfigError(f"--config: {path} is not valid YAML ({e})") from None
     for item in overrides or []:
         key, sep, value = item.partition("=")
-        if not sep or ("." not in key and key not in ("engine",)):
+        if not sep or ("." not in key and key != "engine"):
             raise ConfigError(f"--set {item!r}: expected section.key=value (or engine=...)")
         node = data
         *parents, leaf = key.split(".")

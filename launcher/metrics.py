@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from distopt.rules import module_of
+from model_zoo.data import MODALITIES
 
 
 class Logger:
@@ -41,8 +42,8 @@ class Logger:
 
 
 class ModalityGradProbe:
-    """This step's gradient split by micro-batch modality (understanding = "text", generation =
-    "image"), averaged over ranks, and the text-vs-image cosine and norm ratio: globally and per layer
+    """This step's gradient split by micro-batch modality (MODALITIES: text, image), averaged over ranks,
+    and the text-vs-image cosine and norm ratio: globally and per layer
     (a module; a LoRA layer's A and B together). Each backward's gradient is caught by a tensor hook
     on every parameter before it is accumulated into p.grad, so what DeepSpeed or the optimizer do
     with p.grad afterwards (all-reduce, consume) does not matter. Costs two gradient copies and one
@@ -73,10 +74,10 @@ class ModalityGradProbe:
     def stats(self) -> dict[str, float]:
         for h in self._handles:
             h.remove()
-        if set(self.sums) != {"understanding", "generation"}:
+        if set(self.sums) != set(MODALITIES):
             return {}
         flat = torch.stack([torch.cat([self.sums[m].get(p, torch.zeros_like(p)).double().reshape(-1)
-                                       for p in self.params]) for m in ("understanding", "generation")])
+                                       for p in self.params]) for m in MODALITIES])
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flat)
             flat /= dist.get_world_size()

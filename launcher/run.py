@@ -25,18 +25,20 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 
 from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.cluster import srun_env
-from launcher.config import DTYPES, Config, ConfigError, load_config
+from launcher.config import Config, ConfigError, load_config
 from launcher.engines import build_engine
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
-from model_zoo import build_model
-from model_zoo.data import MODALITIES, MicroBatchSampler, build_datasets, collate
+from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
+from model_zoo.config import DTYPES
+from model_zoo.images import render_grid
 from model_zoo.lora import add_lora, has_lora, merged, save_adapter
 from model_zoo.quality import DigitJudge, generate_digits
-from model_zoo.vq import render_grid
 
 
 def lr_lambda(cfg: Config):
@@ -52,14 +54,50 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def export(model: torch.nn.Module, out: Path) -> None:
-    """The trained model for inference and for `model.pretrained` of a later run: <out>/model in the
-    family's save_pretrained format; a LoRA run also writes <out>/adapter in peft's format and
-    exports the merged model."""
+def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.Module, object, object, Data]:
+    """(model, layout, image tokenizer, data). Rank 0 first fits and caches the project's tokenizers
+    (WordPiece, digits VQ) when they are not cached yet; the other ranks then load them."""
+    if rank == 0:
+        build_vocab(cfg.data, cfg.model)
+        if cfg.data.image_tokenizer == "digits_vq":
+            build_image_tokenizer(cfg.data, cfg.model)
+    dist.barrier()
+    vocab = build_vocab(cfg.data, cfg.model)
+    model = build_model(cfg.model, vocab)
+    images = build_image_tokenizer(cfg.data, cfg.model, model)
+    layout = layout_for(cfg.model, vocab, images.grid, model)
+    data = build_data(cfg.data, layout, images, micro_batch_size=cfg.batch.micro_batch_size,
+                      grad_accum=cfg.batch.grad_accum, rank=rank, world_size=world, seed=cfg.run.seed,
+                      eval_batches=cfg.eval.batches)
+    return model, layout, images, data
+
+
+def sample_grid(model: torch.nn.Module, layout, images, cfg: Config, step: int, out: Path,
+                write: bool) -> Optional[torch.Tensor]:
+    """Four generated images per digit, one row per digit, each labelled with the digit asked for."""
+    pictures, digits = generate_digits(model, layout, images, 4, cfg.data.text_format,
+                                       temperature=cfg.eval.temperature, guidance=cfg.eval.guidance)
+    if not write:
+        return None
+    labels = [str(int(d)) for d in digits]
+    return render_grid(pictures, out / "samples" / f"step-{step + 1}.png", nrow=4, labels=labels)
+
+
+def export(model: torch.nn.Module, out: Path, layout, family: str, rank: int) -> None:
+    """The trained model for inference and for `model.pretrained` of a later run: <out>/model, the
+    transformers class's save_pretrained with its tokenizer; a LoRA run also writes <out>/adapter in
+    peft's format and exports the merged model. An FSDP2-sharded model is gathered first (a
+    collective: every rank calls this; rank 0 writes)."""
+    state = None
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
     if has_lora(model):
         save_adapter(model, out / "adapter")
         model = merged(model)
-    model.save_pretrained(str(out / "model"))
+    model.save_pretrained(str(out / "model"), state_dict=state)
+    layout.vocab.save(str(out / "model"), family)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -93,8 +131,8 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     logger: Logger
     val_batches: list
-    vocab: Any
-    vq: Any
+    layout: Any
+    images: Any
     judge: Optional[DigitJudge]
     start: int = 0
     progress: Any = None
@@ -145,15 +183,7 @@ def set_up(cfg: Config) -> Run:
     the optimizer, the LR schedule, resumption, logging and the evaluation set."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.run.seed)
-    data_args = dict(seed=cfg.data.seed, val_fraction=cfg.data.val_fraction, codebook_size=cfg.data.codebook_size)
-    if rank == 0:
-        build_datasets(cfg.data.cache_dir, **data_args)
-    dist.barrier()
-    train_set, val_set, vocab, vq = build_datasets(cfg.data.cache_dir, **data_args)
-    sampler = MicroBatchSampler(train_set, vocab, vq, micro_batch_size=cfg.batch.micro_batch_size, rank=rank,
-                                world_size=world, seed=cfg.run.seed, augment=cfg.data.augment,
-                                grad_accum=cfg.batch.grad_accum, text_format=cfg.data.text_format)
-    model = build_model(cfg.model, vocab)
+    model, layout, images, data = build_model_and_data(cfg, rank, world)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
     engine, opt = build_engine(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params}, engine=cfg.engine,
@@ -161,14 +191,11 @@ def set_up(cfg: Config) -> Run:
                                max_grad_norm=cfg.optimizer.max_grad_norm, bf16=cfg.model.dtype == "bfloat16",
                                replicate=cfg.fsdp.replicate, deepspeed=cfg.deepspeed,
                                activation_checkpointing=cfg.model.activation_checkpointing)
-    mbs = cfg.batch.micro_batch_size
-    val_batches = [collate(val_set[i * mbs:(i + 1) * mbs], vocab, vq, modality, text_format=cfg.data.text_format)
-                   for i in range(min(cfg.eval.batches, len(val_set) // mbs)) for modality in MODALITIES]
-    judge = DigitJudge(train_set, val_set, vq) if cfg.eval.generated_digits and rank == 0 else None
+    judge = DigitJudge(*data.digits, images) if cfg.eval.generated_digits and rank == 0 else None
     logger = Logger(cfg.run.out_dir, cfg.logging.tensorboard and rank == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    run = Run(cfg, rank, world, Path(cfg.run.out_dir), sampler, model, engine, opt, scheduler, logger, val_batches,
-              vocab, vq, judge)
+    run = Run(cfg, rank, world, Path(cfg.run.out_dir), data.sampler, model, engine, opt, scheduler, logger,
+              data.validation, layout, images, judge)
     resume(run)
     if rank == 0 and cfg.logging.progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -262,6 +289,7 @@ def log_step(run: Run, step: int, result: StepResult) -> None:
     values.update({"lr": opt.param_groups[0]["lr"], **memory_stats(run.engine.device),
                    "throughput/tokens_per_s": result.tokens_per_micro * cfg.batch.grad_accum * run.world
                    / result.seconds["step"], **geometry})
+    values["data/skipped_records"] = float(run.sampler.skipped)
     values.update({f"optimizer/{k}": float(v) for k, v in getattr(opt, "counters", {}).items()})
     values.update({f"fop/{k}": v for k, v in (opt.stats() if hasattr(opt, "stats") else {}).items()})
     distributor = getattr(getattr(opt, "base", opt), "distributor", None)
@@ -280,16 +308,17 @@ def evaluate_and_sample(run: Run, step: int) -> None:
     # a forward pass of an FSDP2-sharded model is a collective: every rank samples (the same images)
     samples_here = run.rank == 0 or cfg.engine == "fsdp2"
     if cfg.eval.generated_digits and samples_here:
-        images, digits = generate_digits(run.model, run.vocab, run.vq, cfg.eval.generated_digits, cfg.data.text_format)
+        pictures, digits = generate_digits(run.model, run.layout, run.images, cfg.eval.generated_digits,
+                                           cfg.data.text_format, temperature=cfg.eval.temperature,
+                                           guidance=cfg.eval.guidance)
         if run.judge is not None:
-            results["val/generated_digit_accuracy"] = run.judge.accuracy(images, digits)
+            results["val/generated_digit_accuracy"] = run.judge.accuracy(pictures, digits)
     run.history["val"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **results})
     run.logger.scalars(step, results)
     if cfg.eval.samples_png and samples_here:
-        images, _ = generate_digits(run.model, run.vocab, run.vq, 2, cfg.data.text_format)
-        if run.rank == 0:
-            run.logger.image("samples", step, render_grid(images, run.out / "samples" / f"step-{step + 1}.png",
-                                                          nrow=10))
+        grid = sample_grid(run.model, run.layout, run.images, cfg, step, run.out, write=run.rank == 0)
+        if grid is not None:
+            run.logger.image("samples", step, grid)
 
 
 def save(run: Run, step: int) -> None:
@@ -298,9 +327,14 @@ def save(run: Run, step: int) -> None:
 
 
 def finish(run: Run) -> dict:
+    export(run.model, run.out, run.layout, run.cfg.model.family, run.rank)
     if run.rank == 0:
-        export(run.model, run.out)
-        run.history["judge_ceiling"] = run.judge.ceiling if run.judge is not None else None
+        judge = run.judge
+        run.history["judge_ceiling"] = judge.ceiling if judge is not None else None
+        scored = [v for v in run.history["val"] if "val/generated_digit_accuracy" in v]
+        if scored:
+            print(f"[distopt] generated-digit accuracy {scored[-1]['val/generated_digit_accuracy']:.3f} at step "
+                  f"{scored[-1]['step'] + 1} (judge ceiling {judge.ceiling:.3f}, chance 0.100)", file=sys.stderr)
     run.logger.close()
     if run.progress is not None:
         run.progress.close()

@@ -1,28 +1,7 @@
-"""Models and data for unified multimodal training: Emu3-style and Janus-style decoders, a VQ image
-tokenizer and the multimodal data pipeline on real offline images."""
+"""Models and data for unified multimodal training: transformers' own Emu3 and Janus (their checkpoints
+too), image tokenizers (the project's VQ on digits, or a checkpoint's VQ-VAE), and the multimodal data
+pipeline (digits, a user's image-caption pairs, or a tokenized corpus through Hugging Face `datasets`).
+model_zoo never imports distopt or launcher: models and optimizer are siblings."""
 
-from __future__ import annotations
-
-import dataclasses
-
-import torch
-
-from model_zoo.emu3 import Emu3Config, Emu3Model
-from model_zoo.janus import JanusConfig, JanusModel
-
-
-def build_model(cfg, vocab) -> torch.nn.Module:
-    """From the launcher's `model` section: family, size, pretrained (a local path), overrides."""
-    ids = dict(pad_id=vocab.pad, bos_id=vocab.bos, eos_id=vocab.eos)
-    image = dict(image_offset=vocab.image_offset, codebook_size=vocab.codebook_size)
-    if cfg.family == "emu3":
-        if cfg.pretrained:
-            return Emu3Model.from_pretrained(cfg.pretrained)
-        base = Emu3Config.emu3_8b(**ids, **image) if cfg.size == "emu3_8b" else \
-            Emu3Config.tiny(vocab.size, **ids, **image)
-        return Emu3Model(dataclasses.replace(base, **cfg.overrides))
-    if cfg.pretrained:
-        return JanusModel.from_pretrained(cfg.pretrained)
-    # the published preset keeps its 102,400-id text head and 16,384-code image head
-    base = JanusConfig.janus_1_3b(**ids) if cfg.size == "janus_1_3b" else JanusConfig.tiny(vocab.size, **ids, **image)
-    return JanusModel(dataclasses.replace(base, **cfg.overrides))
+from model_zoo.build import (Data, build_data, build_image_tokenizer, build_model, build_vocab,  # noqa: F401
+                             layout_for)

@@ -1,330 +1,388 @@
-"""Multimodal data on real offline images: digits with captions, one unified vocabulary, two tasks.
+"""Training data: documents of one task each, packed into rows, modality-pure interleaved micro-batches
+sharded over ranks, with an exact resume position.
 
-- understanding (image -> caption): `[BOS] [SOV] meta [SOT] image [EOV] caption [EOS]`
-- generation (caption -> image):    `[BOS] caption [SOV] meta [SOT] image [EOV] [EOS]`
+Sources (`data.source`):
+- `digits`: scikit-learn's digits with captions (model_zoo/digits.py), turned into documents on the
+  fly: fresh augmented views, VQ-encoded per micro-batch.
+- `pairs`: a user's image-caption pairs, tokenized once by `python -m model_zoo.prepare` into a
+  `tokenized` dataset (data.prepared), then read as one.
+- `tokenized`: a Hugging Face `datasets` dataset on disk (a `save_to_disk` folder, or .parquet /
+  .jsonl / .arrow files) with `input_ids`, `loss_mask` and `task` per record (plus `image` for Janus
+  understanding records), memory-mapped, or streamed as an `IterableDataset` when `data.streaming`
+  (larger than memory). Records are read in stored order every epoch (prepare shuffles once, seeded),
+  so the two modes give the same batches.
 
-Two text formats share one tokenizer: `plain` (pretraining: descriptive captions, loss on every
-token) and `instruct` (instruction tuning: an instruction to draw for generation, an answer for
-understanding, and the loss on the response only: the image codes, or the answer and [EOS]).
+Tasks and modalities, one vocabulary: a record's task is `understanding` (image -> text) or
+`generation` (text -> image); a micro-batch of one task trains one modality, MODALITY[task] (`text`
+or `image`), and that is the tag the optimizer and the probes see.
 
-This is Emu3's document layout (Emu3 moves the caption after the image for understanding data);
-`meta` is the resolution text "8x8". The text tokenizer is a WordPiece model trained here on the
-caption corpus (Hugging Face `tokenizers`) and cached; an image is 16 codes of the VQ tokenizer
-(model_zoo/vq.py). Samples live in Hugging Face `datasets`. Every sequence is padded to one fixed
-length, so micro-batches of both modalities have the same shape.
+Micro-batches: global micro-batch g holds records of task TASKS[g % 2] only, from that task's
+records in order, packed greedily into world x micro_batch_size rows of seq_len tokens (a record that
+does not fit starts the next row; position_ids restart at 0 for each record, so under transformers'
+packed-sequence attention no record sees another); rank r takes rows [r * micro, (r + 1) * micro).
+Every rank reads the lengths of the whole global micro-batch (so all ranks agree on the packing) and
+builds only its own rows. One optimizer step is grad_accum consecutive micro-batches (`next_step`),
+so with an even grad_accum every step holds both modalities.
 
-Micro-batches are modality-pure and interleaved (understanding, generation, ...); each rank takes a
-disjoint slice of every global micro-batch, and the sampler's state is an exact resume position.
-For large global batches, training micro-batches are fresh augmented views (1-pixel shifts, small
-noise) encoded on the fly, so one global batch is not the whole data set.
+State: micro-batches served and, per task, (epoch, records read in that epoch): the whole position,
+so a resumed run, at any world size or micro-batch size, reads exactly the records an uninterrupted
+one would. Bad records (empty or over-long sequences, ids outside the vocabulary, a loss mask of the
+wrong length, a missing image) stop the run with a message naming the file, row and field, or with
+`on_bad_record: skip` are counted (`skipped`) and logged.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import random
-import uuid
+import io
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 import datasets
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-from model_zoo.vq import CODES, SIDE, VQTokenizer, digits
-from model_zoo.wordpiece import train_wordpiece
+from model_zoo import digits as digit_data
 
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-TEMPLATES = ["a handwritten digit {w}", "the number {d} written by hand", "a small image of a {w}",
-             "handwriting showing the digit {w}", "a scanned picture of the number {w}",
-             "a {w} drawn with a pen", "the digit {d}, handwritten"]
-INSTRUCT = {"generation": ["please draw the digit {w}", "draw a {w} for me", "can you sketch the number {d}"],
-            "understanding": ["the picture shows a {w}", "it is the digit {w}", "i see the number {d}"]}
-FORMATS = ("plain", "instruct")
-SPECIALS = ("pad", "bos", "eos", "sov", "sot", "eov")
-META = "8x8"
-MODALITIES = ("understanding", "generation")
-TEXT_VOCAB = 192  # the trainer's target; the small corpus caps the learnt vocabulary a little below it
-
-
-def caption(digit: int, index: int, text_format: str = "plain", modality: str = "generation") -> str:
-    """The text of sample `index` showing `digit`: a template picked by a generator seeded with the
-    index, so it is fixed per sample but not tied to the digits' cyclic 0..9 order (index % k would be).
-    `plain`: a caption (either modality); `instruct`: the modality's instruction or answer."""
-    if text_format not in FORMATS:
-        raise ValueError(f"text_format={text_format!r} is invalid: choose one of {FORMATS}")
-    templates = TEMPLATES if text_format == "plain" else INSTRUCT[modality]
-    return templates[random.Random(index).randrange(len(templates))].format(w=WORDS[digit], d=digit)
-
-
-def caption_corpus() -> list[str]:
-    """Every text any sample can get in either format, plus the meta text: what the text tokenizer is
-    trained on (so pretraining and instruction tuning share one vocabulary)."""
-    templates = TEMPLATES + [t for ts in INSTRUCT.values() for t in ts]
-    return [t.format(w=w, d=d) for d, w in enumerate(WORDS) for t in templates] + [META]
-
-
-def _cache_dir(cache_dir: str | os.PathLike) -> Path:
-    try:
-        path = Path(cache_dir)
-        path.mkdir(parents=True, exist_ok=True)
-    except (OSError, TypeError) as e:
-        raise ValueError(f"cache_dir={str(cache_dir)!r} cannot be created ({e}); pick a writable folder") from e
-    return path
-
-
-def load_or_train_text_tokenizer(cache_dir: str | os.PathLike) -> Tokenizer:
-    """A WordPiece tokenizer trained on the caption corpus (model_zoo/wordpiece.py: its content is a
-    function of the corpus alone), cached as JSON (atomic write). The file name carries a hash of the
-    corpus, so editing the templates never reuses a stale tokenizer, and the trainer's version, so a
-    cache left by Hugging Face's nondeterministic trainer (v1) is never read."""
-    corpus = caption_corpus()
-    digest = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
-    path = _cache_dir(cache_dir) / f"text-wordpiece-v2-{TEXT_VOCAB}-{digest}.json"
-    if path.exists():
-        try:
-            return Tokenizer.from_file(str(path))
-        except Exception as e:
-            raise ValueError(f"text tokenizer cache {path} is unreadable or corrupt ({e}); delete it to retrain") from e
-    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words = [w for text in corpus for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
-    tok = Tokenizer(models.WordPiece(train_wordpiece(words, TEXT_VOCAB), unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoders.WordPiece()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        tok.save(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return tok
+TASKS = ("understanding", "generation")
+MODALITY = {"understanding": "text", "generation": "image"}  # the objective each task's micro-batches train
+MODALITIES = tuple(MODALITY[t] for t in TASKS)
 
 
 @dataclass
-class Vocab:
-    """One id space for one decoder, in Emu3's order: text tokens, then the special tokens, then the
-    image codes (`image_offset + code`). Lengths are fixed from the caption corpus: `caption_len`
-    is the longest caption in tokens, `seq_len` the padded length of every sequence."""
+class Doc:
+    """One document: ids, 0/1 loss mask (1: a target), and the pixels [C, H, W] in [0, 1] of the image an
+    understanding encoder reads (Janus), else None."""
 
-    tokenizer: Tokenizer
-    codebook_size: int
-    text_size: int = field(init=False)
-    pad: int = field(init=False)
-    bos: int = field(init=False)
-    eos: int = field(init=False)
-    sov: int = field(init=False)
-    sot: int = field(init=False)
-    eov: int = field(init=False)
-    image_offset: int = field(init=False)
-    size: int = field(init=False)
-    meta: list[int] = field(init=False)
-    caption_len: int = field(init=False)
-    seq_len: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.text_size = self.tokenizer.get_vocab_size()
-        for i, name in enumerate(SPECIALS):
-            setattr(self, name, self.text_size + i)
-        self.image_offset = self.text_size + len(SPECIALS)
-        self.size = self.image_offset + self.codebook_size
-        self.meta = self.text(META)
-        self.caption_len = max(len(self.text(c)) for c in caption_corpus()[:-1])
-        self.seq_len = len(self.sequence("generation", [0] * self.caption_len, [0] * CODES))
-
-    def text(self, s: str) -> list[int]:
-        """Text-token ids of `s` (no special tokens)."""
-        return self.tokenizer.encode(s, add_special_tokens=False).ids
-
-    def image_token(self, codes: torch.Tensor) -> torch.Tensor:
-        """VQ codes -> unified-vocabulary ids."""
-        return codes + self.image_offset
-
-    def is_image(self, ids: torch.Tensor) -> torch.Tensor:
-        """BoolTensor: True where `ids` are image codes (so -100 labels and specials are False)."""
-        return (ids >= self.image_offset) & (ids < self.size)
-
-    def sequence(self, modality: str, caption_ids: list[int], codes: list[int]) -> list[int]:
-        """The unpadded sequence of one sample (see the module docstring for both layouts)."""
-        image = [self.sov, *self.meta, self.sot, *[int(c) + self.image_offset for c in codes], self.eov]
-        if modality == "generation":
-            return [self.bos, *caption_ids, *image, self.eos]
-        if modality == "understanding":
-            return [self.bos, *image, *caption_ids, self.eos]
-        raise ValueError(f"modality={modality!r} is invalid: choose one of {MODALITIES}")
+    ids: list[int]
+    loss_mask: list[int]
+    pixels: Optional[torch.Tensor] = None
 
 
-def build_datasets(cache_dir: str | os.PathLike, seed: int = 0, val_fraction: float = 0.1,
-                   codebook_size: int = 64) -> tuple[datasets.Dataset, datasets.Dataset, Vocab, VQTokenizer]:
-    """(train, validation, vocab, vq): a seeded split of the 1,797 digits, stratified by digit.
+@dataclass(frozen=True)
+class Item:
+    """A record as the packer sees it: its length, what its source needs to build the Doc, and where
+    it lives (for messages)."""
 
-    Columns: `image` (64 floats in [0, 1], row-major 8x8), `digit` (ClassLabel), `caption`, and
-    `index` (the row in scikit-learn's digits, which fixes the caption)."""
-    if not isinstance(val_fraction, (int, float)) or not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction={val_fraction!r} is invalid: must be in (0, 1)")
-    images, labels = digits()
-    if round(val_fraction * len(images)) < 10 or round((1 - val_fraction) * len(images)) < 10:
-        raise ValueError(f"val_fraction={val_fraction!r} leaves fewer than 10 samples (one per digit) in a split")
-    if not isinstance(codebook_size, int) or not 2 <= codebook_size <= 4096:
-        raise ValueError(f"codebook_size={codebook_size!r} is invalid: must be an int in [2, 4096]")
-    cache = _cache_dir(cache_dir)
-    datasets.disable_progress_bars()
-    vq = VQTokenizer.load_or_train(cache, codebook_size, seed)
-    vocab = Vocab(load_or_train_text_tokenizer(cache), codebook_size)
-    ds = datasets.Dataset.from_dict({"image": images.reshape(-1, SIDE * SIDE).tolist(), "digit": labels.tolist(),
-                                     "caption": [caption(int(d), i) for i, d in enumerate(labels)],
-                                     "index": list(range(len(labels)))})
-    ds = ds.class_encode_column("digit")
-    split = ds.train_test_split(test_size=val_fraction, seed=seed, stratify_by_column="digit")
-    return split["train"], split["test"], vocab, vq
+    length: int
+    key: Any
+    where: str
 
 
-def augment(images: torch.Tensor, gen: torch.Generator, noise: float = 0.03) -> torch.Tensor:
-    """Fresh views of [N, 8, 8] images in [0, 1]: a random shift of up to one pixel per axis (the
-    uncovered border is 0, the background) plus Gaussian noise of std `noise`, clipped to [0, 1]."""
-    n = len(images)
-    shifts = torch.randint(-1, 2, (n, 2), generator=gen)
-    padded = torch.nn.functional.pad(images, (1, 1, 1, 1))  # [N, 10, 10]
-    rows = (torch.arange(SIDE)[None, :] + 1 - shifts[:, :1])  # [N, 8]: source row of each output row
-    cols = (torch.arange(SIDE)[None, :] + 1 - shifts[:, 1:])
-    out = padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return (out + noise * torch.randn(out.shape, generator=gen)).clamp(0, 1)
+@dataclass(frozen=True)
+class BadRecord:
+    where: str
+    field: str
+    problem: str
+
+    def message(self) -> str:
+        return (f"{self.where}, field {self.field!r}: {self.problem}; fix or drop the record, or set "
+                "data.on_bad_record: skip to count and skip such records")
 
 
-def collate(rows: dict[str, list[Any]], vocab: Vocab, vq: VQTokenizer, modality: str,
-            gen: Optional[torch.Generator] = None, text_format: str = "plain") -> dict[str, Any]:
-    """A modality-pure batch from dataset rows (`data[indices]`); with `gen`, augmented views are
-    drawn before VQ encoding. Sequences are padded to vocab.seq_len, captions to vocab.caption_len.
-    `labels` is input_ids with -100 at pads (the model shifts, as Hugging Face causal LMs do) and, in
-    the instruct format, at every prompt token."""
-    if modality not in MODALITIES:
-        raise ValueError(f"modality={modality!r} is invalid: choose one of {MODALITIES}")
-    if text_format == "instruct":
-        rows = {**rows, "caption": [caption(d, i, "instruct", modality) for d, i in zip(rows["digit"], rows["index"])]}
-    elif text_format != "plain":
-        raise ValueError(f"text_format={text_format!r} is invalid: choose one of {FORMATS}")
-    images = torch.tensor(rows["image"], dtype=torch.float32).reshape(-1, SIDE, SIDE)
-    if gen is not None:
-        images = augment(images, gen)
-    codes = vq.encode(images)
-    n = len(images)
-    input_ids = torch.full((n, vocab.seq_len), vocab.pad)
-    caption_ids = torch.full((n, vocab.caption_len), vocab.pad)
-    for i, (text, code) in enumerate(zip(rows["caption"], codes.tolist())):
-        cap = vocab.text(text)
-        if len(cap) > vocab.caption_len:
-            raise ValueError(f"caption {text!r} has {len(cap)} tokens, more than vocab.caption_len="
-                             f"{vocab.caption_len}; captions must come from caption()")
-        seq = vocab.sequence(modality, cap, code)
-        input_ids[i, :len(seq)] = torch.tensor(seq)
-        caption_ids[i, :len(cap)] = torch.tensor(cap, dtype=torch.long)
-    labels = input_ids.masked_fill(input_ids == vocab.pad, -100)
-    if text_format == "instruct":  # loss on the response only
-        answer_start = len(vocab.sequence("understanding", [], [0] * CODES)) - 1  # [BOS] image, then the answer
-        prompt = ~vocab.is_image(input_ids) if modality == "generation" else torch.arange(vocab.seq_len) < answer_start
-        labels = labels.masked_fill(prompt, -100)
-    return {"modality": modality, "input_ids": input_ids, "labels": labels,
-            "image_mask": vocab.is_image(input_ids), "pixel_values": images.unsqueeze(1), "image_codes": codes,
-            "caption_ids": caption_ids, "caption_mask": caption_ids != vocab.pad,
-            "digit": torch.tensor(rows["digit"], dtype=torch.long)}
+class BadRecordError(ValueError):
+    pass
 
 
-def _seed(*parts: int) -> int:
+def mixed_seed(*parts: int) -> int:
     """A well-mixed 63-bit seed from integers (numpy's SeedSequence), the same in every process."""
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
+def fit_images(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """[N, C, H, W] in [0, 1] to the tokenizer's channels and square size (bilinear resize; grey
+    repeated to RGB, RGB averaged to grey)."""
+    if images.shape[1] != channels:
+        images = images.mean(1, keepdim=True) if channels == 1 else images[:, :1].expand(-1, channels, -1, -1)
+    if images.shape[-2:] != (size, size):
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+    return images.clamp(0, 1)
+
+
+class DigitsSource:
+    """The digits as documents: per task and epoch a seeded permutation of the rows (validation: stored
+    order); each document built when its micro-batch is, from a fresh augmented view when `gen` is given,
+    and then with probability `caption_dropout` a generation document gets an empty caption (so the
+    model also learns the unconditioned image distribution that classifier-free guidance needs)."""
+
+    def __init__(self, rows: datasets.Dataset, layout, images, text_format: str, seed: int, shuffle: bool,
+                 caption_dropout: float = 0.0):
+        self.rows, self.layout, self.images, self.caption_dropout = rows, layout, images, caption_dropout
+        self.seed, self.shuffle, self.response_only = seed, shuffle, text_format == "instruct"
+        n_codes = images.grid[0] * images.grid[1]
+        self.captions = {t: [layout.vocab.text(digit_data.caption(d, i, text_format, t))
+                             for d, i in zip(rows["digit"], rows["index"])] for t in TASKS}
+        self.lengths = {t: [len(layout.document(t, c, [0] * n_codes, self.response_only)[0]) for c in caps]
+                        for t, caps in self.captions.items()}
+        self.name = f"digits ({len(rows)} rows)"
+
+    def items(self, task: str, epoch: int, start: int) -> Iterator[Item]:
+        order = range(len(self.rows))
+        if self.shuffle:
+            gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, TASKS.index(task)))
+            order = torch.randperm(len(self.rows), generator=gen).tolist()
+        for row in order[start:]:
+            yield Item(self.lengths[task][row], row, f"digits row {row}")
+
+    def docs(self, items: list[Item], task: str, gen: Optional[torch.Generator]) -> list[Doc]:
+        if not items:
+            return []
+        rows = [it.key for it in items]
+        pixels = torch.tensor(self.rows[rows]["image"], dtype=torch.float32).reshape(-1, 1, 8, 8)
+        if gen is not None:
+            pixels = digit_data.augment(pixels, gen)
+        pixels = fit_images(pixels, self.images.channels, self.images.image_size)
+        codes = self.images.encode(pixels).tolist()
+        keep = task in self.layout.pixels
+        captions = [self.captions[task][r] for r in rows]
+        if gen is not None and task == "generation" and self.caption_dropout:  # unconditioned samples, for guidance
+            drop = (torch.rand(len(rows), generator=gen) < self.caption_dropout).tolist()
+            captions = [[] if d else c for c, d in zip(captions, drop)]
+        return [Doc(*self.layout.document(task, c, code, self.response_only), p if keep else None)
+                for c, code, p in zip(captions, codes, pixels)]
+
+
+def open_tokenized(path: str | Path, split: str, streaming: bool,
+                   cache_dir: Optional[str] = None) -> Optional[Union[datasets.Dataset, datasets.IterableDataset]]:
+    """Split `split` of a tokenized dataset: a `save_to_disk` folder (a DatasetDict with train and
+    validation, or one Dataset, which is train) or data files; None if the split is absent. Streaming
+    reads the same arrow files record by record."""
+    path = Path(path)
+    if path.is_dir():
+        root = path / split if (path / "dataset_dict.json").is_file() else (path if split == "train" else None)
+        if root is None or not root.is_dir():
+            return None
+        if not streaming:
+            ds = datasets.load_from_disk(str(root))
+        else:
+            files = sorted(str(f) for f in root.glob("*.arrow"))
+            ds = datasets.load_dataset("arrow", data_files=files, split="train", streaming=True)
+    else:
+        if split != "train":
+            return None
+        kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}[path.suffix]
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", streaming=streaming, cache_dir=cache_dir)
+    if "image" in (ds.features or {}) and isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image(decode=False))  # decoded for this rank's rows only
+    return ds
+
+
+class TokenizedSource:
+    """Records with input_ids, loss_mask, task (and image) from a tokenized dataset, checked one by one."""
+
+    def __init__(self, ds: Union[datasets.Dataset, datasets.IterableDataset], name: str, layout, images,
+                 seq_len: int, vocab_size: int):
+        missing = {"input_ids", "loss_mask", "task"} - set(ds.column_names or ())
+        if missing:
+            raise ValueError(f"data.path: {name} lacks the columns {sorted(missing)}; a tokenized dataset needs "
+                             "input_ids, loss_mask and task (prepare writes them)")
+        self.ds, self.name, self.layout, self.images = ds, name, layout, images
+        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.streaming = isinstance(ds, datasets.IterableDataset)
+        self.has_image = "image" in ds.column_names
+        if not self.streaming:
+            tasks = np.asarray(ds.with_format("numpy", columns=["task"])["task"]).astype(str)
+            self.rows = {t: np.flatnonzero(self._reads(tasks, t)) for t in TASKS}
+            self._text = ds.select_columns(["input_ids", "loss_mask", "task"])
+            self.no_image = np.asarray(ds.with_format("arrow", columns=["image"])[:]["image"].is_null()) \
+                if self.has_image else np.ones(len(ds), dtype=bool)
+
+    def items(self, task: str, epoch: int, start: int) -> Iterator[Union[Item, BadRecord]]:
+        if self.streaming:
+            stream = self.ds.map(lambda r, i: {"_row": i}, with_indices=True).filter(
+                lambda r: bool(self._reads(np.asarray([r["task"]]).astype(str), task)[0]))
+            for record in stream.skip(start):
+                yield self._check(record, int(record["_row"]))
+            return
+        rows = self.rows[task][start:]
+        for lo in range(0, len(rows), 256):
+            chunk = rows[lo:lo + 256].tolist()
+            got = self._text[chunk]
+            for j, row in enumerate(chunk):
+                yield self._check({k: got[k][j] for k in got}, row)
+
+    @staticmethod
+    def _reads(tasks: np.ndarray, task: str) -> np.ndarray:
+        """Which records `task`'s stream reads: its own, and for the first task also those with an unknown
+        task, so that they are reported as bad records rather than never read."""
+        return (tasks == task) | (~np.isin(tasks, TASKS) if task == TASKS[0] else False)
+
+    def _check(self, record: dict, row: int) -> Union[Item, BadRecord]:
+        where = f"{self.name} row {row}"
+        ids, mask, task = record["input_ids"], record["loss_mask"], record["task"]
+
+        def bad(name: str, problem: str) -> BadRecord:
+            return BadRecord(where, name, problem)
+
+        if task not in TASKS:
+            return bad("task", f"{task!r} is not one of {TASKS}")
+        if not ids:
+            return bad("input_ids", "empty")
+        if len(ids) > self.seq_len:
+            return bad("input_ids", f"{len(ids)} tokens, more than data.seq_len={self.seq_len} (raise data.seq_len "
+                                    "or shorten the record)")
+        if min(ids) < 0 or max(ids) >= self.vocab_size:
+            return bad("input_ids", f"ids in [{min(ids)}, {max(ids)}], outside the vocabulary [0, {self.vocab_size})")
+        if len(mask) != len(ids) or not set(mask) <= {0, 1}:
+            return bad("loss_mask", f"must be {len(ids)} zeros and ones, one per input id")
+        if not any(mask[1:]):
+            return bad("loss_mask", "no targets (a document's first token is never one)")
+        no_image = record.get("image") is None if self.streaming else self.no_image[row]
+        if task in self.layout.pixels and no_image:
+            return bad("image", f"missing: a {task} record needs its image for this model's understanding encoder")
+        return Item(len(ids), (row, record) if self.streaming else row, where)
+
+    def docs(self, items: list[Item], task: str, gen: Optional[torch.Generator]) -> list[Doc]:
+        if not items:
+            return []
+        if self.streaming:
+            records = [it.key[1] for it in items]
+        else:
+            got = self.ds[[it.key for it in items]]
+            records = [{k: got[k][j] for k in got} for j in range(len(items))]
+        docs = []
+        for it, r in zip(items, records):
+            pixels = self._pixels(r["image"]) if task in self.layout.pixels else None
+            mask = [0, *r["loss_mask"][1:]]  # nothing precedes a document's first token in its row
+            docs.append(Doc(list(r["input_ids"]), mask, pixels))
+        return docs
+
+    def _pixels(self, image: dict) -> torch.Tensor:
+        from PIL import Image
+
+        pil = Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"])
+        mode = "L" if self.images.channels == 1 else "RGB"
+        x = torch.from_numpy(np.asarray(pil.convert(mode), dtype=np.float32) / 255.0)
+        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+        return fit_images(x[None], self.images.channels, self.images.image_size)[0]
+
+
+def collate(rows: list[list[Doc]], seq_len: int, pad: int, task: str) -> dict[str, Any]:
+    """A modality-pure micro-batch from packed rows of documents: input_ids padded with `pad`, labels
+    (input_ids where the loss mask is 1, else -100), position_ids restarting at every document (the
+    padding counts as one more), pixel_values [n, C, H, W] of the rows' images in reading order."""
+    input_ids = torch.full((len(rows), seq_len), pad, dtype=torch.long)
+    labels = torch.full((len(rows), seq_len), -100, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), seq_len), dtype=torch.long)
+    pixels = []
+    for r, docs in enumerate(rows):
+        at = 0
+        for doc in docs:
+            n = len(doc.ids)
+            ids = torch.tensor(doc.ids, dtype=torch.long)
+            input_ids[r, at:at + n] = ids
+            labels[r, at:at + n] = ids.masked_fill(torch.tensor(doc.loss_mask) == 0, -100)
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+            if doc.pixels is not None:
+                pixels.append(doc.pixels)
+        position_ids[r, at:] = torch.arange(seq_len - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+            "pixel_values": torch.stack(pixels) if pixels else torch.zeros(0), "modality": MODALITY[task], "task": task}
+
+
+@dataclass
+class _Cursor:
+    """Reading position in one task's records, with a one-record lookahead."""
+
+    epoch: int = 0
+    offset: int = 0
+    it: Optional[Iterator] = field(default=None, repr=False)
+    head: Any = field(default=None, repr=False)
+    whole_epoch: bool = False  # this process read the epoch from its start...
+    usable: bool = False       # ...and found a usable record in it
+
+
 class MicroBatchSampler:
-    """Modality-pure micro-batches, understanding and generation interleaved, sharded over ranks.
+    """Modality-pure packed micro-batches, understanding and generation interleaved, sharded over ranks
+    (see the module docstring). Augmented views (digits) are drawn from a generator seeded by
+    (seed, micro-batch number, rank)."""
 
-    Every rank builds the same seeded permutation for each epoch. Global micro-batch number g
-    (counted from the start of training) takes the next `world_size * micro_batch_size` samples of
-    that permutation and rank r their r-th slice, so ranks are disjoint; its modality is
-    MODALITIES[g % 2] on every rank. An epoch ends when fewer than a global micro-batch of samples
-    remain (the rest is dropped). One optimizer step is `grad_accum` consecutive micro-batches
-    (`next_step`), so with an even grad_accum every step holds both modalities in equal shares.
-    Augmented views are drawn from a generator seeded by (seed, g, rank).
-
-    The state (epoch, sample offset in the epoch, g) is the whole position: resuming it with the
-    same layout replays exactly what an uninterrupted run would see. With another world_size or
-    micro_batch_size (a resharded resume), it continues at the same sample position of the epoch.
-    """
-
-    def __init__(self, data: datasets.Dataset, vocab: Vocab, vq: VQTokenizer, micro_batch_size: int,
-                 rank: int = 0, world_size: int = 1, seed: int = 0, augment: bool = True, grad_accum: int = 1,
-                 text_format: str = "plain"):
+    def __init__(self, source, micro_batch_size: int, seq_len: int, pad: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, augment: bool = True, grad_accum: int = 1, on_bad_record: str = "error",
+                 log: bool = True):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank={rank}, world_size={world_size} are invalid: need 0 <= rank < world_size")
-        if micro_batch_size < 1 or micro_batch_size * world_size > len(data):
-            raise ValueError(f"micro_batch_size={micro_batch_size} is invalid: micro_batch_size x world_size="
-                             f"{world_size} must be in [1, {len(data)}] (the training samples)")
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size={micro_batch_size} is invalid: must be >= 1")
         if grad_accum < 1:
             raise ValueError(f"grad_accum={grad_accum} is invalid: must be >= 1")
-        self.data, self.vocab, self.vq = data, vocab, vq
-        self.micro, self.rank, self.world, self.grad_accum = micro_batch_size, rank, world_size, grad_accum
-        self.seed, self.augment, self.text_format = seed, augment, text_format
-        self.epoch, self.offset, self.served = 0, 0, 0
-        self._perm: tuple[int, list[int]] = (-1, [])
+        if on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record={on_bad_record!r} is invalid: 'error' or 'skip'")
+        self.source, self.micro, self.seq_len, self.pad = source, micro_batch_size, seq_len, pad
+        self.rank, self.world, self.grad_accum, self.seed, self.augment = rank, world_size, grad_accum, seed, augment
+        self.on_bad_record, self.log = on_bad_record, log and rank == 0
+        self.served, self.skipped = 0, 0
+        self.cursors = {t: _Cursor() for t in TASKS}
 
-    @property
-    def span(self) -> int:
-        """Samples in one global micro-batch (all ranks)."""
-        return self.micro * self.world
+    def _peek(self, task: str):
+        c = self.cursors[task]
+        while c.head is None:
+            if c.it is None:
+                c.whole_epoch = c.whole_epoch or c.offset == 0
+                c.it = self.source.items(task, c.epoch, c.offset)
+            c.head = next(c.it, None)
+            if c.head is None:  # the epoch is used up: the next one starts over
+                if c.whole_epoch and not c.usable:
+                    raise ValueError(f"data: {self.source.name} has no usable {task!r} records; modality-pure "
+                                     "micro-batches need records of both tasks")
+                self.cursors[task] = c = _Cursor(c.epoch + 1)
+        return c.head
 
-    @property
-    def step(self) -> int:
-        """Optimizer steps completed, counting grad_accum micro-batches per step."""
-        return self.served // self.grad_accum
+    def _advance(self, task: str) -> None:
+        c = self.cursors[task]
+        c.offset, c.head = c.offset + 1, None
 
-    def order(self, epoch: int) -> list[int]:
-        """The epoch's permutation of dataset rows, identical on every rank."""
-        if self._perm[0] != epoch:
-            gen = torch.Generator().manual_seed(_seed(self.seed, epoch))
-            self._perm = (epoch, torch.randperm(len(self.data), generator=gen).tolist())
-        return self._perm[1]
-
-    def _position(self) -> tuple[int, int]:
-        """(epoch, offset) of the next global micro-batch, rolling over when the epoch is used up."""
-        if self.offset + self.span > len(self.data):
-            return self.epoch + 1, 0
-        return self.epoch, self.offset
-
-    def indices(self) -> list[int]:
-        """Dataset rows of this rank's next micro-batch (without consuming it)."""
-        epoch, offset = self._position()
-        start = offset + self.rank * self.micro
-        return self.order(epoch)[start:start + self.micro]
+    def _pack(self, task: str) -> list[list[Item]]:
+        """The rows of the next global micro-batch of `task`, consuming its records."""
+        rows: list[list[Item]] = [[] for _ in range(self.world * self.micro)]
+        r, used = 0, 0
+        while True:
+            item = self._peek(task)
+            if isinstance(item, BadRecord):
+                if self.on_bad_record == "error":
+                    raise BadRecordError(item.message())
+                self.skipped += 1
+                if self.log:
+                    print(f"[distopt] skipped bad record {self.skipped}: {item.where}, field {item.field!r}: "
+                          f"{item.problem}", file=sys.stderr)
+                self._advance(task)
+                continue
+            if used + item.length > self.seq_len:
+                if r + 1 == len(rows):
+                    return rows
+                r, used = r + 1, 0
+            rows[r].append(item)
+            used += item.length
+            self.cursors[task].usable = True
+            self._advance(task)
 
     def next_micro_batch(self) -> dict[str, Any]:
-        idx = self.indices()
-        gen = torch.Generator().manual_seed(_seed(self.seed, self.served, self.rank)) if self.augment else None
-        batch = collate(self.data[idx], self.vocab, self.vq, MODALITIES[self.served % 2], gen, self.text_format)
-        self.epoch, self.offset = self._position()
-        self.offset += self.span
+        task = TASKS[self.served % 2]
+        mine = self._pack(task)[self.rank * self.micro:(self.rank + 1) * self.micro]
+        gen = torch.Generator().manual_seed(mixed_seed(self.seed, self.served, self.rank)) if self.augment else None
+        docs = iter(self.source.docs([it for row in mine for it in row], task, gen))
         self.served += 1
-        return batch
+        return collate([[next(docs) for _ in row] for row in mine], self.seq_len, self.pad, task)
 
     def next_step(self) -> list[dict[str, Any]]:
         """The grad_accum micro-batches of this rank for one optimizer step."""
         return [self.next_micro_batch() for _ in range(self.grad_accum)]
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        while True:
-            yield self.next_micro_batch()
+    def state_dict(self) -> dict[str, Any]:
+        return {"served": self.served, "skipped": self.skipped, "seed": self.seed, "source": self.source.name,
+                "positions": {t: [c.epoch, c.offset] for t, c in self.cursors.items()}}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset, "served": self.served, "seed": self.seed,
-                "micro_batch_size": self.micro, "world_size": self.world, "num_samples": len(self.data)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore a position from state_dict(); the seed and data set must match (else the permutation
-        differs and the position means nothing)."""
-        missing = {"epoch", "offset", "served"} - set(state)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position from state_dict(); the seed and source must match (else the order differs
+        and the position means nothing)."""
+        missing = {"served", "positions"} - set(state)
         if missing:
             raise ValueError(f"sampler state lacks {sorted(missing)}; it must come from MicroBatchSampler.state_dict()")
-        for key, mine in (("seed", self.seed), ("num_samples", len(self.data))):
+        for key, mine in (("seed", self.seed), ("source", self.source.name)):
             if key in state and state[key] != mine:
-                raise ValueError(f"sampler state was saved with {key}={state[key]}, this sampler has {key}={mine}: "
-                                 f"resume with the same run seed and data split (val_fraction)")
-        self.epoch, self.offset, self.served = int(state["epoch"]), int(state["offset"]), int(state["served"])
+                raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has {key}={mine!r}: "
+                                 f"resume with the same run seed and data")
+        self.served, self.skipped = int(state["served"]), int(state.get("skipped", 0))
+        self.cursors = {t: _Cursor(*map(int, state["positions"][t])) for t in TASKS}

@@ -7,6 +7,7 @@ import yaml
 
 from distopt.deepspeed_glue import engine_config
 from launcher.config import ConfigError, load_config
+from model_zoo.config import is_placeholder
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "emu3_tiny_mlfop.yaml"
@@ -14,8 +15,16 @@ TINY = ROOT / "configs" / "emu3_tiny_mlfop.yaml"
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path, tmp_path):
-    needs_base = yaml.safe_load(path.read_text())["model"].get("pretrained")  # a LoRA run's pretraining output
-    cfg = load_config(path, world_size=2, overrides=[f"model.pretrained={tmp_path}"] if needs_base else [])
+    """Paths a config names (a LoRA run's pretraining output, a cluster run's checkpoint and corpus) are
+    filled in with a folder; a cluster config's `<...>` placeholders are refused until then."""
+    data = yaml.safe_load(path.read_text())
+    named = {"model.pretrained": data["model"].get("pretrained"), "data.path": data.get("data", {}).get("path")}
+    placeholders = [k for k, v in named.items() if is_placeholder(v)]
+    if placeholders:
+        with pytest.raises(ConfigError, match=rf"{placeholders[0]}: '<.*>' is a placeholder; set it to your"):
+            load_config(path, world_size=2)
+    assert ("cluster" in path.name) == (placeholders == ["model.pretrained", "data.path"])
+    cfg = load_config(path, world_size=2, overrides=[f"{k}={tmp_path}" for k, v in named.items() if v])
     ds = engine_config(cfg.batch.micro_batch_size, cfg.batch.grad_accum, 2, cfg.optimizer.max_grad_norm, cfg.deepspeed)
     assert ds["zero_optimization"]["stage"] == 0 and ds["train_batch_size"] == (
         cfg.batch.micro_batch_size * cfg.batch.grad_accum * 2)
@@ -35,7 +44,7 @@ def test_tiny_configs_differ_only_in_the_optimizer():
 @pytest.mark.parametrize("override,match", [
     (["batch.micro_batchsize=4"], r"batch.micro_batchsize: unknown key; valid keys are \['global_batch_size'"),
     (["modle.family=emu3"], r"modle: unknown key"),
-    (["batch.global_batch_size=100"], r"batch.global_batch_size: 100 != micro_batch_size 16 x grad_accum 4 x world size 1 = 64"),
+    (["batch.global_batch_size=100"], r"batch.global_batch_size: 100 != micro_batch_size 8 x grad_accum 4 x world size 1 = 32"),
     (["model.family=gpt"], r"model.family: 'gpt' is unknown"),
     (["model.size=janus_1_3b"], r"model.size: 'janus_1_3b' is not a emu3 size"),
     (["optimizer.name=lion"], r"optimizer.name: 'lion' is unknown"),
@@ -47,6 +56,18 @@ def test_tiny_configs_differ_only_in_the_optimizer():
     (["model.pretrained=/no/such/model"], r"model.pretrained: '/no/such/model' is not a directory"),
     (["optimizer.params.max_grad_norm=1.0"], r"optimizer.params.max_grad_norm: set clipping once"),
     (["data.val_fraction=1.5"], r"data.val_fraction: 1.5 must be in \(0, 1\)"),
+    (["data.source=web"], r"data.source: 'web' is unknown; choose one of \('digits', 'pairs', 'tokenized'\)"),
+    (["data.source=tokenized"], r"data.path: null, but source 'tokenized' reads a corpus"),
+    (["data.source=tokenized", "data.path=/no/such/corpus"], r"data.path: '/no/such/corpus' does not exist"),
+    (["data.on_bad_record=ignore"], r"data.on_bad_record: 'ignore'; choose one of \('error', 'skip'\)"),
+    (["data.seq_len=4"], r"data.seq_len: 4 must be an integer >= 8"),
+    (["data.streaming=true"], r"data.streaming: true, but the digits live in memory"),
+    (["data.image_tokenizer=pretrained"], r"data.image_tokenizer: 'pretrained' uses the checkpoint's own; set model"),
+    (["data.image_size=16"], r"data.image_size: 16, but digits_vq tokenizes 8x8 images"),
+    (["data.caption_dropout=1.0"], r"data.caption_dropout: 1.0 must be in \[0, 1\)"),
+    (["model.size=huge"], r"model.size: 'huge' is not a emu3 size"),
+    (["model.overrides={hiden_size: 8}"], r"model.overrides.hiden_size: unknown; valid keys are \[.*'hidden_size'"),
+    (["eval.guidance=0.5"], r"eval.guidance: 0.5 must be >= 1"),
 ])
 def test_mistakes_name_their_field(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -71,6 +92,12 @@ def test_lora_mistakes_name_their_field(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         load_config(ROOT / "configs" / "emu3_tiny_lora.yaml", world_size=1,
                     overrides=[f"model.pretrained={tmp_path}", *override])
+
+
+def test_digit_evaluations_need_the_digits(tmp_path):
+    with pytest.raises(ConfigError, match=r"eval.samples_png: True, but it prompts for digits and data.source is "
+                                          r"'tokenized'; set it to false / 0"):
+        load_config(TINY, overrides=["data.source=tokenized", f"data.path={tmp_path}"])
 
 
 def test_a_section_that_is_not_a_mapping(tmp_path):

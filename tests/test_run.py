@@ -1,28 +1,37 @@
-"""launcher/run.py end to end: every launcher trains both model families and writes the scalars,
-samples and checkpoints; a resumed run continues the loss curve exactly; bad configs stop before work;
-the Slurm batch script starts its ranks with srun under a real local Slurm."""
+"""launcher/run.py end to end: every launcher trains both transformers model families from a tiny
+checkpoint saved with save_pretrained (model.pretrained), writes the scalars, labelled samples and
+checkpoints, and exports a model that plain transformers opens with exactly the trained weights; a
+run trains from image-caption pairs prepared by model_zoo.prepare; a resumed run continues the loss
+curve exactly; bad configs stop before work; the Slurm batch script starts its ranks with srun under a real local Slurm."""
 
 import os
 import random
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
 from launcher.cluster import PORT_BASE, PORT_SPAN, job_port
-from model_zoo.janus import JanusModel
+from model_zoo.build import build_model
+from model_zoo.config import DataConfig, ModelConfig
+from model_zoo.digits import caption_corpus
 from model_zoo.lora import LLAMA_LINEARS
+from model_zoo.prepare import prepare
+from model_zoo.vocab import Vocab, load_or_train_wordpiece
 from slurm_cluster import SlurmCluster
 from test_launchers import free_port
+from test_prepare import write_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN = str(ROOT / "launcher" / "run.py")
+CLASSES = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}
 SCALARS = {"loss/text", "loss/image", "lr", "grad/cosine", "grad/norm_ratio",
            "fop/beta_abs_mean", "fop/eta_mean", "optimizer/eigh", "optimizer/qr", "optimizer/qr_seconds",
            "time/step_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "throughput/tokens_per_s",
@@ -32,7 +41,7 @@ SCALARS = {"loss/text", "loss/image", "lr", "grad/cosine", "grad/norm_ratio",
 def settings(out: Path, cache: Path, steps=4, extra=()):
     args = [f"run.out_dir={out}", f"data.cache_dir={cache}", f"schedule.steps={steps}", "schedule.warmup_steps=1",
             "logging.every=1", f"eval.every={steps}", "eval.batches=1", "checkpoint.every=2",
-            "batch.micro_batch_size=8", *extra]
+            "batch.micro_batch_size=4", *extra]
     return [a for kv in args for a in ("--set", kv)]
 
 
@@ -56,27 +65,64 @@ def scalars(out: Path) -> EventAccumulator:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
+def cache(digits_cache):
+    return digits_cache
 
 
-@pytest.mark.parametrize("config", ["emu3_tiny_mlfop.yaml", "janus_tiny_mlfop.yaml"])
+@pytest.fixture(scope="module")
+def checkpoints(cache, tmp_path_factory):
+    """Tiny Emu3ForConditionalGeneration and JanusForConditionalGeneration saved with save_pretrained,
+    over the vocabulary the runs build from the same cache."""
+    vocab = Vocab.from_wordpiece(load_or_train_wordpiece(cache, caption_corpus()), 64)
+    out = {}
+    for family in CLASSES:
+        torch.manual_seed(0)
+        out[family] = tmp_path_factory.mktemp(f"tiny-{family}")
+        build_model(ModelConfig(family=family), vocab).save_pretrained(str(out[family]))
+    return out
+
+
+@pytest.mark.parametrize("family", ["emu3", "janus"])
 @pytest.mark.parametrize("kind", ["deepspeed", "torchrun", "mpiexec", "python"])
-def test_each_launcher_trains_and_logs(kind, config, tmp_path, cache):
-    launch(kind, config, tmp_path, cache)
+def test_each_launcher_trains_a_checkpoint_and_exports_what_it_trained(kind, family, checkpoints, tmp_path, cache):
+    launch(kind, f"{family}_tiny_mlfop.yaml", tmp_path, cache, steps=3, extra=[f"model.pretrained={checkpoints[family]}"])
     acc = scalars(tmp_path)
     missing = SCALARS - set(acc.Tags()["scalars"])
     assert not missing, f"scalars not written: {sorted(missing)}"
     assert "samples" in acc.Tags()["images"]
-    assert (tmp_path / "samples" / "step-4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png = (tmp_path / "samples" / "step-3.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", png[16:24]) == (4 * 35, 4 * 149), "4 columns x 10 digits of labelled 8x8 tiles, x4"
     assert [e.value for e in acc.Scalars("optimizer/fop_folds")][-1] > 0
-    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-3"
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step-2"
+    trained = torch.load(tmp_path / "checkpoints" / "step-2" / "model.pt")
+    start = CLASSES[family].from_pretrained(str(checkpoints[family])).state_dict()
+    exported = CLASSES[family].from_pretrained(str(tmp_path / "model")).state_dict()  # plain transformers
+    assert exported.keys() == start.keys() == {k[len("hf."):] for k in trained}
+    assert all(torch.equal(v, trained["hf." + k]) for k, v in exported.items()), "exported = trained weights"
+    moved = [k for k, v in start.items() if not torch.equal(v, exported[k])]
+    assert any(".layers.0.self_attn.q_proj" in k for k in moved) and not any(".vqmodel." in k for k in moved)
+
+
+@pytest.fixture(scope="module")
+def prepared_pairs(cache, tmp_path_factory):
+    """Real digits as PNG files with caption files, tokenized once for Janus by model_zoo.prepare."""
+    root = tmp_path_factory.mktemp("pairs")
+    write_pairs(root / "pairs", corrupt=None, empty=None)
+    d = DataConfig(source="pairs", path=str(root / "pairs"), prepared=str(root / "prepared"), cache_dir=str(cache),
+                   val_fraction=0.25)
+    prepare(ModelConfig(family="janus"), d, progress=False)
+    return [f"data.source=pairs", f"data.path={root / 'pairs'}", f"data.prepared={root / 'prepared'}",
+            "eval.samples_png=false"]
 
 
 @pytest.mark.parametrize("config", ["emu3_tiny_adamw.yaml", "janus_tiny_soap.yaml"])
-def test_baseline_optimizers_run_under_deepspeed(config, tmp_path, cache):
-    launch("deepspeed", config, tmp_path, cache, steps=2)
-    assert "loss/image" in scalars(tmp_path).Tags()["scalars"]
+def test_baseline_optimizers_run_under_deepspeed(config, tmp_path, cache, prepared_pairs):
+    """Janus trains from the prepared pairs (its understanding encoder reads their stored images)."""
+    launch("deepspeed", config, tmp_path, cache, steps=2, extra=prepared_pairs if "janus" in config else ())
+    acc = scalars(tmp_path)
+    for tag in ("loss/text", "loss/image", "val/text_loss", "val/image_loss"):
+        assert all(0 < e.value < 20 for e in acc.Scalars(tag)), tag
 
 
 def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
@@ -99,7 +145,7 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["batch.global_batch_size=7"], "batch.global_batch_size: 7 != micro_batch_size 8"),
+    (["batch.global_batch_size=7"], "batch.global_batch_size: 7 != micro_batch_size 4"),
     (["checkpoint.resume=/no/such/dir"], "checkpoint.resume: '/no/such/dir' is neither"),
     (["data.cache_dir=/etc/hostname/cache"], "data.cache_dir: '/etc/hostname/cache' cannot be created"),
     (["optimizer.params.levle=head"], "optimizer.params.levle: not an argument of mlfop_soap"),
@@ -180,10 +226,11 @@ def test_lora_run_with_each_rule_writes_per_layer_ratios_and_keeps_base_weights(
         assert [e.value for e in acc.Scalars("optimizer/steps_combined")] == [1, 2]
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
     saved = torch.load(tmp_path / "checkpoints" / "step-1" / "model.pt")
-    original = safetensors.torch.load_file(str(base / "model.safetensors"))
+    original = Emu3ForConditionalGeneration.from_pretrained(str(base)).state_dict()
     for key, value in original.items():  # peft renames a wrapped linear's weight to ...base_layer.weight
-        name = "decoder.base_model.model." + key.replace("decoder.", "", 1)
-        name = name.replace(".weight", ".base_layer.weight") if any(f".{m}." in name for m in LLAMA_LINEARS) else name
+        name = "hf.base_model.model." + key
+        if ".text_model.layers." in key and any(f".{m}." in key for m in LLAMA_LINEARS):
+            name = name.replace(".weight", ".base_layer.weight")
         assert torch.equal(saved[name], value), key
 
 
@@ -195,5 +242,5 @@ def test_lora_rule_over_sharded_mlfop_soap_under_deepspeed_janus(pretrained, tmp
     acc = scalars(tmp_path)
     assert [e.value for e in acc.Scalars("optimizer/steps_combined")] == [1, 2, 3]
     assert [e.value for e in acc.Scalars("optimizer/fop_folds")][-1] > 0
-    merged = JanusModel.from_pretrained(str(tmp_path / "model"))  # the exported merged model loads as a plain one
+    merged = JanusForConditionalGeneration.from_pretrained(str(tmp_path / "model"))  # the merged export: a plain model
     assert not any("lora" in n for n, _ in merged.named_parameters())

@@ -1,14 +1,15 @@
-"""The VQ tokenizer on scikit-learn's real digits: quality against independent references (the
-mean image, scikit-learn's KMeans, brute-force nearest codes), the cache, and the PNG writer."""
-
-import struct
-import zlib
+"""Image tokenizers. The digits VQ on scikit-learn's real digits: quality against independent
+references (the mean image, scikit-learn's KMeans, brute-force nearest codes) and the cache. A
+checkpoint's VQ-VAE (tiny random Emu3VQVAE / JanusVQVAE saved with save_pretrained): read back alone
+from the checkpoint, it tokenizes exactly as the model's own."""
 
 import pytest
 import torch
 from sklearn.cluster import KMeans
 
-from model_zoo.vq import VQTokenizer, digits, from_patches, grid_image, render_grid, to_patches
+from model_zoo.build import build_image_tokenizer
+from model_zoo.config import DataConfig, ModelConfig
+from model_zoo.vq import CheckpointVQ, VQTokenizer, digits, from_patches, to_patches
 
 
 @pytest.fixture(scope="module")
@@ -17,15 +18,16 @@ def images():
 
 
 @pytest.fixture(scope="module")
-def cached(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("vq-cache")
-    return cache, VQTokenizer.load_or_train(cache, codebook_size=64, seed=0)
+def cached(digits_cache):
+    return digits_cache, VQTokenizer.load_or_train(digits_cache, codebook_size=64, seed=0)
 
 
 def test_reconstruction_beats_the_mean_image_and_improves_with_codebook_size(images, cached):
     baseline = float((images - images.mean(0)).square().mean())
-    mse = {k: VQTokenizer.fit(images, k, seed=0).reconstruction_mse(images) for k in (4, 16)}
-    mse[64] = cached[1].reconstruction_mse(images)
+    def mse(vq):
+        return float((vq.decode(vq.encode(images)) - images).square().mean())
+
+    mse = {k: mse(VQTokenizer.fit(images, k, seed=0)) for k in (4, 16)} | {64: mse(cached[1])}
     assert mse[64] < 0.1 * baseline, (mse, baseline)
     assert baseline > mse[4] > mse[16] > mse[64]
 
@@ -44,8 +46,8 @@ def test_encode_picks_the_nearest_code_and_decode_inverts_patching(images, cache
     brute = torch.cdist(to_patches(images[:50]), vq.codebook.expand(50, -1, -1)).argmin(-1)
     assert torch.equal(codes, brute)
     out = vq.decode(codes)
-    assert out.shape == (50, 8, 8) and out.dtype == torch.float32
-    assert torch.equal(out[:, :2, :2].reshape(50, 4), vq.codebook[codes[:, 0]])  # code 0 is the top-left patch
+    assert out.shape == (50, 1, 8, 8) and out.dtype == torch.float32
+    assert torch.equal(out[:, 0, :2, :2].reshape(50, 4), vq.codebook[codes[:, 0]])  # code 0 is the top-left patch
     assert torch.equal(from_patches(to_patches(images)), images)
 
 
@@ -56,17 +58,17 @@ def test_fit_is_deterministic_per_seed(images):
 
 def test_cache_round_trip_is_bit_identical_and_not_refitted(cached, tmp_path):
     cache, vq = cached
-    files = sorted(p.name for p in cache.iterdir())
-    assert len(files) == 1 and not files[0].startswith("."), files  # no temp file left behind
-    mtime = (cache / files[0]).stat().st_mtime_ns
+    assert not [p.name for p in cache.iterdir() if p.name.startswith(".")], "no temp file left behind"
+    (path,) = cache.glob("vq-digits-k64-seed0-*.pt")
+    mtime = path.stat().st_mtime_ns
     again = VQTokenizer.load_or_train(cache, codebook_size=64, seed=0)
-    assert torch.equal(again.codebook, vq.codebook) and (cache / files[0]).stat().st_mtime_ns == mtime
+    assert torch.equal(again.codebook, vq.codebook) and path.stat().st_mtime_ns == mtime
     vq.save(tmp_path / "vq.pt")
     assert torch.equal(VQTokenizer.load(tmp_path / "vq.pt").codebook, vq.codebook)
 
 
 def test_corrupt_cache_names_the_file_and_the_fix(cached, tmp_path):
-    name = next(cached[0].iterdir()).name
+    name = next(cached[0].glob("vq-digits-*.pt")).name
     (tmp_path / name).write_bytes(b"not a codebook")
     with pytest.raises(ValueError, match=f"(?s){name}.*corrupt.*delete it to retrain"):
         VQTokenizer.load_or_train(tmp_path, codebook_size=64, seed=0)
@@ -74,7 +76,7 @@ def test_corrupt_cache_names_the_file_and_the_fix(cached, tmp_path):
 
 def test_bad_input_names_the_argument(images, cached, tmp_path):
     vq = cached[1]
-    with pytest.raises(ValueError, match="images"):
+    with pytest.raises(ValueError, match=r"images must be a FloatTensor\[N, 1, 8, 8\]"):
         vq.encode(images.reshape(-1, 64))
     with pytest.raises(ValueError, match="codes"):
         vq.decode(torch.full((1, 16), 64))
@@ -85,32 +87,30 @@ def test_bad_input_names_the_argument(images, cached, tmp_path):
         VQTokenizer.load_or_train(tmp_path / "file" / "sub", codebook_size=4)
 
 
-def read_png(raw: bytes) -> tuple[int, int, torch.Tensor]:
-    """An independent minimal PNG reader (8-bit greyscale, filter 0): checks every chunk's CRC."""
-    assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
-    while pos < len(raw):
-        (length,) = struct.unpack(">I", raw[pos:pos + 4])
-        kind, data = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + length]
-        assert struct.unpack(">I", raw[pos + 8 + length:pos + 12 + length])[0] == zlib.crc32(kind + data)
-        chunks[kind] = chunks.get(kind, b"") + data
-        pos += 12 + length
-    w, h, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
-    assert (depth, colour) == (8, 0) and b"IEND" in chunks
-    rows = torch.frombuffer(bytearray(zlib.decompress(chunks[b"IDAT"])), dtype=torch.uint8).reshape(h, w + 1)
-    assert (rows[:, 0] == 0).all()
-    return w, h, rows[:, 1:]
 
 
-def test_png_grid_is_a_valid_png_of_the_upscaled_images(images, tmp_path):
-    path = tmp_path / "sub" / "grid.png"
-    grid = render_grid(images[:20], path, nrow=8, scale=3)
-    raw = path.read_bytes()
-    assert raw[:8] == b"\x89PNG\r\n\x1a\n" and raw[12:16] == b"IHDR"
-    assert (int.from_bytes(raw[20:24], "big"), int.from_bytes(raw[16:20], "big")) == (3 * 26, 3 * 71)  # 3 rows, 8 cols
-    w, h, pixels = read_png(raw)
-    assert (h, w) == (3 * grid.shape[0], 3 * grid.shape[1])
-    assert torch.equal(pixels[::3, ::3], (grid * 255).round().to(torch.uint8))
-    assert torch.equal(pixels[1::3, 2::3], pixels[::3, ::3])  # each pixel is a 3x3 block
-    assert torch.equal(grid[9:17, 18:26], images[10])  # row 1, column 2 of the grid is image 10
-    assert torch.equal(grid_image(images[:1], 8), images[0])
+@pytest.mark.parametrize("family", ["emu3", "janus"])
+def test_a_checkpoints_vq_vae_read_alone_tokenizes_as_the_models_own(family, images, tmp_path):
+    from test_models import emu3, janus
+
+    model = {"emu3": emu3, "janus": janus}[family]()
+    model.save_pretrained(str(tmp_path))
+    m, d = ModelConfig(family=family, pretrained=str(tmp_path)), DataConfig(image_tokenizer="pretrained", image_size=8)
+    alone = build_image_tokenizer(d, m)                       # the VQ-VAE's tensors only, from the safetensors
+    own = CheckpointVQ(model.vqmodel(), 8)
+    assert alone.grid == own.grid == (4, 4) and alone.codebook_size == 32 and alone.channels == 1
+    assert not any(p.requires_grad for p in alone.vqmodel.parameters())
+    codes = alone.encode(images[:6])
+    assert codes.shape == (6, 16) and torch.equal(codes, own.encode(images[:6]))
+    direct = model.vqmodel()                                  # the transformers class's own encode, by hand
+    x = images[:6] * 2 - 1
+    ref = torch.stack(direct.encode(x, torch.tensor([[8, 8]] * 6)).image_tokens).reshape(6, -1) if family == "emu3" \
+        else direct.encode(x).image_tokens.reshape(6, -1)
+    assert torch.equal(codes, ref)
+    pictures = alone.decode(codes)
+    assert pictures.shape == (6, 1, 8, 8) and 0 <= float(pictures.min()) and float(pictures.max()) <= 1
+    assert torch.equal(pictures, own.decode(codes))
+    with pytest.raises(ValueError, match=r"codes must lie in \[0, 32\)"):
+        alone.decode(torch.full((1, 16), 32))
+    with pytest.raises(ValueError, match="image_size=7 is invalid"):
+        CheckpointVQ(model.vqmodel(), 7)

@@ -1,0 +1,189 @@
+"""From the `model` and `data` config sections to the parts a run trains with, in dependency order:
+the vocabulary (text tokenizer and image-code ids), the model, the image tokenizer, the layout of
+documents, then the data (training sampler, validation micro-batches, and for the digits the splits
+the digit judge reads). The launcher calls these in that order; `prepare` uses the tokenizers and
+the layout without building the model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import datasets
+
+from model_zoo import digits as digit_data
+from model_zoo import emu3, janus
+from model_zoo.config import DataConfig, ModelConfig
+from model_zoo.data import DigitsSource, MicroBatchSampler, TokenizedSource, open_tokenized
+from model_zoo.emu3 import Emu3, Emu3Layout
+from model_zoo.janus import Janus, JanusLayout
+from model_zoo.unified import SHAPE_FIELDS, UnifiedModel, load_submodule
+from model_zoo.vocab import Vocab, load_or_train_wordpiece
+from model_zoo.vq import CheckpointVQ, VQTokenizer
+
+FAMILIES = {"emu3": Emu3, "janus": Janus}
+CONFIGS = {"emu3": emu3.config, "janus": janus.config}
+
+
+def checkpoint_config(path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, local_files_only=True)
+
+
+def build_vocab(d: DataConfig, m: ModelConfig) -> Vocab:
+    """The checkpoint's tokenizer, or the project's WordPiece (trained on the digits' caption corpus and
+    cached) with the image codes of the image tokenizer's codebook."""
+    if d.text_tokenizer == "pretrained":
+        return Vocab.from_checkpoint(m.pretrained, m.family, checkpoint_config(m.pretrained))
+    if d.image_tokenizer == "pretrained":
+        c = checkpoint_config(m.pretrained).vq_config
+        codebook = c.codebook_size if m.family == "emu3" else c.num_embeddings
+    else:
+        codebook = d.codebook_size
+    return Vocab.from_wordpiece(load_or_train_wordpiece(d.cache_dir, digit_data.caption_corpus()), codebook)
+
+
+def build_model(m: ModelConfig, vocab: Vocab) -> UnifiedModel:
+    """A new model of `size` (unset: tiny) sized to `vocab`, or the local checkpoint `pretrained` with
+    `overrides` applied to its text config (shape fields refused). With both, the checkpoint must have
+    the decoder shape `size` names. The checkpoint must use `vocab`'s ids."""
+    cls = FAMILIES[m.family]
+    if m.pretrained is None:
+        return cls.build(m.size or "tiny", vocab, m.overrides)
+    model = cls.from_pretrained(m.pretrained, m.overrides)
+    if m.size is not None:
+        want = CONFIGS[m.family](m.size, vocab).text_config
+        wrong = {k: (getattr(model.text_config, k, None), getattr(want, k, None)) for k in SHAPE_FIELDS
+                 if k != "vocab_size" and getattr(model.text_config, k, None) != getattr(want, k, None)}
+        if wrong:
+            raise ValueError(f"model.size: {m.pretrained} is not a {m.family} {m.size} checkpoint ("
+                             + ", ".join(f"{k} {got}, not {exp}" for k, (got, exp) in wrong.items())
+                             + "); fix model.size, or leave it unset to take the checkpoint's shape")
+    check_vocab(model, vocab, m.pretrained)
+    return model
+
+
+def check_vocab(model: UnifiedModel, vocab: Vocab, where: str) -> None:
+    """The model's embedding size, special ids and image-code range are those of `vocab`."""
+    c = model.text_config
+    found = dict(vocab_size=c.vocab_size, pad=c.pad_token_id, bos=c.bos_token_id, eos=c.eos_token_id,
+                 image_offset=model.image_offset, codebook_size=model.codebook_size)
+    expected = dict(vocab_size=vocab.size if isinstance(model, Emu3) else vocab.image_offset, pad=vocab.pad,
+                    bos=vocab.bos, eos=vocab.eos, image_offset=vocab.image_offset, codebook_size=vocab.codebook_size)
+    wrong = {k: (found[k], expected[k]) for k in found
+             if found[k] != expected[k] and not (k == "pad" and found[k] is None)}
+    if wrong:
+        raise ValueError(f"model.pretrained: {where} was trained with another vocabulary ("
+                         + ", ".join(f"{k} {a}, here {b}" for k, (a, b) in wrong.items())
+                         + "); use data.text_tokenizer: pretrained with the checkpoint's own tokenizer, or the "
+                         "data settings (codebook_size, tokenizer) it was trained with")
+
+
+def build_image_tokenizer(d: DataConfig, m: ModelConfig,
+                          model: Optional[UnifiedModel] = None) -> Union[VQTokenizer, CheckpointVQ]:
+    """The cached digits VQ (fitted on first use), or the checkpoint's VQ-VAE: the model's own when
+    given, else read alone from the checkpoint (prepare needs no decoder)."""
+    if d.image_tokenizer == "digits_vq":
+        return VQTokenizer.load_or_train(d.cache_dir, d.codebook_size, d.seed)
+    if model is not None:
+        vqmodel, config = model.vqmodel(), model.base().config
+    else:
+        from transformers import Emu3VQVAE, JanusVQVAE
+
+        config = checkpoint_config(m.pretrained)
+        vqmodel = load_submodule((Emu3VQVAE if m.family == "emu3" else JanusVQVAE)(config.vq_config), m.pretrained)
+    size = d.image_size
+    if size is None:
+        if m.family == "emu3":
+            raise ValueError("data.image_size: null, but Emu3's VQ-VAE tokenizes any size divisible by its "
+                             f"downsampling ({vqmodel.spatial_scale_factor}); set the side in pixels")
+        size = config.vision_config.image_size
+    return CheckpointVQ(vqmodel, size)
+
+
+def layout_for(m: ModelConfig, vocab: Vocab, grid: tuple[int, int],
+               model: Optional[UnifiedModel] = None) -> Union[Emu3Layout, JanusLayout]:
+    """How documents are laid out for this family (Janus: as many placeholders as its vision config's
+    image tokens)."""
+    if m.family == "emu3":
+        return Emu3Layout(vocab, grid)
+    if model is not None:
+        config = model.base().config
+    elif m.pretrained is not None:
+        config = checkpoint_config(m.pretrained)
+    else:
+        config = janus.config(m.size or "tiny", vocab)
+    return JanusLayout(vocab, grid, config.vision_config.num_image_tokens)
+
+
+@dataclass
+class Data:
+    """What a run reads: its sampler, evaluation micro-batches (the first `eval_batches` of each task of
+    the validation split, the same on every rank), and for the digits the (train, validation) rows."""
+
+    sampler: MicroBatchSampler
+    validation: list[dict]
+    digits: Optional[tuple[datasets.Dataset, datasets.Dataset]] = None
+
+
+def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_accum: int, rank: int = 0,
+               world_size: int = 1, seed: int = 0, eval_batches: int = 0) -> Data:
+    """Sources for the training and validation splits, the training sampler and the validation batches."""
+    splits = None
+    if d.source == "digits":
+        splits = digit_data.split(d.seed, d.val_fraction)
+        train = DigitsSource(splits[0], layout, images, d.text_format, seed, shuffle=True,
+                             caption_dropout=d.caption_dropout)
+        val = DigitsSource(splits[1], layout, images, d.text_format, seed, shuffle=False)
+    else:
+        path = d.prepared_dir() if d.source == "pairs" else Path(d.path)
+        if d.source == "pairs" and not (path / "dataset_dict.json").is_file():
+            raise ValueError(f"data.prepared: {path} holds no prepared dataset; run `python -m model_zoo.prepare "
+                             "--config <this config>` first")
+        check_prepared(path, layout)
+        train, val = (_tokenized(path, split, d, layout, images) for split in ("train", "validation"))
+        if train is None:
+            raise ValueError(f"data.path: {path} has no training split")
+    common = dict(seq_len=d.seq_len, pad=layout.vocab.pad, on_bad_record=d.on_bad_record)
+    sampler = MicroBatchSampler(train, micro_batch_size, rank=rank, world_size=world_size, seed=seed,
+                                augment=d.augment and d.source == "digits", grad_accum=grad_accum, **common)
+    batches = []
+    if val is not None and eval_batches:
+        reader = MicroBatchSampler(val, micro_batch_size, augment=False, log=False, **common)
+        batches = [reader.next_micro_batch() for _ in range(2 * eval_batches)]
+    return Data(sampler, batches, splits)
+
+
+def _tokenized(path: Path, split: str, d: DataConfig, layout, images) -> Optional[TokenizedSource]:
+    ds = open_tokenized(path, split, d.streaming, d.cache_dir)
+    if ds is None:
+        return None
+    return TokenizedSource(ds, f"{path} ({split})", layout, images, d.seq_len, layout.vocab.size)
+
+
+PREPARED_META = "distopt_prepare.json"
+
+
+def check_prepared(path: Path, layout) -> None:
+    """A dataset written by `prepare` records the vocabulary and layout it was made for; a run with
+    another one would read wrong ids."""
+    meta_file = path / PREPARED_META
+    if not meta_file.is_file():
+        return  # a user's own tokenized dataset: its ids are checked record by record
+    meta = json.loads(meta_file.read_text())["layout"]
+    mine = layout_fingerprint(layout)
+    wrong = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
+    if wrong:
+        raise ValueError(f"data.path: {path} was prepared for another model or tokenizer ("
+                         + ", ".join(f"{k} {a}, here {b}" for k, (a, b) in wrong.items())
+                         + "); prepare it again with this config")
+
+
+def layout_fingerprint(layout) -> dict:
+    v = layout.vocab
+    return dict(family="emu3" if isinstance(layout, Emu3Layout) else "janus", image_offset=v.image_offset,
+                codebook_size=v.codebook_size, bos=v.bos, eos=v.eos, sov=v.sov, eov=v.eov, grid=list(layout.grid),
+                n_visual=getattr(layout, "n_visual", 0))
