@@ -11,16 +11,17 @@ element size (4; 8 for fp64 parameters), s_c the reduction dtype's and K micro-s
                                                             in compute dtype, twice while prefetching)
     masters        4 S (bf16 parameters only)               e S (the owner's copy of its blocks)
     SOAP state     e Sigma_owned (2 n + 2 Sigma_rotated d^2) the same
-    fold window    e S (2 + [K not a power of two])         the same (G, the fold's z, a waiting tail)
-    communication  s_c (2 W + min(B, 4) world c)             s_c 2 (rows + S)  (two all-to-alls in flight)
+    fold window    e S (3 + [K not a power of two])         the same (G, the fold's z, rot(G), a waiting tail)
+    communication  s_c (R W + min(B, 4) world c)             s_c (rows + S)  (one all-to-all's buffers)
     activations    the estimate below                       the same
 
 Activations per micro-step, bf16, with SDPA/flash attention (no s^2 term; Korthikanti et al. 2022
 without it): 34 T h bytes per layer (T tokens per micro-batch, h hidden), or 2 T h per layer plus one
 layer's 34 T h with activation checkpointing, plus the logits T V (2 + 4) bytes (bf16 logits and
 their fp32 copy for the loss). An estimate: real runs add allocator fragmentation and framework
-buffers; keep ~10% free. tests/test_memory.py holds every component but the activations against the
-bytes a CPU run actually holds at 1, 2 and 4 ranks.
+buffers; keep ~10% free. R = 2 received shares while a reduction overlaps the next micro-step (FOP on,
+K > 1), else 1. tests/test_fsdp2.py holds every component but the activations against the bytes a
+CPU run actually holds at 1, 2 and 4 ranks, under both engines.
 """
 
 from __future__ import annotations
@@ -118,18 +119,19 @@ def estimate(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
     for r in range(world) if rank is None else [rank]:
         owned = plan.owned(r)
         share = sum(b.numel for b in owned)
-        common = dict(state=e * sum(b.state_numel for b in owned), window=e * share * (2 + tail) if options.fop else
+        common = dict(state=e * sum(b.state_numel for b in owned), window=e * share * (3 + tail) if options.fop else
                       e * share, activations=activations.bytes())
         if engine == "deepspeed":
             total = sum(p.numel() for p in params)
             width = max(1, int(options.bucket_mb * 2**20) // (s_c * world))
             buckets = min(math.ceil(plan.slot / width), 4)
-            comm = s_c * ((2 if micro_steps > 1 else 1) * plan.slot + buckets * world * min(width, plan.slot))
+            shares = 2 if options.fop and micro_steps > 1 else 1
+            comm = s_c * (shares * plan.slot + buckets * world * min(width, plan.slot))
             est = Estimate(engine, world, total * s_p, total * s_p, 0, 4 * share if s_p < 4 else 0,
                            communication=comm if world > 1 else 0, **common)
         else:
             rows = sum(_rows_share(p, world, r) for p in params)
-            comm = s_c * (2 if micro_steps > 1 else 1) * (rows + share)
+            comm = s_c * (rows + share)
             est = Estimate(engine, world, rows * s_p, rows * s_p, 2 * largest_unit * 2, e * share,
                            communication=comm, **common)
         if best is None or est.total > best.total:

@@ -283,6 +283,12 @@ def _validate_lora(lora: LoraSection) -> None:
 
 def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[str]] = None) -> Config:
     """Read, apply `section.key=value` overrides (values parsed as YAML), build and validate."""
+    return validate(read_config(path, overrides), world_size)
+
+
+def read_config(path: str | Path, overrides: Optional[list[str]] = None) -> Config:
+    """The config with its overrides, typed but not yet validated (the memory planner reads cluster
+    configs whose paths are still placeholders)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: {path} does not exist")
@@ -303,4 +309,4 @@ def load_config(path: str | Path, world_size: int = 1, overrides: Optional[list[
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({getattr(e, 'problem', e)}); "
                               "quote it, and pass one --set per key") from None
-    return validate(_build(Config, data, ""), world_size)
+    return _build(Config, data, "")

@@ -32,7 +32,8 @@ from distopt import deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.cluster import srun_env
 from launcher.config import Config, ConfigError, load_config
-from launcher.engines import build_engine
+from launcher.engines import build_engine, local_device
+from launcher.memory import check_fits
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
 from model_zoo.config import DTYPES
@@ -110,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.update(srun_env(os.environ))  # tasks srun starts directly: ranks from Slurm (docs/cluster.md)
         deepspeed_glue.init_distributed()
         cfg = load_config(args.config, dist.get_world_size(), args.set)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        check_fits(cfg, dist.get_world_size(), local_device(), local_ranks)  # refuse before building anything
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     train(cfg)

@@ -55,14 +55,42 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
         assert sum(results[r][ci]["owned"] for r in (0, 1)) == sum(results[r][ci]["owned"] for r in (2, 3)) > 0
 
 
-def test_bytes_per_rank_fall_with_the_ranks(tmp_path):
-    """Parameters, gradients and optimizer state per rank (sums of tensor sizes) at 1, 2 and 4 ranks: each
-    within 35% of (the one-rank figure) / N (the share is cut by whole blocks and rows, never exactly)."""
+def planned(config, world, rank, engine):
+    """distopt.memory's estimate for the worker's model (built on the meta device) and options."""
+    from distopt.memory import Activations, estimate
+    from distopt.options import MLFOPOptions
+    from sharded_worker import Net
+
+    with torch.device("meta"):
+        named = list(Net(torch.float64, config["hidden"]).named_parameters())
+    options = MLFOPOptions(max_block=config["max_block"], fop=config.get("fop", True))
+    return estimate(named, options, world, engine, Activations(0, 0, 0, 0), micro_steps=config["K"], rank=rank)
+
+
+def test_bytes_per_rank_follow_the_memory_tool_and_fall_with_the_ranks(tmp_path):
+    """Bytes each rank holds (sums of tensor sizes: parameter shards, gradients, SOAP state, masters, the
+    fold window's peak, the communication buffers' peak) at 1, 2 and 4 ranks under both engines, against
+    python -m launcher.memory's estimate for that rank (distopt/memory.py) within 10%; and under FSDP2
+    parameters, gradients and state fall as ~1/N."""
+    configs = [dict(K=2, fsdp="fsdp", fop=False), dict(K=4, fsdp="fsdp"), dict(K=4)]
     sizes = {}
     for world in (1, 2, 4):
-        config = dict(K=2, W=world, fsdp="fsdp", hidden=16, max_block=8, steps=3, bytes=True, fop=False)
-        results = run_sharded(world, [config], str(tmp_path / f"w{world}"))
-        sizes[world] = [results[r][0]["bytes"] for r in range(world)]
+        runs = [dict(c, W=world, hidden=16, max_block=8, steps=4, bytes=True) for c in configs]
+        results = run_sharded(world, runs, str(tmp_path / f"w{world}"))
+        for r in range(world):
+            for config, res in zip(runs, results[r]):
+                engine = "fsdp2" if config.get("fsdp") else "deepspeed"
+                est = planned(config, world, r, engine)
+                measured = dict(parameters=res["bytes"]["params"], state=res["memory"]["state"],
+                                masters=res["memory"]["masters"], window=res["memory"]["window_peak"],
+                                communication=res["memory"]["comm_peak"])
+                if not config.get("fop", True):
+                    measured["gradients"] = res["bytes"]["grads"]  # fop off keeps every p.grad until step()
+                for kind, got in measured.items():
+                    want = getattr(est, kind)
+                    assert abs(got - want) <= 0.1 * max(want, 1), f"{engine} world {world} rank {r} {config}: " \
+                                                                    f"{kind} {got} bytes, the tool says {want}"
+            sizes[world] = [results[r][0]["bytes"] for r in range(world)]
     for world in (2, 4):
         for kind in ("params", "grads", "state"):
             top = max(b[kind] for b in sizes[world])

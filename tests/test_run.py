@@ -149,6 +149,8 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
     (["checkpoint.resume=/no/such/dir"], "checkpoint.resume: '/no/such/dir' is neither"),
     (["data.cache_dir=/etc/hostname/cache"], "data.cache_dir: '/etc/hostname/cache' cannot be created"),
     (["optimizer.params.levle=head"], "optimizer.params.levle: not an argument of mlfop_soap"),
+    (["optimizer.params.level=heads"], "optimizer.params.level: 'heads'; choose one of ('layer', 'head', 'global')"),
+    (["model.size=emu3_8b"], "memory: this run needs about"),  # 8.5 B fp32 parameters on this machine
 ])
 def test_bad_configs_stop_before_any_work(extra, message, tmp_path, cache):
     proc = launch("python", "emu3_tiny_mlfop.yaml", tmp_path / "out", cache, extra=extra, check=False)
