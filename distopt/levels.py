@@ -89,7 +89,8 @@ class Levels:
         inverse = []
         for tag, mean in means.items():
             local = {i: metrics[i].eta_partials(x, x) for i, x in mean.items()}
-            norm = float(self.table(local, 2)[..., 1].sum()) ** 0.5
+            norm = float(self.table(local, 2)[..., 1].sum()) ** 0.5  # at step(): a host sync, counted
+            self.counters["host_syncs"] += 1
             ema = self.modality_norm_ema
             ema[tag] = norm if tag not in ema else beta * ema[tag] + (1 - beta) * norm
             inverse.append(1.0 / max(ema[tag], 1e-30))
@@ -114,4 +115,5 @@ class Levels:
     def count_guarded(self) -> None:
         """The window's guarded folds join the counters (one host sync, at step())."""
         self.counters["fop_beta_guarded"] += int(self.guarded)
+        self.counters["host_syncs"] += 1
         self.guarded.zero_()

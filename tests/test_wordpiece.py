@@ -1,6 +1,7 @@
 """The text tokenizer's vocabulary is a function of the corpus alone (model_zoo/wordpiece.py)."""
 
-from model_zoo.data import caption_corpus, load_or_train_text_tokenizer
+from model_zoo.digits import caption_corpus
+from model_zoo.vocab import load_or_train_wordpiece
 from model_zoo.wordpiece import train_wordpiece
 
 
@@ -18,8 +19,8 @@ def test_merges_by_count_with_ties_broken_by_text():
 def test_fresh_caches_hold_the_same_tokenizer(tmp_path):
     """Hugging Face's WordPieceTrainer gave a different vocabulary at nearly every training on this
     corpus (huggingface/tokenizers#1794), so a fresh checkout's numbers differed from the README's."""
-    built = {load_or_train_text_tokenizer(tmp_path / str(i)).to_str() for i in range(3)}
+    built = {load_or_train_wordpiece(tmp_path / str(i), caption_corpus()).to_str() for i in range(3)}
     assert len(built) == 1
-    tok = load_or_train_text_tokenizer(tmp_path / "0")
+    tok = load_or_train_wordpiece(tmp_path / "0", caption_corpus())
     for text in caption_corpus():  # every word of the corpus is one token (longest match first)
         assert len(tok.encode(text).ids) == len(tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
