@@ -10,7 +10,10 @@ Per configuration, on the fullest rank:
   streaming fold, all_gather W * s_p (W the slot, s_c and s_p the element sizes);
 - the time of a whole training step (K forward/backward + step) for the sharded optimizer and for a
   replicated one (every rank holds all state and computes every block; gradients all-reduced every
-  micro-step, as DDP does without no_sync, so it folds the same global micro-gradients).
+  micro-step, as DDP does without no_sync, so it folds the same global micro-gradients);
+- the same under FSDP2 (fully_shard per decoder layer and root, DTensor parameters, the optimizer's
+  all-to-all redistributions, distopt.fsdp2): bytes held, bytes handed to all_to_all against the
+  formula (R + 1) * W * s_c per rank, and the step time next to the DeepSpeed-engine layout's.
 
     python benchmarks/sharding.py [--quick]      writes benchmarks/results/sharding[-quick].{md,json}
 
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from distopt import MLFOPSOAP
 
@@ -51,6 +55,21 @@ def model_and_data(rank: int, k: int, dtype: torch.dtype):
     return model, [torch.randint(0, 1024, (4, 64), generator=gen) for _ in range(k)]
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def fully_shard_layers(model: torch.nn.Module, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
 def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/rdv", rank=rank, world_size=world)
     torch.set_num_threads(max(1, 2 // world))
@@ -58,13 +77,15 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
     rows = []
     for k, dtype_name in configs:
         row = dict(k=k, dtype=dtype_name)
-        for mode in ("sharded", "replicated"):
+        for mode in ("sharded", "replicated", "fsdp2"):
             model, data = model_and_data(rank, k, DTYPES[dtype_name])
             opts = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
-            if mode == "sharded":
-                opt = MLFOPSOAP(model.named_parameters(), **opts)
-            else:
+            if mode == "replicated":
                 opt = MLFOPSOAP(model.named_parameters(), capture="manual", process_group=singles[rank], **opts)
+            else:
+                if mode == "fsdp2":
+                    fully_shard_layers(model, world)
+                opt = MLFOPSOAP(model.named_parameters(), **opts)
             times, grad_bytes = [], 0
             for step in range(steps):
                 dist.barrier()
@@ -75,15 +96,15 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
                         for p in model.parameters():
                             dist.all_reduce(p.grad)
                             p.grad.div_(world)
-                        grad_bytes = max(grad_bytes, sum(p.grad.numel() * p.grad.element_size()
-                                                         for p in model.parameters()))
                         opt.end_microstep()
+                    grad_bytes = max(grad_bytes, sum(local(p.grad).numel() * p.grad.element_size()
+                                                     for p in model.parameters() if p.grad is not None))
                 opt.step()
                 opt.zero_grad()
                 dist.barrier()
                 times.append(time.perf_counter() - start)
             row[mode] = dict(time=statistics.median(times[2:]), memory=opt.memory_bytes(), grad_bytes=grad_bytes,
-                             param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+                             param_bytes=sum(local(p).numel() * p.element_size() for p in model.parameters()),
                              sent={kind: v / steps for kind, v in opt.distributor.sent.items()},
                              slot=opt.plan.slot, reductions=opt.counters["reductions"] / steps)
             opt.close()
@@ -92,48 +113,74 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
     dist.destroy_process_group()
 
 
-def formula(world: int, k: int, dtype: str, slot: int) -> dict:
-    """docs/distributed.md: bytes handed to each collective per rank and step (streaming fold)."""
+def formula(world: int, k: int, dtype: str, slot: int, local_elements: int) -> dict:
+    """docs/distributed.md: bytes handed to each collective per rank and step (streaming fold, fp32
+    reductions). DeepSpeed layout: R reduce-scatters of world slots, one all-gather of a slot. FSDP2: R
+    all-to-alls of this rank's rows, one back in the parameters' dtype, plus the masters' one-off fetch
+    (counted in the first step, so spread over the steps by the caller)."""
     if world == 1:
-        return {"reduce_scatter": 0, "all_gather": 0}
+        return {"reduce_scatter": 0, "all_gather": 0, "all_to_all": 0}
     reductions = math.ceil(math.log2(k)) + 1
-    return {"reduce_scatter": reductions * world * slot * 4,  # fp32 reductions
-            "all_gather": slot * (2 if dtype == "bf16" else 4)}
+    size = 2 if dtype == "bf16" else 4
+    return {"reduce_scatter": reductions * world * slot * 4, "all_gather": slot * size,
+            "all_to_all": (reductions * 4 + size) * local_elements}
 
 
-def summarize(world: int, per_rank: list[list[dict]]) -> list[dict]:
+KINDS = ("reduce_scatter", "all_gather", "all_reduce", "all_to_all")
+
+
+def summarize(world: int, per_rank: list[list[dict]], steps: int) -> list[dict]:
     out = []
     for i, row in enumerate(per_rank[0]):
-        sharded = [r[i]["sharded"] for r in per_rank]
-        fullest = max(sharded, key=lambda s: sum(s["memory"].values()))
-        expected = formula(world, row["k"], row["dtype"], fullest["slot"])
-        out.append(dict(world=world, k=row["k"], dtype=row["dtype"], memory=fullest["memory"],
-                        params=fullest["param_bytes"], grads=fullest["param_bytes"],
-                        replicated_state=per_rank[0][i]["replicated"]["memory"]["state"],
-                        sent={kind: fullest["sent"].get(kind, 0.0) for kind in ("reduce_scatter", "all_gather",
-                                                                                 "all_reduce")},
-                        formula=expected, reductions=fullest["reductions"],
-                        t_sharded=statistics.median(s["time"] for s in sharded),
-                        t_replicated=statistics.median(r[i]["replicated"]["time"] for r in per_rank)))
+        entry = dict(world=world, k=row["k"], dtype=row["dtype"])
+        for mode in ("sharded", "replicated", "fsdp2"):
+            runs = [r[i][mode] for r in per_rank]
+            fullest = max(runs, key=lambda s: sum(s["memory"].values()) + s["param_bytes"])
+            local = fullest["param_bytes"] // (2 if row["dtype"] == "bf16" else 4)
+            expected = formula(world, row["k"], row["dtype"], fullest["slot"], local)
+            if mode == "fsdp2" and world > 1:
+                expected["all_to_all"] += 4 * local / steps  # the masters' fetch, fp32 rows
+            entry[mode] = dict(memory=fullest["memory"], params=fullest["param_bytes"], grads=fullest["grad_bytes"],
+                               sent={kind: fullest["sent"].get(kind, 0.0) for kind in KINDS}, formula=expected,
+                               reductions=fullest["reductions"], time=statistics.median(s["time"] for s in runs))
+        out.append(entry)
     return out
 
 
 def markdown(rows: list[dict], steps: int) -> str:
     mib = 2**20
-    lines = [f"torch {torch.__version__}, {os.cpu_count()} CPUs, steps={steps} (median after 2 warm-up); bytes per "
-             "rank on the fullest rank; sent = bytes handed to each collective per step", "",
-             "| ranks | K | params | state MiB | window MiB | comm MiB | grads MiB | params MiB | replicated state MiB |"
-             " reductions/step | reduce-scatter MiB (formula) | all-gather MiB (formula) | all-reduce KiB |"
+
+    def held(m: dict) -> str:
+        mem = m["memory"]
+        return (f"{mem['state'] / mib:.2f} | {mem['masters'] / mib:.2f} | {mem['window_peak'] / mib:.2f} | "
+                f"{mem['comm_peak'] / mib:.2f} | {m['grads'] / mib:.2f} | {m['params'] / mib:.2f}")
+
+    def sent(m: dict, kind: str) -> str:
+        return f"{m['sent'][kind] / mib:.2f} ({m['formula'][kind] / mib:.2f})"
+
+    head = (f"torch {torch.__version__}, {os.cpu_count()} CPUs, steps={steps} (median after 2 warm-up); bytes per "
+            "rank on the fullest rank; sent = MiB handed to each collective per rank and step (formula in "
+            "parentheses); grads = p.grad bytes left after a backward (the optimizer takes them)")
+    lines = [head, "", "## DeepSpeed-engine layout (replicated parameters, owner-sharded state) vs replicated state", "",
+             "| ranks | K | params | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
+             " replicated state MiB | reductions/step | reduce-scatter | all-gather | all-reduce KiB |"
              " step s sharded | step s replicated | sharded/replicated |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|" + "---|" * 17]
     for r in rows:
-        m, s, f = r["memory"], r["sent"], r["formula"]
-        lines.append(f"| {r['world']} | {r['k']} | {r['dtype']} | {m['state'] / mib:.2f} | {m['window_peak'] / mib:.2f} | "
-                     f"{m['comm_peak'] / mib:.2f} | {r['grads'] / mib:.2f} | {r['params'] / mib:.2f} | "
-                     f"{r['replicated_state'] / mib:.2f} | {r['reductions']:.0f} | "
-                     f"{s['reduce_scatter'] / mib:.2f} ({f['reduce_scatter'] / mib:.2f}) | "
-                     f"{s['all_gather'] / mib:.2f} ({f['all_gather'] / mib:.2f}) | {s['all_reduce'] / 1024:.1f} | "
-                     f"{r['t_sharded']:.3f} | {r['t_replicated']:.3f} | {r['t_sharded'] / r['t_replicated']:.2f} |")
+        s, rep = r["sharded"], r["replicated"]
+        lines.append(f"| {r['world']} | {r['k']} | {r['dtype']} | {held(s)} | {rep['memory']['state'] / mib:.2f} | "
+                     f"{s['reductions']:.0f} | {sent(s, 'reduce_scatter')} | {sent(s, 'all_gather')} | "
+                     f"{s['sent']['all_reduce'] / 1024:.1f} | {s['time']:.3f} | {rep['time']:.3f} | "
+                     f"{s['time'] / rep['time']:.2f} |")
+    lines += ["", "## FSDP2 (fully_shard per layer and root: parameters, gradients and state sharded)", "",
+              "| ranks | K | params | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
+              " all-to-all | all-reduce KiB | step s fsdp2 | step s sharded (DeepSpeed layout) | fsdp2/sharded |",
+              "|" + "---|" * 14]
+    for r in rows:
+        f, s = r["fsdp2"], r["sharded"]
+        lines.append(f"| {r['world']} | {r['k']} | {r['dtype']} | {held(f)} | {sent(f, 'all_to_all')} | "
+                     f"{f['sent']['all_reduce'] / 1024:.1f} | {f['time']:.3f} | {s['time']:.3f} | "
+                     f"{f['time'] / s['time']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -149,7 +196,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as d:
             mp.spawn(run, args=(world, configs, steps, d), nprocs=world, join=True)
             rows += summarize(world, [torch.load(os.path.join(d, f"rank{r}.pt"), weights_only=False)
-                                      for r in range(world)])
+                                      for r in range(world)], steps)
     table = markdown(rows, steps)
     name = "sharding-quick" if args.quick else "sharding"
     RESULTS.mkdir(exist_ok=True)

@@ -83,6 +83,7 @@ class MLFOPSOAP(SOAP):
     """
 
     Options = MLFOPOptions
+    accepts_sharded_parameters = True
     COUNTERS = SOAP.COUNTERS + ("microsteps", "reductions", "microstep_seconds", "host_syncs", "fop_folds",
                                 "fop_beta_guarded", "fop_metric_not_ready", "fop_unpaired_steps",
                                 "skipped_nonfinite_steps")

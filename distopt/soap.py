@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from distopt.options import SOAPOptions
 from distopt.routing import ParamRoute, route_parameters, routing_summary
@@ -257,9 +258,16 @@ class SOAP(torch.optim.Optimizer):
     Options = SOAPOptions
     COUNTERS = ("eigh", "eigh_fp64_retry", "eigh_failed", "eigh_seconds", "qr", "qr_failed", "qr_seconds")
 
+    accepts_sharded_parameters = False  # FSDP2's DTensors hold rows; MLFOPSOAP's distributor gathers blocks of them
+
     def __init__(self, params: Iterable, **options):
         self.options = self.Options(**options)
         super().__init__(params, self.options.group_defaults())
+        if not self.accepts_sharded_parameters and any(isinstance(p, DTensor) for g in self.param_groups
+                                                       for p in g["params"]):
+            raise ValueError("SOAP rotates whole matrices and these parameters are FSDP2 shards (DTensor): use "
+                             "MLFOPSOAP(params, fop=False), the same update with its state sharded over the ranks "
+                             "(the launcher builds it for optimizer.name: soap under engine: fsdp2)")
         self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
             self.param_groups, adam_patterns=self.options.adam_patterns, soap_patterns=self.options.soap_patterns)
         self.counters: Counter = Counter(dict.fromkeys(self.COUNTERS, 0))

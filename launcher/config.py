@@ -10,7 +10,7 @@
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
     schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
-    logging:    every, tensorboard, progress
+    logging:    every, tensorboard, progress, grad_geometry (text-vs-image gradient cosine on log steps)
     eval:       every, batches, samples_png, generated_digits, temperature, guidance
     checkpoint: every, resume (auto | none | <path>), keep_last
     engine:     deepspeed (ZeRO stage 0, replicated parameters) | fsdp2 (PyTorch FSDP2, all sharded)
@@ -84,6 +84,7 @@ class LoggingConfig:
     every: int = 5
     tensorboard: bool = True
     progress: bool = True
+    grad_geometry: bool = True  # costs two copies of each rank's gradient on log steps (launcher/metrics.py)
 
 
 @dataclass
@@ -242,9 +243,6 @@ def _validate_engine(cfg: Config, world_size: int) -> None:
     _check(isinstance(r, int) and r >= 1 and world_size % r == 0, "fsdp.replicate",
            f"{r!r} must be an integer >= 1 that divides the world size {world_size} (HSDP: world / replicate ranks "
            "per shard group)")
-    _check(cfg.optimizer.name != "soap", "optimizer.name",
-           "'soap' under engine: fsdp2: plain SOAP does not shard its state; use mlfop_soap with params.fop: false "
-           "(sharded SOAP, bit for bit)")
     _check(cfg.optimizer.name not in TWO_OBJECTIVE, "optimizer.name",
            f"{cfg.optimizer.name!r} under engine: fsdp2: the two-objective rules need each rank's unreduced "
            "modality gradients, which FSDP2's reduce-scatter averages away; use engine: deepspeed")

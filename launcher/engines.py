@@ -112,6 +112,8 @@ def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, m
     model.to(device)  # fp32: FSDP2's sharded parameters are the masters, bf16 only in compute
     shard(model, world, replicate, bf16, device)
     spec = {"name": optimizer_spec["name"], "params": dict(optimizer_spec.get("params") or {})}
+    if spec["name"] == "soap":  # SOAP over shards is MLFOPSOAP(fop=False): the same update, state on block owners
+        spec = {"name": "mlfop_soap", "params": {**spec["params"], "fop": False}}
     owns = owns_gradient_communication(spec["name"])
     if max_grad_norm and owns:
         spec["params"]["max_grad_norm"] = max_grad_norm

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from distopt.memory import ENGINES, GiB, Activations, Estimate, estimate, format_table
-from distopt.options import MLFOPOptions
+from distopt.options import MLFOPOptions, SOAPOptions
 from distopt.registry import parse_options
 from launcher.config import Config, ConfigError, read_config
 from launcher.engines import decoder_layers
@@ -52,23 +52,34 @@ def _hf(family: str):
     return {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}[family]
 
 
+def optimizer_plan(cfg: Config, engine: str) -> tuple[MLFOPOptions, bool]:
+    """The ML-FOP-SOAP options whose block plan holds about the run's optimizer state, and whether that
+    state is sharded over the ranks. ML-FOP-SOAP (alone or under a rule) shards it. AdamW and SOAP hold
+    all of it on every rank under deepspeed (ZeRO stage 0), and their rows under fsdp2 (where SOAP runs
+    as MLFOPSOAP(fop=False)): unrotated (AdamW: max_precond_dim 0) ML-FOP-SOAP without FOP holds as much
+    (AdamW under fsdp2 a little less: its state follows FSDP2's rows, not whole blocks on owners)."""
+    options = parse_options(cfg.optimizer.name, cfg.optimizer.params)
+    options = getattr(options, "base_options", options)
+    if isinstance(options, MLFOPOptions):
+        return options, True
+    soap = options.__dict__ if isinstance(options, SOAPOptions) else {"max_precond_dim": 0}
+    return MLFOPOptions(**{**soap, "fop": False}), engine == "fsdp2"
+
+
 def plan(cfg: Config, gpus: int, engine: Optional[str] = None, model: Optional[torch.nn.Module] = None) -> Estimate:
     """Per-GPU bytes of `cfg` on `gpus` GPUs under `engine` (default: the config's)."""
     engine = engine or cfg.engine
     model = model or model_on_meta(cfg)
     if engine == "deepspeed" and cfg.model.dtype == "bfloat16":  # bf16 parameters (FSDP2 keeps fp32 shards)
         model = copy.deepcopy(model).to(torch.bfloat16)
-    options = parse_options(cfg.optimizer.name, cfg.optimizer.params)
-    options = options if isinstance(options, MLFOPOptions) else getattr(options, "base_options", None)
-    if not isinstance(options, MLFOPOptions):
-        options = MLFOPOptions(fop=False)  # AdamW and SOAP keep about as much state as unrotated ML-FOP-SOAP
+    options, sharded = optimizer_plan(cfg, engine)
     text = model.text_config
     tokens = cfg.batch.micro_batch_size * (cfg.data.seq_len or 64)
     acts = Activations(text.num_hidden_layers, text.hidden_size, text.vocab_size, tokens,
                        checkpointing=cfg.model.activation_checkpointing)
     unit = max([sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)] + [0])
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    shard = gpus // cfg.fsdp.replicate if engine == "fsdp2" else gpus
+    shard = gpus // cfg.fsdp.replicate if engine == "fsdp2" else gpus if sharded else 1
     return replace(estimate(named, options, shard, engine, acts, micro_steps=cfg.batch.grad_accum, largest_unit=unit),
                    gpus=gpus)
 

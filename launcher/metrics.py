@@ -43,19 +43,37 @@ class Logger:
 
 class ModalityGradProbe:
     """This step's gradient split by micro-batch modality (MODALITIES: text, image), averaged over ranks,
-    and the text-vs-image cosine and norm ratio: globally and per layer
-    (a module; a LoRA layer's A and B together). Each backward's gradient is caught by a tensor hook
-    on every parameter before it is accumulated into p.grad, so what DeepSpeed or the optimizer do
-    with p.grad afterwards (all-reduce, consume) does not matter. Costs two gradient copies and one
-    all-reduce of them, so the loop uses it on log steps only; every rank must call stats()."""
+    and the text-vs-image cosine and norm ratio: globally and per layer (a module; a LoRA layer's A and B
+    together).
 
-    def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]):
-        named = [(n, p) for n, p in named_params if p.requires_grad]
-        self.params = [p for _, p in named]
-        self.layers = [module_of(n, i).replace("base_model.model.", "") for i, (n, _) in enumerate(named)]
-        self.sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
+    Each backward's gradient is caught by a tensor hook on the tensor each module computes with, before
+    autograd accumulates it: the parameter itself under the deepspeed engine, FSDP2's unsharded copy
+    (which FSDP2 swaps into the module for its forward) under fsdp2, registered by a forward pre-hook so
+    both engines take the same path. What the engine or the optimizer do with p.grad afterwards
+    (all-reduce, reduce-scatter, consume) does not matter. Costs two copies of each rank's gradient and
+    one all-reduce per parameter, so the loop uses it on log steps only (logging.grad_geometry turns it
+    off for models whose gradient does not fit twice); every rank must call stats()."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        self.layers = {n: module_of(n, i).replace("base_model.model.", "") for i, n in enumerate(self.names)}
+        self.like = {n: (p.shape, p.device) for n, p in model.named_parameters() if p.requires_grad}
+        self.sums: dict[str, dict[str, torch.Tensor]] = {}
         self.tag: Optional[str] = None
-        self._handles = [p.register_hook(functools.partial(self._add, p)) for p in self.params]
+        self._hooked: set[int] = set()
+        self._handles = []
+        wanted = set(self.names)
+        for prefix, module in model.named_modules():
+            own = [n for n, _ in module.named_parameters(recurse=False) if _join(prefix, n) in wanted]
+            if own:
+                self._handles.append(module.register_forward_pre_hook(functools.partial(self._watch, prefix, own)))
+
+    def _watch(self, prefix: str, names: list[str], module: torch.nn.Module, args) -> None:
+        for name in names:
+            tensor = getattr(module, name)
+            if id(tensor) not in self._hooked:  # a recomputed forward (activation checkpointing) sees it again
+                self._hooked.add(id(tensor))
+                self._handles.append(tensor.register_hook(functools.partial(self._add, _join(prefix, name))))
 
     @contextlib.contextmanager
     def modality(self, tag: str) -> Iterator[None]:
@@ -66,9 +84,9 @@ class ModalityGradProbe:
         finally:
             self.tag = previous
 
-    def _add(self, p: torch.Tensor, grad: torch.Tensor) -> None:
+    def _add(self, name: str, grad: torch.Tensor) -> None:
         acc = self.sums.setdefault(self.tag, {})
-        acc[p] = grad.detach().clone() if p not in acc else acc[p] + grad.detach()
+        acc[name] = grad.detach().clone() if name not in acc else acc[name] + grad.detach()
 
     @torch.no_grad()
     def stats(self) -> dict[str, float]:
@@ -76,23 +94,27 @@ class ModalityGradProbe:
             h.remove()
         if set(self.sums) != set(MODALITIES):
             return {}
-        flat = torch.stack([torch.cat([self.sums[m].get(p, torch.zeros_like(p)).double().reshape(-1)
-                                       for p in self.params]) for m in MODALITIES])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-        text, image = flat
+        world = dist.get_world_size() if dist.is_initialized() else 1
         per_layer: dict[str, torch.Tensor] = {}
-        offset = 0
-        for p, layer in zip(self.params, self.layers):
-            t, i = text[offset:offset + p.numel()], image[offset:offset + p.numel()]
-            dots = torch.stack([t @ t, t @ i, i @ i])
+        for name in self.names:  # one parameter at a time: no flat copy of the whole gradient
+            shape, device = self.like[name]
+            pair = torch.stack([self.sums[m].get(name, torch.zeros(shape, device=device)).double().reshape(-1)
+                                for m in MODALITIES])
+            if world > 1:
+                dist.all_reduce(pair)
+                pair /= world
+            t, i = pair
+            dots = torch.stack([t @ t, t @ i, i @ i]).cpu()
+            layer = self.layers[name]
             per_layer[layer] = dots if layer not in per_layer else per_layer[layer] + dots
-            offset += p.numel()
         out = _geometry("grad", sum(per_layer.values()))
         for layer, dots in per_layer.items():
             out.update(_geometry("layer_grad", dots, layer))
         return out
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _geometry(prefix: str, dots: torch.Tensor, layer: Optional[str] = None) -> dict[str, float]:

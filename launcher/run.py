@@ -162,7 +162,7 @@ def train(cfg: Config) -> dict:
     for step in range(run.start, cfg.schedule.steps):
         last = step == cfg.schedule.steps - 1
         log_now = (step + 1) % cfg.logging.every == 0 or last
-        result = run_step(run, log_now)
+        result = run_step(run, log_now and cfg.logging.grad_geometry)
         run.history["train"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **result.losses})
         if not all_ranks_finite(result.losses, run.engine.device):
             run.history["diverged"] = True
@@ -227,7 +227,7 @@ def run_step(run: Run, probe_geometry: bool) -> StepResult:
     (for the optimizer and the gradient probe), and engine.step(), which steps at the boundary. Losses
     stay on the device until the step is done: no host synchronisation between micro-steps."""
     engine, opt = run.engine, run.opt
-    probe = ModalityGradProbe(run.model.named_parameters()) if probe_geometry else None
+    probe = ModalityGradProbe(run.model) if probe_geometry else None
     sums = {kind: torch.zeros(2, dtype=torch.float64, device=engine.device) for kind in ("text", "image")}
     seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
     in_backward = _optimizer_seconds(opt)

@@ -68,6 +68,10 @@ def test_tiny_configs_differ_only_in_the_optimizer():
     (["model.size=huge"], r"model.size: 'huge' is not a emu3 size"),
     (["model.overrides={hiden_size: 8}"], r"model.overrides.hiden_size: unknown; valid keys are \[.*'hidden_size'"),
     (["eval.guidance=0.5"], r"eval.guidance: 0.5 must be >= 1"),
+    (["engine=fsdp"], r"engine: 'fsdp'; choose one of \('deepspeed', 'fsdp2'\)"),
+    (["fsdp.replicate=2"], r"fsdp.replicate: applies to engine: fsdp2 only"),
+    (["engine=fsdp2", "fsdp.replicate=3"], r"fsdp.replicate: 3 must be an integer >= 1 that divides the world size 1"),
+    (["engine=fsdp2", "optimizer.name=pcgrad", "optimizer.params={}"], r"optimizer.name: 'pcgrad' under engine: fsdp2"),
 ])
 def test_mistakes_name_their_field(override, match):
     with pytest.raises(ConfigError, match=match):

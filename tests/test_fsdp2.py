@@ -120,3 +120,21 @@ def test_checkpoints_resume_across_world_sizes_and_engines(tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=lambda m: f"{what}: {m}")
     manifest = (tmp_path / "ck4" / "step-2" / "manifest.json").read_text()
     assert '"model_format": "dcp"' in manifest and '"model/.metadata"' in manifest
+
+
+def test_plain_soap_refuses_fsdp2_shards_and_names_the_sharded_soap(tmp_path):
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from distopt import SOAP, MLFOPSOAP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match=r"SOAP rotates whole matrices .* use MLFOPSOAP\(params, fop=False\)"):
+            SOAP(model.parameters())
+        MLFOPSOAP(model.parameters(), fop=False, verbose=False).close()
+    finally:
+        dist.destroy_process_group()

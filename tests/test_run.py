@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
 from launcher.cluster import PORT_BASE, PORT_SPAN, job_port
@@ -82,10 +83,24 @@ def checkpoints(cache, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("family", ["emu3", "janus"])
-@pytest.mark.parametrize("kind", ["deepspeed", "torchrun", "mpiexec", "python"])
-def test_each_launcher_trains_a_checkpoint_and_exports_what_it_trained(kind, family, checkpoints, tmp_path, cache):
-    launch(kind, f"{family}_tiny_mlfop.yaml", tmp_path, cache, steps=3, extra=[f"model.pretrained={checkpoints[family]}"])
+def trained_weights(checkpoint: Path, scratch: Path) -> dict:
+    """The model a checkpoint holds, in one process: model.pt (engine deepspeed) or the DCP folder (fsdp2)."""
+    if (checkpoint / "model.pt").exists():
+        return torch.load(checkpoint / "model.pt")
+    dcp_to_torch_save(checkpoint / "model", scratch)
+    return torch.load(scratch)["model"]
+
+
+# every launcher and both families under the deepspeed engine; both families under fsdp2 with the deepspeed launcher
+LAUNCHES = [("deepspeed", "emu3", "deepspeed"), ("torchrun", "janus", "deepspeed"), ("mpiexec", "emu3", "deepspeed"),
+            ("python", "janus", "deepspeed"), ("deepspeed", "emu3", "fsdp2"), ("deepspeed", "janus", "fsdp2")]
+
+
+@pytest.mark.parametrize("kind,family,engine", LAUNCHES)
+def test_each_launcher_trains_a_checkpoint_and_exports_what_it_trained(kind, family, engine, checkpoints, tmp_path,
+                                                                       cache):
+    launch(kind, f"{family}_tiny_mlfop.yaml", tmp_path, cache, steps=3,
+           extra=[f"model.pretrained={checkpoints[family]}", f"engine={engine}"])
     acc = scalars(tmp_path)
     missing = SCALARS - set(acc.Tags()["scalars"])
     assert not missing, f"scalars not written: {sorted(missing)}"
@@ -95,13 +110,19 @@ def test_each_launcher_trains_a_checkpoint_and_exports_what_it_trained(kind, fam
     assert struct.unpack(">II", png[16:24]) == (4 * 35, 4 * 149), "4 columns x 10 digits of labelled 8x8 tiles, x4"
     assert [e.value for e in acc.Scalars("optimizer/fop_folds")][-1] > 0
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-2"
-    trained = torch.load(tmp_path / "checkpoints" / "step-2" / "model.pt")
+    trained = trained_weights(tmp_path / "checkpoints" / "step-2", tmp_path / "dcp.pt")
     start = CLASSES[family].from_pretrained(str(checkpoints[family])).state_dict()
     exported = CLASSES[family].from_pretrained(str(tmp_path / "model")).state_dict()  # plain transformers
     assert exported.keys() == start.keys() == {k[len("hf."):] for k in trained}
     assert all(torch.equal(v, trained["hf." + k]) for k, v in exported.items()), "exported = trained weights"
     moved = [k for k, v in start.items() if not torch.equal(v, exported[k])]
     assert any(".layers.0.self_attn.q_proj" in k for k in moved) and not any(".vqmodel." in k for k in moved)
+    if engine == "fsdp2":  # resume the DCP checkpoint: one more step
+        proc = launch(kind, f"{family}_tiny_mlfop.yaml", tmp_path, cache, steps=4,
+                      extra=[f"model.pretrained={checkpoints[family]}", f"engine={engine}"])
+        assert f"resumed from {tmp_path / 'checkpoints'} step 2" in proc.stderr
+        assert sorted({e.step for e in scalars(tmp_path).Scalars("loss/text")}) == [0, 1, 2, 3]
+        assert (tmp_path / "checkpoints" / "latest").read_text() == "step-3"
 
 
 @pytest.fixture(scope="module")
@@ -116,13 +137,19 @@ def prepared_pairs(cache, tmp_path_factory):
             "eval.samples_png=false"]
 
 
-@pytest.mark.parametrize("config", ["emu3_tiny_adamw.yaml", "janus_tiny_soap.yaml"])
-def test_baseline_optimizers_run_under_deepspeed(config, tmp_path, cache, prepared_pairs):
-    """Janus trains from the prepared pairs (its understanding encoder reads their stored images)."""
-    launch("deepspeed", config, tmp_path, cache, steps=2, extra=prepared_pairs if "janus" in config else ())
+@pytest.mark.parametrize("config,engine", [("emu3_tiny_adamw.yaml", "deepspeed"), ("janus_tiny_soap.yaml", "deepspeed"),
+                                           ("janus_tiny_soap.yaml", "fsdp2")])
+def test_baseline_optimizers_run(config, engine, tmp_path, cache, prepared_pairs):
+    """Janus trains from the prepared pairs (its understanding encoder reads their stored images); SOAP
+    under fsdp2 runs as MLFOPSOAP(fop=False), which its counters show."""
+    launch("deepspeed", config, tmp_path, cache, steps=2,
+           extra=[f"engine={engine}", *(prepared_pairs if "janus" in config else ())])
     acc = scalars(tmp_path)
     for tag in ("loss/text", "loss/image", "val/text_loss", "val/image_loss"):
         assert all(0 < e.value < 20 for e in acc.Scalars(tag)), tag
+    if engine == "fsdp2":
+        assert [e.value for e in acc.Scalars("optimizer/reductions")] == [1, 2], "one redistribution a step"
+        assert all(e.value == 0 for e in acc.Scalars("optimizer/fop_folds"))
 
 
 def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
