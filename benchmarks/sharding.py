@@ -118,12 +118,11 @@ def formula(world: int, k: int, dtype: str, slot: int, local_elements: int) -> d
     reductions). DeepSpeed layout: R reduce-scatters of world slots, one all-gather of a slot. FSDP2: R
     all-to-alls of this rank's rows, one back in the parameters' dtype, plus the masters' one-off fetch
     (counted in the first step, so spread over the steps by the caller)."""
-    if world == 1:
-        return {"reduce_scatter": 0, "all_gather": 0, "all_to_all": 0}
     reductions = math.ceil(math.log2(k)) + 1
     size = 2 if dtype == "bf16" else 4
-    return {"reduce_scatter": reductions * world * slot * 4, "all_gather": slot * size,
-            "all_to_all": (reductions * 4 + size) * local_elements}
+    return {"reduce_scatter": reductions * world * slot * 4 if world > 1 else 0,  # one rank skips DeepSpeed's
+            "all_gather": slot * size if world > 1 else 0,
+            "all_to_all": (reductions * 4 + size) * local_elements}  # FSDP2's runs on one rank too (a copy)
 
 
 KINDS = ("reduce_scatter", "all_gather", "all_reduce", "all_to_all")
@@ -138,7 +137,7 @@ def summarize(world: int, per_rank: list[list[dict]], steps: int) -> list[dict]:
             fullest = max(runs, key=lambda s: sum(s["memory"].values()) + s["param_bytes"])
             local = fullest["param_bytes"] // (2 if row["dtype"] == "bf16" else 4)
             expected = formula(world, row["k"], row["dtype"], fullest["slot"], local)
-            if mode == "fsdp2" and world > 1:
+            if mode == "fsdp2":
                 expected["all_to_all"] += 4 * local / steps  # the masters' fetch, fp32 rows
             entry[mode] = dict(memory=fullest["memory"], params=fullest["param_bytes"], grads=fullest["grad_bytes"],
                                sent={kind: fullest["sent"].get(kind, 0.0) for kind in KINDS}, formula=expected,

@@ -205,12 +205,15 @@ class FSDP2Distributor(Distributor):
         return self._assemble(recv)
 
     def write_back(self, params, values=None):
-        """The owners' new block values (`values`: block index -> fp32 block) into every holder's rows."""
+        """The owners' new block values (`values`: block index -> fp32 block) into every holder's rows, sent
+        in the parameters' dtype when they share one (the rows are cast to it anyway: bf16 halves the bytes)."""
+        dtypes = {p.dtype for p in params}
+        wire = dtypes.pop() if len(dtypes) == 1 else self.master_dtype
         send = [values[b.index][(slice(self._rows[(b.index, r)][0] - b.slices[0].start,
-                                       self._rows[(b.index, r)][1] - b.slices[0].start),)].reshape(-1)
+                                       self._rows[(b.index, r)][1] - b.slices[0].start),)].reshape(-1).to(wire)
                 for r in range(self.world) for b in self._by_owner[self.rank] if self._rows[(b.index, r)] is not None]
-        send = torch.cat(send) if send else torch.zeros(0, dtype=self.master_dtype, device=self.device)
-        recv = torch.empty(sum(self._send_splits), dtype=self.master_dtype, device=self.device)
+        send = torch.cat(send) if send else torch.zeros(0, dtype=wire, device=self.device)
+        recv = torch.empty(sum(self._send_splits), dtype=wire, device=self.device)
         self.comm.wait(self.comm.all_to_all(recv, send, self._send_splits, self._recv_splits), "all_to_all")
         offset = 0
         for r in range(self.world):
