@@ -161,7 +161,7 @@ def markdown(rows: list[dict], steps: int) -> str:
             "rank on the fullest rank; sent = MiB handed to each collective per rank and step (formula in "
             "parentheses); grads = p.grad bytes left after a backward (the optimizer takes them)")
     lines = [head, "", "## DeepSpeed-engine layout (replicated parameters, owner-sharded state) vs replicated state", "",
-             "| ranks | K | params | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
+             "| ranks | K | dtype | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
              " replicated state MiB | reductions/step | reduce-scatter | all-gather | all-reduce KiB |"
              " step s sharded | step s replicated | sharded/replicated |",
              "|" + "---|" * 17]
@@ -172,7 +172,7 @@ def markdown(rows: list[dict], steps: int) -> str:
                      f"{s['sent']['all_reduce'] / 1024:.1f} | {s['time']:.3f} | {rep['time']:.3f} | "
                      f"{s['time'] / rep['time']:.2f} |")
     lines += ["", "## FSDP2 (fully_shard per layer and root: parameters, gradients and state sharded)", "",
-              "| ranks | K | params | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
+              "| ranks | K | dtype | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
               " all-to-all | all-reduce KiB | step s fsdp2 | step s sharded (DeepSpeed layout) | fsdp2/sharded |",
               "|" + "---|" * 14]
     for r in rows:
