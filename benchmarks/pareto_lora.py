@@ -138,7 +138,7 @@ def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds, e
         command += f" --pretrained {args.pretrained}"
         base = f"the pretrained model {args.pretrained}"
     ceiling = results["sum (vanilla LoRA)"][0]["judge_ceiling"]
-    lines = [f"# Pareto LoRA at CPU scale\n", f"`{command}` ({seconds:.0f} s, 2 cores): {base}, then LoRA r=8 on every decoder linear, {steps} steps on the instruct "
+    lines = ["# Pareto LoRA at CPU scale\n", f"`{command}` ({seconds:.0f} s, 2 cores): {base}, then LoRA r=8 on every decoder linear, {steps} steps on the instruct "
              f"format, seeds {seeds}; {10 * per_digit} generated images per evaluation. Mean ± sd over seeds.\n",
              repro.describe(env) + "\n",
              f"Digit judge ceiling (its accuracy on VQ reconstructions of held-out digits): {ceiling:.3f}; chance 0.100.\n",

@@ -160,6 +160,44 @@ class LocalDistributor(Distributor):
         pass  # the owner updated the parameters in place
 
 
+class CollectiveDistributor(Distributor):
+    """A distributor over a process group: its Comm counts what it sends, every rank checks that it
+    derived the same block plan, and each reduction carries a small check vector summed by all-reduce."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup]):
+        super().__init__()
+        self.comm = Comm(group)
+        self.rank, self.world = self.comm.rank, self.comm.world
+        self._checks: list[tuple] = []  # (vector, all-reduce work) per reduction since checks()
+
+    def make_plan(self, params, max_block, precond, digest_extra=""):
+        plan = super().make_plan(params, max_block, precond, digest_extra)
+        digests = self.comm.all_gather_object(plan.digest(digest_extra))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"block plans differ across ranks ({digests}): every rank must build the optimizer "
+                               "over the same parameters, names, shapes and options")
+        return plan
+
+    @property
+    def sent(self) -> Counter:
+        return self.comm.sent
+
+    @property
+    def calls(self) -> Counter:
+        return self.comm.calls
+
+    def checks(self):
+        out = []
+        for vector, work in self._checks:
+            self.comm.wait(work, "all_reduce")
+            out.append(vector)
+        self._checks = []
+        return out
+
+    def all_reduce_sum(self, vector):
+        return self.comm.all_reduce_sum(vector)
+
+
 @dataclass
 class _Reduction:
     """One reduce-scatter of every block's gradient in slot layout ([world, W], cut into buckets)."""
@@ -174,7 +212,7 @@ class _Reduction:
     check: Optional[tuple] = None                        # (tensor, work) of the check all-reduce
 
 
-class OwnerDistributor(Distributor):
+class OwnerDistributor(CollectiveDistributor):
     """Replicated parameters, one owner per block.
 
     A reduction is a reduce-scatter of the slot layout (distopt.plan): rank r's row holds the blocks r
@@ -192,20 +230,13 @@ class OwnerDistributor(Distributor):
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, bucket_mb: float = 25.0,
                  comm_dtype: torch.dtype = torch.float32, inflight: int = 4):
-        super().__init__()
-        self.comm = Comm(group)
-        self.rank, self.world = self.comm.rank, self.comm.world
+        super().__init__(group)
         self.bucket_mb, self.comm_dtype, self.inflight = bucket_mb, comm_dtype, inflight
         self._open: Optional[_Reduction] = None
         self._pending: list[_Reduction] = []
-        self._checks: list[tuple] = []
 
     def make_plan(self, params, max_block, precond, digest_extra=""):
-        plan = super().make_plan(params, max_block, precond, digest_extra)
-        digests = self.comm.all_gather_object(plan.digest(f"{digest_extra}|{self.bucket_mb}|{self.comm_dtype}"))
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"block plans differ across ranks ({digests}): every rank must build the optimizer "
-                               "over the same parameters, names, shapes and options")
+        plan = super().make_plan(params, max_block, precond, f"{digest_extra}|{self.bucket_mb}|{self.comm_dtype}")
         elem = torch.tensor([], dtype=self.comm_dtype).element_size()
         width = max(1, int(self.bucket_mb * 2**20) // (elem * self.world))
         self._cuts = [(s, min(s + width, plan.slot)) for s in range(0, plan.slot, width)]
@@ -227,14 +258,6 @@ class OwnerDistributor(Distributor):
     @property
     def n_buckets(self) -> int:
         return len(self._cuts)
-
-    @property
-    def sent(self) -> Counter:
-        return self.comm.sent
-
-    @property
-    def calls(self) -> Counter:
-        return self.comm.calls
 
     # -- reductions --------------------------------------------------------------------------------
 
@@ -307,17 +330,6 @@ class OwnerDistributor(Distributor):
             pieces.append(red.piece)
         self._pending = []
         return pieces
-
-    def checks(self):
-        out = []
-        for vector, work in self._checks:
-            self.comm.wait(work, "all_reduce")
-            out.append(vector)
-        self._checks = []
-        return out
-
-    def all_reduce_sum(self, vector):
-        return self.comm.all_reduce_sum(vector)
 
     # -- the update --------------------------------------------------------------------------------
 

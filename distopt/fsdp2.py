@@ -22,15 +22,13 @@ Rows follow `torch.chunk` (FSDP2's split): with n rows on S ranks, rank i holds
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from distopt.comm import Comm
-from distopt.distributor import Distributor, check_vector
+from distopt.distributor import CollectiveDistributor, check_vector
 from distopt.plan import Block
 from distopt.window import Piece
 
@@ -64,44 +62,29 @@ class _Exchange:
     check: Optional[tuple] = None
 
 
-class FSDP2Distributor(Distributor):
+class FSDP2Distributor(CollectiveDistributor):
     """Owners within the shard group of FSDP2-sharded (DTensor) parameters; see the module docstring."""
 
     replicated_params = False
     divisor = 1  # FSDP2 hands over the mean over ranks already
 
     def __init__(self, params: list[DTensor], comm_dtype: torch.dtype = torch.float32):
-        super().__init__()
         mesh = params[0].device_mesh
         dims = {shard_dim(p) for p in params}
         if len(dims) != 1 or any(p.device_mesh != mesh for p in params):
             raise ValueError("the FSDP2 distributor needs every parameter on one device mesh with one sharded "
                              "dimension (shard the whole model with the same mesh)")
         self.mesh_dim = dims.pop()
-        self.comm = Comm(mesh.get_group(self.mesh_dim))
-        self.rank, self.world = self.comm.rank, self.comm.world
+        super().__init__(mesh.get_group(self.mesh_dim))
         self.replicas = math.prod(mesh.size(i) for i in range(mesh.ndim) if i != self.mesh_dim)
         self.comm_dtype = comm_dtype
         self.master_dtype = torch.float64 if comm_dtype == torch.float64 else torch.float32
         self._shapes = [tuple(p.shape) for p in params]
         self._open: Optional[_Exchange] = None
         self._pending: list[_Exchange] = []
-        self._checks: list[tuple] = []
-
-    @property
-    def sent(self) -> Counter:
-        return self.comm.sent
-
-    @property
-    def calls(self) -> Counter:
-        return self.comm.calls
 
     def make_plan(self, params, max_block, precond, digest_extra=""):
-        plan = super().make_plan(params, max_block, precond, digest_extra)
-        digests = self.comm.all_gather_object(plan.digest(f"{digest_extra}|fsdp2|{self.comm_dtype}"))
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"block plans differ across ranks ({digests}): every rank must build the optimizer "
-                               "over the same parameters, names, shapes and options")
+        plan = super().make_plan(params, max_block, precond, f"{digest_extra}|fsdp2|{self.comm_dtype}")
         # rows: the part of block b that rank r holds, as (first, last) global rows, or None
         self._rows = {(b.index, r): self._overlap(b, r) for b in plan.blocks for r in range(self.world)}
         self._by_owner = [sorted((b for b in plan.blocks if b.owner == r), key=lambda b: b.index)
@@ -180,17 +163,6 @@ class FSDP2Distributor(Distributor):
                     offset += n
         return {b.index: torch.cat(parts[b.index]) if len(parts[b.index]) > 1 else parts[b.index][0]
                 for b in self.owned}
-
-    def checks(self):
-        out = []
-        for vector, work in self._checks:
-            self.comm.wait(work, "all_reduce")
-            out.append(vector)
-        self._checks = []
-        return out
-
-    def all_reduce_sum(self, vector):
-        return self.comm.all_reduce_sum(vector)
 
     # -- masters and the update --------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import re
 import zlib
 from typing import Callable, Iterator, Optional, Union

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from distopt.options import SOAPOptions
 from distopt.routing import ParamRoute, route_parameters, routing_summary
@@ -263,7 +262,8 @@ class SOAP(torch.optim.Optimizer):
     def __init__(self, params: Iterable, **options):
         self.options = self.Options(**options)
         super().__init__(params, self.options.group_defaults())
-        if not self.accepts_sharded_parameters and any(isinstance(p, DTensor) for g in self.param_groups
+        # a DTensor is known by its placements (this module does no communication, so imports none of it)
+        if not self.accepts_sharded_parameters and any(hasattr(p, "placements") for g in self.param_groups
                                                        for p in g["params"]):
             raise ValueError("SOAP rotates whole matrices and these parameters are FSDP2 shards (DTensor): use "
                              "MLFOPSOAP(params, fop=False), the same update with its state sharded over the ranks "

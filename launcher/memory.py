@@ -34,7 +34,6 @@ def model_on_meta(cfg: Config) -> torch.nn.Module:
     """The run's model with meta tensors: its parameters' names, shapes and dtypes, and nothing else."""
     m = cfg.model
     family = FAMILIES[m.family]
-    hf_class = family.__init__.__annotations__["hf"]
     if m.pretrained and not is_placeholder(m.pretrained):
         config = checkpoint_config(m.pretrained)
     else:

@@ -37,6 +37,7 @@ from launcher.memory import check_fits
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
 from model_zoo.config import DTYPES
+from model_zoo.data import MicroBatchSampler
 from model_zoo.images import render_grid
 from model_zoo.lora import add_lora, has_lora, merged, save_adapter
 from model_zoo.quality import DigitJudge, generate_digits

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from sharded_worker import run_sharded, train
+from sharded_worker import run_sharded
 from test_sharded import assert_matches, reference
 
 # every world size's configs share one spawn; float64, 6 steps (5 updates after the statistics step)

@@ -133,7 +133,7 @@ def prepared_pairs(cache, tmp_path_factory):
     d = DataConfig(source="pairs", path=str(root / "pairs"), prepared=str(root / "prepared"), cache_dir=str(cache),
                    val_fraction=0.25)
     prepare(ModelConfig(family="janus"), d, progress=False)
-    return [f"data.source=pairs", f"data.path={root / 'pairs'}", f"data.prepared={root / 'prepared'}",
+    return ["data.source=pairs", f"data.path={root / 'pairs'}", f"data.prepared={root / 'prepared'}",
             "eval.samples_png=false"]
 
 
