@@ -22,19 +22,17 @@ Goal (issue 11): the whole step within 1.15 x SOAP's at 8,192 tokens per micro-s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+import repro
 from distopt import MLFOPSOAP, SOAP
 
 K = 4
 TOKENS = (512, 2048, 8192)  # per micro-step: 4 sequences of 128, 512, 2048
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_model(seq: int):
@@ -120,10 +118,7 @@ def main() -> None:
                      f"{r['step_x_soap']:.2f} | {r['step_x_adamw']:.2f} | {r['state_mib']:.1f} |")
     table = "\n".join(lines) + "\n"
     name = "optimizer-step-quick" if args.quick else "optimizer-step"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text("# `python benchmarks/optimizer_step.py" + (" --quick" if args.quick else "")
-                                        + "`\n\n" + table)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    repro.write_results(name, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""), table, rows)
     print(table)
 
 

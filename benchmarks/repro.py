@@ -26,6 +26,7 @@ from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 PACKAGES = ("torch", "deepspeed", "transformers", "peft", "tokenizers", "datasets", "numpy", "scikit-learn")
 
 
@@ -93,3 +94,10 @@ def describe(env: dict) -> str:
     return (f"Environment: commit {env['commit']}; {env['threads']} thread(s), deterministic algorithms "
             f"{'on' if env['deterministic_algorithms'] else 'off'}; text tokenizer {env['text_tokenizer_sha1']}, "
             f"VQ codebook {env['vq_codebook_sha1']} (content hashes); {versions}.")
+
+
+def write_results(name: str, command: str, table: str, rows: list) -> None:
+    """benchmarks/results/<name>.md (the command that made it, then the table) and <name>.json (the rows)."""
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.md").write_text(f"# `{command}`\n\n{table}")
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))

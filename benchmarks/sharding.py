@@ -25,23 +25,21 @@ their times measure contention as much as the optimizer: read the ratios, not th
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+import repro
 from distopt import MLFOPSOAP
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def model_and_data(rank: int, k: int, dtype: torch.dtype):
@@ -198,10 +196,7 @@ def main() -> None:
                                       for r in range(world)], steps)
     table = markdown(rows, steps)
     name = "sharding-quick" if args.quick else "sharding"
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text("# `python benchmarks/sharding.py" + (" --quick" if args.quick else "")
-                                        + "`\n\n" + table)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    repro.write_results(name, "python benchmarks/sharding.py" + (" --quick" if args.quick else ""), table, rows)
     print(table)
 
 
