@@ -24,14 +24,18 @@ Arms are rows of ARMS; an ML-FOP-SOAP variant is one dict of optimizer options i
 
 Every finished run is appended to benchmarks/results/convergence[-mode].json at once (atomic write)
 and the markdown and plots are rewritten from it, so a killed run resumes where it stopped: rerun the
-same command (runs already in the JSON are skipped; the JSON refuses other settings). Reproducible
-(benchmarks/repro.py): fixed threads, deterministic kernels, seeds, versions in the output.
+same command (runs already in the JSON are skipped; the JSON refuses other settings). Processes that share
+one --out split the work by --arm and --batch (each takes its share; the JSON holds the union), e.g.
+    nohup python benchmarks/convergence.py --batch 2 &
+    nohup python benchmarks/convergence.py --batch 16 --arm AdamW --arm SOAP &
+Reproducible (benchmarks/repro.py): fixed threads, deterministic kernels, seeds, versions in the output.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import fcntl
 import json
 import math
 import os
@@ -252,7 +256,9 @@ def finite_or_none(value):
 
 
 class Store:
-    """The results JSON: settings, the environments it was (re)started in, and every finished run."""
+    """The results JSON: settings, the environments it was (re)started in, and every finished run.
+    Several processes may share one file (each runs its own --arm/--batch share): every save takes a
+    lock, takes in the runs the others wrote, and writes the union."""
 
     def __init__(self, path: Path, settings: dict, env: dict):
         self.path = path
@@ -277,9 +283,15 @@ class Store:
         self.save()
 
     def save(self) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(finite_or_none(self.data), indent=1, allow_nan=False))
-        os.replace(tmp, self.path)
+        with open(self.path.with_name(f".{self.path.name}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():
+                other = json.loads(self.path.read_text())
+                self.runs.update({k: v for k, v in other["runs"].items() if k not in self.runs})
+                self.data["environments"] += [e for e in other["environments"] if e not in self.data["environments"]]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(json.dumps(finite_or_none(self.data), indent=1, allow_nan=False))
+            os.replace(tmp, self.path)
 
 
 # -- the benchmark -----------------------------------------------------------------------------------
@@ -307,11 +319,13 @@ def best_index(results: dict[int, dict]) -> int:
     return min(results, key=lambda i: (final_val(results[i]), i))
 
 
-def benchmark(mode: Mode, run: Runner, on_batch_done: Callable[[], None]) -> None:
-    """Every arm's sweep and seeds, batch size by batch size, in a fixed order (so a resumed benchmark
-    takes the same decisions): run(family, arm, k, lr, seed) returns a stored record."""
-    for k in mode.ks:
-        for arm in mode.arm_names:
+def benchmark(mode: Mode, run: Runner, on_batch_done: Callable[[], None],
+              arms: Optional[list[str]] = None, ks: Optional[list[int]] = None) -> None:
+    """Every arm's sweep and seeds (or the `arms` x `ks` share of them), batch size by batch size, in
+    a fixed order (so a resumed benchmark takes the same decisions): run(family, arm, k, lr, seed)
+    returns a stored record."""
+    for k in ks or mode.ks:
+        for arm in arms or mode.arm_names:
             results = sweep(mode, arm, k, run)
             if any(r.get("failed") for r in results.values()):
                 continue
@@ -477,6 +491,10 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (part of what the table depends on)")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "distopt"), help="VQ codebook and tokenizer cache")
+    ap.add_argument("--arm", action="append", choices=list(ARMS), metavar="ARM",
+                    help="run only this arm (repeatable): processes sharing one --out split the work")
+    ap.add_argument("--batch", action="append", type=int, metavar="K",
+                    help="run only this grad_accum K of the mode's (repeatable)")
     args = ap.parse_args()
     repro.pin(args.threads)
     from distopt.deepspeed_glue import init_distributed
@@ -487,6 +505,10 @@ def main() -> None:
         return
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     mode = MODES[mode_name]
+    bad = [k for k in args.batch or [] if k not in mode.ks]
+    if bad or any(a not in mode.arm_names for a in args.arm or []):
+        raise SystemExit(f"--batch takes the {mode_name} mode's grad_accum values {list(mode.ks)} and --arm its "
+                         f"arms {mode.arm_names}; got --batch {args.batch} --arm {args.arm}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
@@ -520,7 +542,7 @@ def main() -> None:
                       + (f" FAILED {record['failed']}" if record["failed"] else ""), file=sys.stderr, flush=True)
             return store.runs[run_key]
 
-        benchmark(mode, run, lambda: render(plots=True))
+        benchmark(mode, run, lambda: render(plots=True), args.arm, args.batch)
     print((out / f"convergence{suffix}.md").read_text())
 
 

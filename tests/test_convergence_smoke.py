@@ -51,6 +51,21 @@ def test_sweep_brackets_the_best_then_finds_where_it_stops_converging():
     assert convergence.grid_index(convergence.MODES["full"], convergence.lr_at(1e-2, -3)) == -3
 
 
+def test_processes_sharing_one_store_keep_each_others_runs(tmp_path):
+    """Split work (--arm/--batch) writes one JSON: a save takes in what another process wrote."""
+    path, settings = tmp_path / "convergence.json", {"mode": "full"}
+    first, second = convergence.Store(path, settings, {"host": "a"}), convergence.Store(path, settings, {"host": "b"})
+    first.add("emu3|AdamW|K2|lr0.01|seed0", {"val": [1]})
+    second.add("emu3|SOAP|K16|lr0.01|seed0", {"val": [2]})
+    first.add("emu3|AdamW|K2|lr0.01|seed1", {"val": [3]})
+    on_disk = json.loads(path.read_text())
+    assert set(on_disk["runs"]) == {"emu3|AdamW|K2|lr0.01|seed0", "emu3|SOAP|K16|lr0.01|seed0",
+                                    "emu3|AdamW|K2|lr0.01|seed1"}
+    assert on_disk["environments"] == [{"host": "a"}, {"host": "b"}]
+    with pytest.raises(SystemExit, match="other settings"):
+        convergence.Store(path, {"mode": "quick"}, {"host": "a"})
+
+
 def test_smoke_mode_writes_markdown_json_and_plots(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--smoke", "--out",
                            str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
