@@ -230,7 +230,18 @@ def train_run(mode: Mode, family: str, arm: str, k: int, lr: float, seed: int, c
             "train_first": [h["train"][0].get("text"), h["train"][0].get("image")],
             "train_last": [h["train"][-1].get("text"), h["train"][-1].get("image")],
             "grad_cosine": statistics.mean(cosines) if cosines else None,
+            **fop_means(h),
             "wall_seconds": time.perf_counter() - wall, "cpu_seconds": time.process_time() - cpu}
+
+
+def fop_means(h: dict) -> dict:
+    """FOP's size (docs/algorithm.md 4a.3) averaged over the logged steps, None for arms without FOP:
+    a run whose correction and x are ~0 cannot show an effect of FOP."""
+    out = {}
+    for kind in ("correction", "cosine_sq", "eta", "beta_abs"):
+        rows = [f[f"{kind}_mean"] for f in h["fop"] if f"{kind}_mean" in f]
+        out[f"fop_{kind}"] = statistics.mean(rows) if rows else None
+    return out
 
 
 def _number(x) -> float:
@@ -387,7 +398,10 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
              f"to bracket the best and find where it stops converging, at most {mode.max_points}) on "
              f"{sweep_family}, then {mode.seeds} seed(s) at its best lr on {', '.join(mode.families)}. Targets: "
              "AdamW's mean final validation loss per modality at the same family and batch. Mean ± 95% "
-             "Student-t interval over seeds; (n/m): only n of m runs reached the target or stayed finite.", ""]
+             "Student-t interval over seeds; (n/m): only n of m runs reached the target or stayed finite (or "
+             "recorded it). FOP columns (ML-FOP-SOAP arms): the correction's relative size, x = the squared "
+             "M⁻¹-cosine of the mean and the orthogonal part (FOP's effect is O(x)) and η*, layer means averaged "
+             "over the logged steps; near 0 (η* near 1) FOP cannot show an effect.", ""]
     lines += [repro.describe(env) for env in data["environments"]]
     if len(data["environments"]) > 1:
         lines.append("(Resumed under more than one environment: compare the runs with care.)")
@@ -414,8 +428,9 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
     for family in mode.families:
         lines += ["", f"## {family}: steps to target and final losses at each arm's best lr", "",
                   "| arm | batch | best lr | steps to text target | steps to image target | image steps vs SOAP | "
-                  "final val text | final val image | diverged | text-image grad cosine |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "final val text | final val image | diverged | text-image grad cosine | "
+                  "FOP correction ‖G_fop−G‖/‖G‖ | FOP x (cos²) | η* |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in mode.ks:
             soap_runs = summary["arms"].get("SOAP", {}).get(f"K{k}", {}).get(family, {}).get("runs", [])
             soap_image = [steps_to(r, 2, targets[family, k, "image"]) for r in soap_runs]
@@ -435,7 +450,9 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
                     f"{'–' if math.isnan(ratio) else f'×{ratio:.2f}'} | "
                     f"{fmt([r['val'][-1][1] if r['val'] and not r['diverged'] else math.inf for r in rs])} | "
                     f"{fmt([r['val'][-1][2] if r['val'] and not r['diverged'] else math.inf for r in rs])} | "
-                    f"{sum(r['diverged'] for r in rs)}/{len(rs)} | {fmt([_number(r['grad_cosine']) for r in rs])} |")
+                    f"{sum(r['diverged'] for r in rs)}/{len(rs)} | {fmt([_number(r['grad_cosine']) for r in rs])} | "
+                    + " | ".join(fmt([_number(r.get(f"fop_{kind}")) for r in rs], 4)
+                                 for kind in ("correction", "cosine_sq", "eta")) + " |")
     return "\n".join(lines) + "\n", summary
 
 

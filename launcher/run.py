@@ -140,7 +140,7 @@ class Run:
     judge: Optional[DigitJudge]
     start: int = 0
     progress: Any = None
-    history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad": [], "diverged": False})
+    history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad": [], "fop": [], "diverged": False})
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -295,7 +295,9 @@ def log_step(run: Run, step: int, result: StepResult) -> None:
                    / result.seconds["step"], **geometry})
     values["data/skipped_records"] = float(run.sampler.skipped)
     values.update({f"optimizer/{k}": float(v) for k, v in getattr(opt, "counters", {}).items()})
-    values.update({f"fop/{k}": v for k, v in (opt.stats() if hasattr(opt, "stats") else {}).items()})
+    fop = opt.stats() if hasattr(opt, "stats") else {}
+    run.history["fop"].append({"step": step, **{k: v for k, v in fop.items() if k.endswith("_mean")}})
+    values.update({f"fop/{k}": v for k, v in fop.items()})
     distributor = getattr(getattr(opt, "base", opt), "distributor", None)
     values.update({f"comm/{k}_bytes": float(v) for k, v in getattr(distributor, "sent", {}).items()})
     run.logger.scalars(step, values)

@@ -51,6 +51,16 @@ def test_sweep_brackets_the_best_then_finds_where_it_stops_converging():
     assert convergence.grid_index(convergence.MODES["full"], convergence.lr_at(1e-2, -3)) == -3
 
 
+def test_fop_size_is_averaged_over_the_logged_steps_that_have_it():
+    history = {"fop": [{"step": 0}, {"step": 5, "correction_mean": 0.2, "cosine_sq_mean": 0.01, "eta_mean": 0.9,
+                                     "beta_abs_mean": 0.5},
+                       {"step": 10, "correction_mean": 0.4, "cosine_sq_mean": 0.03, "eta_mean": 0.8,
+                        "beta_abs_mean": 0.7}]}
+    means = convergence.fop_means(history)
+    assert means == pytest.approx({"fop_correction": 0.3, "fop_cosine_sq": 0.02, "fop_eta": 0.85, "fop_beta_abs": 0.6})
+    assert convergence.fop_means({"fop": [{"step": 0}]}) == dict.fromkeys(means)  # SOAP, AdamW: no FOP
+
+
 def test_processes_sharing_one_store_keep_each_others_runs(tmp_path):
     """Split work (--arm/--batch) writes one JSON: a save takes in what another process wrote."""
     path, settings = tmp_path / "convergence.json", {"mode": "full"}
@@ -104,6 +114,7 @@ def test_smoke_mode_writes_markdown_json_and_plots(tmp_path):
             for k in mode.ks:
                 record = runs[convergence.key(family, arm, k, mode.lr_center, 0)]
                 assert record["val"] and record["failed"] is None
+                assert "fop_correction" in record and (arm == "ML-FOP-SOAP" or record["fop_correction"] is None)
     assert data["summary"]["arms"]["SOAP"]["K2"]["best_lr"] == mode.lr_center
     for png in ("convergence-curves-smoke.png", "convergence-sweep-smoke.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
