@@ -456,6 +456,11 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
     return "\n".join(lines) + "\n", summary
 
 
+def color(arm: str) -> str:
+    """One colour per arm in every panel, whichever arms a panel has."""
+    return f"C{list(ARMS).index(arm) % 10}"
+
+
 def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
     """Validation curves at each arm's best lr (mean over seeds) and final loss against lr."""
     import matplotlib
@@ -474,7 +479,8 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
             n = min(len(r["val"]) for r in rs)
             for ax, column, name in ((pair[0], 1, "text"), (pair[1], 2, "image")):
                 ax.plot([rs[0]["val"][i][0] + 1 for i in range(n)],
-                        [statistics.mean(r["val"][i][column] for r in rs) for i in range(n)], label=arm)
+                        [statistics.mean(r["val"][i][column] for r in rs) for i in range(n)], label=arm,
+                        color=color(arm))
                 ax.set_title(f"{family}, batch {mode.micro * k}: validation {name} loss")
         for ax in pair:
             ax.set_xlabel("step")
@@ -488,7 +494,7 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
             sweep_points = entries.get(f"K{k}", {}).get("sweep", {})
             if sweep_points:
                 lrs = [float(x) for x in sweep_points]
-                ax.plot(lrs, [min(v["final_val"], 20.0) for v in sweep_points.values()], marker="o", label=arm)
+                ax.plot(lrs, [min(v["final_val"], 20.0) for v in sweep_points.values()], marker="o", label=arm, color=color(arm))
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final validation loss (mean of modalities; 20 = diverged)")
