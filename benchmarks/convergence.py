@@ -520,6 +520,8 @@ def main() -> None:
                     help="run only this arm (repeatable): processes sharing one --out split the work")
     ap.add_argument("--batch", action="append", type=int, metavar="K",
                     help="run only this grad_accum K of the mode's (repeatable)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the markdown, plots and the JSON's summary from the stored runs; train nothing")
     args = ap.parse_args()
     repro.pin(args.threads)
     from distopt.deepspeed_glue import init_distributed
@@ -537,6 +539,15 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if mode_name == "full" else f"-{mode_name}"
+    if args.report_only:
+        path = out / f"convergence{suffix}.json"
+        data = json.loads(path.read_text())
+        text, data["summary"] = report(mode_name, mode, data, None)
+        path.write_text(json.dumps(finite_or_none(data), indent=1, allow_nan=False))
+        (out / f"convergence{suffix}.md").write_text(text)
+        plot(out, suffix, mode, data["summary"])
+        print(text)
+        return
     env = repro.environment(args.cache)
     store = Store(out / f"convergence{suffix}.json", {"mode": mode_name, **asdict(mode), "threads": args.threads}, env)
     t0 = time.perf_counter()

@@ -118,3 +118,10 @@ def test_smoke_mode_writes_markdown_json_and_plots(tmp_path):
     assert data["summary"]["arms"]["SOAP"]["K2"]["best_lr"] == mode.lr_center
     for png in ("convergence-curves-smoke.png", "convergence-sweep-smoke.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --report-only rewrites the same tables from the stored runs without training (no seconds: nothing ran)
+    (tmp_path / "convergence-smoke.md").unlink()
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "convergence.py"), "--smoke", "--report-only",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rewritten = (tmp_path / "convergence-smoke.md").read_text()
+    assert rewritten.split("\n", 3)[3] == text.split("\n", 3)[3] and "this session" not in rewritten
