@@ -57,15 +57,13 @@ SQRT2 = 2 ** 0.5
 SOAP_PARAMS = dict(weight_decay=0.01, precondition_frequency=10, verbose=False)
 # name -> ML-FOP-SOAP options on top of SOAP's (add a variant here by name; docs/algorithm.md lists the options)
 # (the readings the fidelity review and the last benchmark singled out; docs/algorithm.md 4a gives each)
-PUBLISHED = {"second_moment": "folded", "fop_damping": 0.0}  # the defaults before this benchmark chose others
 MLFOP_VARIANTS: dict[str, dict] = {
     "ML-FOP-SOAP": {},
-    "ML-FOP-SOAP, published reading": PUBLISHED,
-    "ML-FOP-SOAP, published reading, modality pair": {**PUBLISHED, "pair_source": "modality"},
+    "ML-FOP-SOAP, modality pair": {"pair_source": "modality"},
     "ML-FOP-SOAP, modality pair, plain v, damping 0.1": {"pair_source": "modality", "second_moment": "plain",
                                                           "fop_damping": 0.1},
     "ML-FOP-SOAP, modality pair, update coupling": {"pair_source": "modality", "coupling": "update",
-                                                     "eta_convention": "none", "fop_gamma": 1.0, "fop_damping": 0.0},
+                                                     "eta_convention": "none", "fop_gamma": 1.0},
 }
 ARMS: dict[str, tuple[str, dict]] = {
     "AdamW": ("adamw", dict(weight_decay=0.01, betas=[0.9, 0.95])),

@@ -132,11 +132,9 @@ class MLFOPOptions(SOAPOptions):
     max_block: cut sides longer than this into blocks.  max_grad_norm: clip the accumulated gradient's
     global norm.  bucket_mb: size of the reduction buckets.  comm_dtype: 'fp32' (default) or 'bf16',
     the dtype gradients are reduced in (fp64 parameters always reduce in fp64).
-    fop_damping: lam, FOP's metric M + lam (tr M / n) I.  second_moment: 'plain' (v from G) |
-    'folded' (v from G_fop).  coupling: 'moments' (FOP feeds Adam's moments, step x eta*) | 'update'
-    (SOAP's own step plus fop_gamma times the preconditioned correction; needs eta_convention 'none').
-    The defaults are the reading the convergence benchmark put closest to tuned SOAP (README);
-    second_moment='folded' with fop_damping=0 is the published one.
+    fop_damping: lam, FOP's metric M + lam (tr M / n) I.  second_moment: 'folded' (v from G_fop) |
+    'plain' (v from G).  coupling: 'moments' (FOP feeds Adam's moments, step x eta*) | 'update' (SOAP's
+    own step plus fop_gamma times the preconditioned correction; needs eta_convention 'none').
     """
 
     fop: bool = True
@@ -153,8 +151,8 @@ class MLFOPOptions(SOAPOptions):
     max_grad_norm: Optional[float] = None
     bucket_mb: float = 25.0
     comm_dtype: str = "fp32"
-    fop_damping: float = 0.1
-    second_moment: str = "plain"
+    fop_damping: float = 0.0
+    second_moment: str = "folded"
     coupling: str = "moments"
     fop_gamma: float = 1.0
 
@@ -194,9 +192,8 @@ class MLFOPOptions(SOAPOptions):
             _check(self.eta_convention == "none", "eta_convention", self.eta_convention,
                    "coupling='update' applies FOP after Adam's normalisation, where eta* (fitted to the folded "
                    "gradient the step no longer follows) does not apply: set eta_convention='none'")
-            _check(self.second_moment == "plain", "second_moment", self.second_moment,
-                   "coupling='update' keeps SOAP's moments exactly SOAP's (v from G, which is 'plain'): "
-                   "leave second_moment at its default")
+            _check(self.second_moment == "folded", "second_moment", self.second_moment,
+                   "coupling='update' keeps SOAP's moments exactly SOAP's (v from G): leave second_moment at its default")
 
     def check_world(self, world: int) -> None:
         """Checks that need the number of ranks."""

@@ -15,8 +15,6 @@ from distopt import MLFOPSOAP, SOAP
 
 F64 = torch.float64
 HP = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=3)
-# the dense references below re-derive the published reading (v from G_fop, undamped metric)
-PUBLISHED = dict(second_moment="folded", fop_damping=0.0)
 
 
 def micro_grads(gen, shape, k):
@@ -43,7 +41,7 @@ def make(shapes=((6, 5),), seed=0, **opts):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=F64)) for s in shapes]
     names = [f"layer{i}.weight" for i in range(len(params))]
-    opt = MLFOPSOAP(list(zip(names, params)), capture="manual", verbose=False, **{**HP, **PUBLISHED, **opts})
+    opt = MLFOPSOAP(list(zip(names, params)), capture="manual", verbose=False, **{**HP, **opts})
     warm(opt, params, gen)
     return opt, params, gen
 
@@ -175,10 +173,10 @@ def test_hooks_capture_the_standard_loop():
     torch.manual_seed(1)
     model = torch.nn.Linear(5, 4, dtype=F64)
     x, y = torch.randn(4, 8, 5, dtype=F64), torch.randn(4, 8, 4, dtype=F64)
-    hooked = MLFOPSOAP(model.named_parameters(), verbose=False, **HP, **PUBLISHED)
+    hooked = MLFOPSOAP(model.named_parameters(), verbose=False, **HP)
     twin = torch.nn.Linear(5, 4, dtype=F64)
     twin.load_state_dict(model.state_dict())
-    manual = MLFOPSOAP(twin.named_parameters(), capture="manual", verbose=False, **HP, **PUBLISHED)
+    manual = MLFOPSOAP(twin.named_parameters(), capture="manual", verbose=False, **HP)
     for _ in range(5):
         for i in range(4):
             ((model(x[i]) - y[i]) ** 2).mean().div(4).backward()
@@ -317,7 +315,7 @@ def test_eta_conventions():
 def test_metric_not_ready_means_no_folds():
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(4, 4, dtype=F64))
-    opt = MLFOPSOAP([p], capture="manual", verbose=False, **HP, **PUBLISHED)
+    opt = MLFOPSOAP([p], capture="manual", verbose=False, **HP)
     for step in range(3):
         feed(opt, [p], [[torch.randn(4, 4, dtype=F64)] for _ in range(4)])
         opt.step()
@@ -359,7 +357,7 @@ def test_max_grad_norm_applies_with_fop_off_too():
     results = []
     for clip_inside in (True, False):
         p = torch.nn.Parameter(torch.zeros(5, 4, dtype=F64))
-        opt = MLFOPSOAP([p], fop=False, max_grad_norm=1.0 if clip_inside else None, verbose=False, **HP, **PUBLISHED)
+        opt = MLFOPSOAP([p], fop=False, max_grad_norm=1.0 if clip_inside else None, verbose=False, **HP)
         for g in grads:
             p.grad = g.clone()
             if not clip_inside:  # the closed form: scale by max_norm / (||g|| + 1e-6) when ||g|| > max_norm
@@ -425,7 +423,7 @@ def test_plain_second_moment_feeds_v_from_the_plain_gradient():
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
 def test_update_coupling_adds_the_preconditioned_correction_to_soaps_own_step(gamma):
-    opt, p, st, p0, g1, g2 = one_fold_case(coupling="update", second_moment="plain", eta_convention="none", fop_gamma=gamma)
+    opt, p, st, p0, g1, g2 = one_fold_case(coupling="update", eta_convention="none", fop_gamma=gamma)
     m = dense_metric(st, HP["eps"])
     g, g_fop = g1 + g2, 2 * dense.fop(g1, g2, m)[0]
     expected = dense_step_full(p0, st, g, g, 1.0, delta=g_fop - g, gamma=gamma)
@@ -437,7 +435,7 @@ def test_update_coupling_with_gamma_zero_is_soap_bit_for_bit():
     def run(**opts):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-        opt = MLFOPSOAP(model.named_parameters(), verbose=False, **{**HP, **PUBLISHED, **opts})
+        opt = MLFOPSOAP(model.named_parameters(), verbose=False, **HP, **opts)
         x, y = torch.randn(12, 6), torch.randn(12, 3)
         for _ in range(6):
             for i in range(3):
@@ -447,7 +445,7 @@ def test_update_coupling_with_gamma_zero_is_soap_bit_for_bit():
         return [p.detach().clone() for p in model.parameters()], opt
 
     soap, _ = run(fop=False)
-    coupled, opt = run(coupling="update", second_moment="plain", eta_convention="none", fop_gamma=0.0)
+    coupled, opt = run(coupling="update", eta_convention="none", fop_gamma=0.0)
     assert opt.counters["fop_folds"] > 0, "FOP ran; only its term is switched off"
     for a, b in zip(soap, coupled):
         assert torch.equal(a, b)
