@@ -49,7 +49,7 @@ def test_tiny_configs_differ_only_in_the_optimizer():
     (["model.size=janus_1_3b"], r"model.size: 'janus_1_3b' is not a emu3 size"),
     (["optimizer.name=lion"], r"optimizer.name: 'lion' is unknown"),
     (["optimizer.params.precondition_freq=3"], r"optimizer.params.precondition_freq: not an argument of mlfop_soap"),
-    (["batch.grad_accum=1"], r"batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold"),
+    (["batch.grad_accum=1", "optimizer.params.pair_source=microstep"], r"batch.grad_accum: 1 leaves pair_source='microstep' nothing to fold"),
     (["optimizer.params.pair_source=ranks"], r"optimizer.params.pair_source: 'ranks' needs at least 2 ranks"),
     (["schedule.warmup_steps=500"], r"schedule.warmup_steps: 500 must be in \[0, steps\)"),
     (["checkpoint.resume=/no/such/checkpoint"], r"checkpoint.resume: '/no/such/checkpoint' is neither"),
