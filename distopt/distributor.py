@@ -237,7 +237,7 @@ class OwnerDistributor(CollectiveDistributor):
 
     def make_plan(self, params, max_block, precond, digest_extra=""):
         plan = super().make_plan(params, max_block, precond, f"{digest_extra}|{self.bucket_mb}|{self.comm_dtype}")
-        elem = torch.tensor([], dtype=self.comm_dtype).element_size()
+        elem = self.comm_dtype.itemsize
         width = max(1, int(self.bucket_mb * 2**20) // (elem * self.world))
         self._cuts = [(s, min(s + width, plan.slot)) for s in range(0, plan.slot, width)]
         # for every bucket: the (block, share range) pieces in it, and the parameters they belong to

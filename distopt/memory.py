@@ -112,7 +112,7 @@ def estimate(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
     plan = plan_for(named, options, world)
     params = [p for _, p in named]
     s_p = max(p.element_size() for p in params)
-    e = max(torch.tensor([], dtype=state_dtype(p)).element_size() for p in params)
+    e = max(state_dtype(p).itemsize for p in params)
     s_c = 8 if e == 8 else (2 if options.comm_dtype == "bf16" else 4)
     tail = micro_steps & (micro_steps - 1) != 0
     best = None

@@ -312,7 +312,7 @@ class TwoObjective(torch.optim.Optimizer):
                 continue
             old = state["weights"].get(key, {})
             weights = torch.tensor([old.get(t, 1.0) for t in tags], dtype=torch.float64)
-            norms = torch.stack([g11, g22]).sqrt()
+            norms = torch.stack([g11, g22]).to("cpu", torch.float64).sqrt()  # host scalars, as the weights
             new = gradnorm_weights(weights, norms, current, initial, self.gradnorm_alpha, self.gradnorm_lr)
             state["weights"][key] = dict(zip(tags, new.tolist()))
 
