@@ -48,6 +48,34 @@ def init_distributed(timeout: Optional[timedelta] = None) -> None:
     # hand it the port the job chose, so that two mpirun jobs on one node do not collide
     deepspeed.init_distributed(auto_mpi_discovery=True, timeout=default_pg_timeout if timeout is None else timeout,
                                distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
+    _unlink_shared_memory_buffer()
+
+
+def shared_memory_buffer(rank: int) -> str:
+    """The POSIX shared-memory file DeepSpeed's CPU all-reduce maps for `rank` (its shm op's naming:
+    uid, MASTER_ADDR, MASTER_PORT, rank)."""
+    return (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{rank}")
+
+
+def _unlink_shared_memory_buffer() -> None:
+    """DeepSpeed's CPU accelerator starts a shared-memory all-reduce when all ranks are local (the
+    deepspeed launcher sets LOCAL_SIZE = world size): each rank creates a 69 MB file in /dev/shm and
+    maps its peers' files, and nothing ever unlinks them, so every run on a new port leaves
+    world x 69 MB of RAM behind until reboot. Its initialize returns only after mapping every peer's
+    file, so once all ranks pass the barrier each can unlink its own name: the mappings stay valid
+    until the processes exit, and the kernel frees the memory then."""
+    import torch.distributed as dist
+    from deepspeed.comm import comm
+
+    world = dist.get_world_size()
+    if world == 1 or getattr(comm.cdb, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(world):
+        return  # same answer on every rank: the barrier below is reached by all or by none
+    dist.barrier()
+    try:
+        os.unlink(shared_memory_buffer(dist.get_rank()))
+    except FileNotFoundError:
+        pass
 
 
 def engine_config(micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: Optional[float],

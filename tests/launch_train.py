@@ -30,7 +30,9 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(auto_mpi_discovery=True)
+    from distopt import deepspeed_glue
+
+    deepspeed_glue.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     model, opt = build({"K": args.K, "max_block": 4}, torch.float64, world)
@@ -64,12 +66,19 @@ def main() -> None:
         if args.engine == "plain":
             opt.step()
             opt.zero_grad()
+    # DeepSpeed's shared-memory all-reduce (up only where the launcher set LOCAL_SIZE; elsewhere its
+    # kernel would touch unmapped memory) still works after init_distributed unlinked its files
+    shm = deepspeed.comm.comm.cdb.shm_comm_op is not None and os.environ.get("LOCAL_SIZE") == str(world)
+    summed = torch.full((1024,), float(rank + 1))
+    if shm:
+        deepspeed.comm.inference_all_reduce(summed)
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
         torch.save([p.detach().clone() for p in model.parameters()], os.path.join(args.out, "params.pt"))
         with open(os.path.join(args.out, "stats.json"), "w") as f:
             json.dump(dict(world=world, allreduce_calls=allreduce_calls[0], counters=dict(opt.counters),
-                           sent=dict(opt.distributor.sent)), f)
+                           sent=dict(opt.distributor.sent), shm_op=shm, summed=summed.unique().tolist(),
+                           shm_files=[deepspeed_glue.shared_memory_buffer(r) for r in range(world)]), f)
     dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 
 

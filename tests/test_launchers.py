@@ -50,6 +50,11 @@ def test_deepspeed_launcher_with_the_engine(tmp_path):
     stats = check_against_reference(tmp_path)
     assert stats["allreduce_calls"] == 0, "the engine's own gradient all-reduce must stay off"
     assert stats["sent"]["reduce_scatter"] > 0 and stats["sent"]["all_gather"] > 0
+    # DeepSpeed's CPU shared-memory all-reduce ran (the launcher sets LOCAL_SIZE), still sums after
+    # init_distributed unlinked its /dev/shm files, and left none of them behind (69 MB per rank)
+    assert stats["shm_op"] and stats["summed"] == [3.0]
+    left = [f for f in stats["shm_files"] if os.path.exists(f)]
+    assert not left, f"shared memory left in /dev/shm: {left}"
 
 
 def test_torchrun(tmp_path):
