@@ -494,7 +494,8 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
             sweep_points = entries.get(f"K{k}", {}).get("sweep", {})
             if sweep_points:
                 lrs = [float(x) for x in sweep_points]
-                ax.plot(lrs, [min(v["final_val"], 20.0) for v in sweep_points.values()], marker="o", label=arm, color=color(arm))
+                ax.plot(lrs, [min(v["final_val"], 20.0) for v in sweep_points.values()], marker="o", label=arm,
+                        color=color(arm))
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final validation loss (mean of modalities; 20 = diverged)")

@@ -51,6 +51,17 @@ def init_distributed(timeout: Optional[timedelta] = None) -> None:
     _unlink_shared_memory_buffer()
 
 
+def shared_memory_all_reduce() -> bool:
+    """Whether DeepSpeed's CPU shared-memory all-reduce is up: its op was loaded (CPU accelerator) and
+    the launcher said every rank is local (LOCAL_SIZE = world size). The same answer on every rank."""
+    import torch.distributed as dist
+    from deepspeed.comm import comm
+
+    world = dist.get_world_size()
+    loaded = getattr(comm.cdb, "shm_comm_op", None) is not None
+    return world > 1 and loaded and os.environ.get("LOCAL_SIZE") == str(world)
+
+
 def shared_memory_buffer(rank: int) -> str:
     """The POSIX shared-memory file DeepSpeed's CPU all-reduce maps for `rank` (its shm op's naming:
     uid, MASTER_ADDR, MASTER_PORT, rank)."""
@@ -66,11 +77,9 @@ def _unlink_shared_memory_buffer() -> None:
     file, so once all ranks pass the barrier each can unlink its own name: the mappings stay valid
     until the processes exit, and the kernel frees the memory then."""
     import torch.distributed as dist
-    from deepspeed.comm import comm
 
-    world = dist.get_world_size()
-    if world == 1 or getattr(comm.cdb, "shm_comm_op", None) is None or os.environ.get("LOCAL_SIZE") != str(world):
-        return  # same answer on every rank: the barrier below is reached by all or by none
+    if not shared_memory_all_reduce():
+        return  # the same answer on every rank: the barrier below is reached by all or by none
     dist.barrier()
     try:
         os.unlink(shared_memory_buffer(dist.get_rank()))

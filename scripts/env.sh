@@ -5,5 +5,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TORCH_EXTENSIONS_DIR="$PWD/.venv/torch_extensions"
 # The venv's bin first: DeepSpeed's JIT op is built by whichever `ninja` PATH finds, and the Slurm
 # batch script activates the venv. Two ninja versions (the venv's 1.13, a system 1.11) read each
-# other's build log as invalid and rebuild the op (~30 s) on every switch.
+# other's build log as invalid and rebuild the op (~25 s) on every switch.
 export PATH="$PWD/.venv/bin:$PATH"

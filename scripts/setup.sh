@@ -12,7 +12,7 @@ DS_BUILD_OPS=0 .venv/bin/pip install -q -c constraints.txt -r requirements.txt
 .venv/bin/pip install -q -c constraints.txt --no-deps -e .
 source scripts/env.sh  # the extensions folder, and the venv's ninja (the one every later run finds)
 # DeepSpeed JIT-builds a small shared-memory comm op on first launch (~50 s); build it once here.
-DS_ACCELERATOR=cpu .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
+.venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
 .venv/bin/python - <<'PY'
 import torch
 assert torch.__version__.startswith("2.13.0") and torch.version.cuda is None, torch.__version__

@@ -68,7 +68,7 @@ def main() -> None:
             opt.zero_grad()
     # DeepSpeed's shared-memory all-reduce (up only where the launcher set LOCAL_SIZE; elsewhere its
     # kernel would touch unmapped memory) still works after init_distributed unlinked its files
-    shm = deepspeed.comm.comm.cdb.shm_comm_op is not None and os.environ.get("LOCAL_SIZE") == str(world)
+    shm = deepspeed_glue.shared_memory_all_reduce()
     summed = torch.full((1024,), float(rank + 1))
     if shm:
         deepspeed.comm.inference_all_reduce(summed)
