@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distopt import build_optimizer  # noqa: E402
+from distopt import build_optimizer, comm  # noqa: E402
 from distopt.memory import GiB, Activations, estimate  # noqa: E402
 from distopt.options import MLFOPOptions  # noqa: E402
 
@@ -160,7 +160,7 @@ def main(argv=None) -> None:
     table = markdown(report)
     (out / "gpu_check.md").write_text(table)
     print(table)
-    dist.destroy_process_group()
+    comm.destroy_process_group()
     if not report["mlfop_loss_falls"]:
         sys.exit(f"ML-FOP-SOAP's loss did not fall: {mlfop['first_loss']:.4f} -> {mlfop['last_loss']:.4f}")
 

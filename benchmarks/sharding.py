@@ -37,7 +37,7 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 import repro
-from distopt import MLFOPSOAP
+from distopt import MLFOPSOAP, comm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -108,7 +108,7 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
             opt.close()
         rows.append(row)
     torch.save(rows, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    comm.destroy_process_group()
 
 
 def formula(world: int, k: int, dtype: str, slot: int, local_elements: int) -> dict:

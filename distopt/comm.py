@@ -12,6 +12,7 @@ reduce-scatter or all-gather puts (world - 1) / world of it on the wire), `calls
 
 from __future__ import annotations
 
+import gc
 from collections import Counter
 from typing import Any, Optional
 
@@ -21,6 +22,27 @@ import torch.distributed as dist
 
 class CollectiveError(RuntimeError):
     pass
+
+
+def destroy_process_group() -> None:
+    """`dist.destroy_process_group()`, after dropping what keeps the groups alive past it.
+
+    A gloo group's worker threads stop only when the group is freed. torch 2.13's DTensor caches
+    (sharding propagation, its C++ fast path, the redistribute planners) hold every device mesh they
+    saw, and a mesh holds its groups, so after an FSDP2 run the threads outlive destroy_process_group.
+    One of them may still be releasing a finished collective's tensors when the interpreter shuts
+    down; it then needs the GIL, cannot take it, and the process aborts ("terminate called without an
+    active exception") after the run has finished. The caches are only caches: emptying them is safe.
+    """
+    from torch.distributed.tensor import _redistribute, debug
+
+    for clear in (getattr(debug, "_clear_sharding_prop_cache", None),
+                  getattr(_redistribute, "clear_redistribute_planner_cache", None),
+                  getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None)):
+        if clear is not None:  # torch 2.13 has all three; older releases have fewer of these caches
+            clear()
+    dist.destroy_process_group()
+    gc.collect()  # the meshes sit in reference cycles
 
 
 class Comm:

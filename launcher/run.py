@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.tensor import DTensor
 
-from distopt import deepspeed_glue
+from distopt import comm, deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from launcher.cluster import srun_env
 from launcher.config import Config, ConfigError, load_config
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     train(cfg)
-    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+    comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 
 
 @dataclass

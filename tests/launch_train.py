@@ -30,7 +30,7 @@ def main() -> None:
     import deepspeed
     import torch.distributed as dist
 
-    from distopt import deepspeed_glue
+    from distopt import comm, deepspeed_glue
 
     deepspeed_glue.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -79,7 +79,7 @@ def main() -> None:
             json.dump(dict(world=world, allreduce_calls=allreduce_calls[0], counters=dict(opt.counters),
                            sent=dict(opt.distributor.sent), shm_op=shm, summed=summed.unique().tolist(),
                            shm_files=[deepspeed_glue.shared_memory_buffer(r) for r in range(world)]), f)
-    dist.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+    comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import os
 import random
 import traceback
@@ -19,7 +20,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from distopt import MLFOPSOAP, build_optimizer
+from distopt import MLFOPSOAP, build_optimizer, comm
 from distopt.checkpoint import load_checkpoint, save_checkpoint
 
 
@@ -241,13 +242,14 @@ def _train(config, rank, world):
 
 
 def worker(rank, world, configs, out_dir):
+    faulthandler.enable(all_threads=True)
     try:
         dist.init_process_group("gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         torch.set_num_threads(1)
         results = [train(c, rank, world) for c in configs]
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+        comm.destroy_process_group()
     except Exception:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())

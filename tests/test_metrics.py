@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from distopt import comm
 from launcher.metrics import ModalityGradProbe
 
 
@@ -85,6 +86,6 @@ def test_probe_sees_fsdp2_unsharded_gradients(tmp_path):
         fully_shard(model, mesh=mesh)
         got = probed(model)
     finally:
-        dist.destroy_process_group()
+        comm.destroy_process_group()
     for key, value in reference.items():
         assert got[key] == pytest.approx(value, rel=1e-6), key
