@@ -60,6 +60,7 @@ SOAP_PARAMS = dict(weight_decay=0.01, precondition_frequency=10, verbose=False)
 MLFOP_VARIANTS: dict[str, dict] = {
     "ML-FOP-SOAP": {},
     "ML-FOP-SOAP, modality pair": {"pair_source": "modality"},
+    "ML-FOP-SOAP, modality pair, damping 0.1": {"pair_source": "modality", "fop_damping": 0.1},
     "ML-FOP-SOAP, modality pair, plain v, damping 0.1": {"pair_source": "modality", "second_moment": "plain",
                                                           "fop_damping": 0.1},
     "ML-FOP-SOAP, modality pair, update coupling": {"pair_source": "modality", "coupling": "update",
