@@ -8,6 +8,7 @@ NCCL's watchdog aborts after the process-group timeout), so every rank stops, wi
 
 `sent[kind]` counts the bytes this rank hands to each kind of collective (the input size; a ring
 reduce-scatter or all-gather puts (world - 1) / world of it on the wire), `calls[kind]` the calls.
+`destroy_process_group` ends a run, FSDP2's included, without leaving gloo's threads behind.
 """
 
 from __future__ import annotations
