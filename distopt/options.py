@@ -132,7 +132,7 @@ class MLFOPOptions(SOAPOptions):
     max_block: cut sides longer than this into blocks.  max_grad_norm: clip the accumulated gradient's
     global norm.  bucket_mb: size of the reduction buckets.  comm_dtype: 'fp32' (default) or 'bf16',
     the dtype gradients are reduced in (fp64 parameters always reduce in fp64).
-    fop_damping: lam, FOP's metric M + lam (tr M / n) I.  second_moment: 'folded' (v from G_fop) |
+    fop_damping: lam, FOP's metric M + lam (tr M / n) I (0: undamped).  second_moment: 'folded' (v from G_fop) |
     'plain' (v from G).  coupling: 'moments' (FOP feeds Adam's moments, step x eta*) | 'update' (SOAP's
     own step plus fop_gamma times the preconditioned correction; needs eta_convention 'none').
     """
@@ -151,7 +151,7 @@ class MLFOPOptions(SOAPOptions):
     max_grad_norm: Optional[float] = None
     bucket_mb: float = 25.0
     comm_dtype: str = "fp32"
-    fop_damping: float = 0.0
+    fop_damping: float = 0.1
     second_moment: str = "folded"
     coupling: str = "moments"
     fop_gamma: float = 1.0

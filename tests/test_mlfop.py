@@ -11,10 +11,11 @@ import pytest
 import torch
 
 import dense
-from distopt import MLFOPSOAP, SOAP
+from distopt import MLFOPSOAP, SOAP, MLFOPOptions
 
 F64 = torch.float64
 HP = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=3)
+LAM = MLFOPOptions().fop_damping  # the reference damps FOP's metric as the default optimizer does
 
 
 def micro_grads(gen, shape, k):
@@ -46,8 +47,10 @@ def make(shapes=((6, 5),), seed=0, **opts):
     return opt, params, gen
 
 
-def dense_metric(state, eps):
-    return dense.kron_metric(state["Q"], state["exp_avg_sq"].sqrt() + eps)
+def dense_metric(state, eps, damping=LAM):
+    """M = Q diag(dvec) Q^T with dvec = sqrt(v) + eps, damped: dvec + damping * mean(dvec)."""
+    dvec = state["exp_avg_sq"].sqrt() + eps
+    return dense.kron_metric(state["Q"], dvec + damping * dvec.mean())
 
 
 def dense_step(p0, state, g_plain, g_fop, eta, hp=HP):
@@ -399,14 +402,14 @@ def one_fold_case(**opts):
 
 
 def test_damping_measures_in_the_damped_metric():
-    lam = 0.1
+    lam = 0.37  # not the default: the option must reach the metric
     opt, p, st, p0, g1, g2 = one_fold_case(fop_damping=lam)
     dvec = st["exp_avg_sq"].sqrt() + HP["eps"]
     m = dense.kron_metric(st["Q"], dvec + lam * dvec.mean())
     c = dense.fop(g1, g2, m)[0]
     expected = dense_step(p0, st, g1 + g2, 2 * c, dense.eta(g1 + g2, 2 * c, m))
     torch.testing.assert_close(p.detach().reshape(-1), expected, rtol=1e-9, atol=1e-11)
-    undamped = dense_metric(st, HP["eps"])
+    undamped = dense_metric(st, HP["eps"], damping=0.0)
     c0 = dense.fop(g1, g2, undamped)[0]
     assert not torch.allclose(expected, dense_step(p0, st, g1 + g2, 2 * c0, dense.eta(g1 + g2, 2 * c0, undamped)),
                               rtol=1e-6, atol=0), "damping made no difference: the test would not notice it ignored"
