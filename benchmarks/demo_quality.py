@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from distopt.deepspeed_glue import init_distributed
+
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"data": {"caption_dropout": 0.1}}
 VARIANTS = [  # (label, steps, config updates)
@@ -95,8 +97,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
-    from launcher.run import init_distributed
-
     init_distributed()
     t0, rows = time.perf_counter(), []
     with tempfile.TemporaryDirectory() as tmp:

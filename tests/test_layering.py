@@ -3,11 +3,15 @@
 - the math (distopt/soap.py, fop.py, fold.py, plan.py) never imports torch.distributed, the
   communication modules or the launcher;
 - distopt never imports model_zoo, launcher or benchmarks; model_zoo never imports launcher or distopt;
-- no import circles inside distopt.
+- no import circles inside distopt;
+- every name imported from the project exists (benchmarks and scripts run outside the tests, and a
+  lazy import of a name that moved fails only when its line runs).
 A violation fails with the file, the line and the import.
 """
 
 import ast
+import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -85,3 +89,25 @@ def test_the_checker_sees_a_violation(tmp_path):
     fake.write_text(text + "\n\ndef _late():\n    import torch.distributed as dist\n")
     line = text.count("\n") + 4
     assert violations([fake], COMMUNICATION, tmp_path) == [f"distopt/fold.py:{line} imports torch.distributed"]
+
+
+PROJECT = ("distopt", "launcher", "model_zoo", "repro")
+
+
+def missing_names(path: Path) -> list[str]:
+    """`from <project module> import name` statements (lazy ones included) whose name does not exist."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in PROJECT:
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
+                    out.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {alias.name} from {node.module}")
+    return out
+
+
+def test_every_imported_project_name_exists(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their `repro` helper
+    files = [p for d in ("distopt", "launcher", "model_zoo", "benchmarks", "scripts") for p in sorted((ROOT / d).rglob("*.py"))]
+    found = [m for path in files for m in missing_names(path)]
+    assert not found, found
