@@ -1,7 +1,7 @@
 """ML-FOP-SOAP invariants (research/algorithms.md section 2d) against a dense re-derivation.
 
 The dense reference rebuilds one optimizer step from the math: metric M = Kronecker eigenbasis with
-diagonal sqrt(v) + eps (state before the step), folds of the micro-gradients, G_fop = K z, eta*,
+diagonal sqrt(v) + eps (state before the step), damped by the default fop_damping, folds of the micro-gradients, G_fop = K z, eta*,
 Adam moments from rot(G_fop), update scaled by eta*. It never calls distopt's FOP code.
 """
 
@@ -404,8 +404,7 @@ def one_fold_case(**opts):
 def test_damping_measures_in_the_damped_metric():
     lam = 0.37  # not the default: the option must reach the metric
     opt, p, st, p0, g1, g2 = one_fold_case(fop_damping=lam)
-    dvec = st["exp_avg_sq"].sqrt() + HP["eps"]
-    m = dense.kron_metric(st["Q"], dvec + lam * dvec.mean())
+    m = dense_metric(st, HP["eps"], damping=lam)
     c = dense.fop(g1, g2, m)[0]
     expected = dense_step(p0, st, g1 + g2, 2 * c, dense.eta(g1 + g2, 2 * c, m))
     torch.testing.assert_close(p.detach().reshape(-1), expected, rtol=1e-9, atol=1e-11)
