@@ -1,8 +1,9 @@
 """ML-FOP-SOAP invariants (research/algorithms.md section 2d) against a dense re-derivation.
 
 The dense reference rebuilds one optimizer step from the math: metric M = Kronecker eigenbasis with
-diagonal sqrt(v) + eps (state before the step), damped by the default fop_damping, folds of the micro-gradients, G_fop = K z, eta*,
-Adam moments from rot(G_fop), update scaled by eta*. It never calls distopt's FOP code.
+diagonal sqrt(v) + eps (state before the step) damped by the default fop_damping, folds of the
+micro-gradients, G_fop = K z, eta*, Adam moments from rot(G_fop), update scaled by eta*. It never
+calls distopt's FOP code.
 """
 
 import math
