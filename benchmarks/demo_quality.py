@@ -1,6 +1,6 @@
 """What makes the tiny Emu3 draw recognisable digits? The settings of configs/demo.yaml, one at a time.
 
-    python benchmarks/demo_quality.py            # about 25 minutes on 2 idle cores
+    python benchmarks/demo_quality.py            # about 5 minutes (320 s measured, one process)
 
 One run, one process, the same global batch as `make demo` (16 packed rows x 4 micro-steps): starting
 from configs/emu3_tiny_mlfop.yaml, each variant adds one of the demo's settings (caption dropout with
