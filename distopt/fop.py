@@ -133,7 +133,7 @@ def relative_correction(partials: torch.Tensor) -> torch.Tensor:
 
 class BlockMetric:
     """SOAP's metric for one parameter, frozen for one accumulation window; `damping` lam gives
-    dvec + lam mean(dvec) (0: today's undamped metric, bit for bit).
+    dvec + lam mean(dvec) (0: the undamped metric, bit for bit).
 
     With `segments=None` the block is whole (layer or global level): fold items are kept rotated, so
     each micro-gradient is rotated once and every fold is elementwise. With `segments=(dim, n)` the

@@ -108,6 +108,7 @@ def missing_names(path: Path) -> list[str]:
 
 def test_every_imported_project_name_exists(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # the benchmarks import their `repro` helper
-    files = [p for d in ("distopt", "launcher", "model_zoo", "benchmarks", "scripts") for p in sorted((ROOT / d).rglob("*.py"))]
+    folders = ("distopt", "launcher", "model_zoo", "benchmarks", "scripts")
+    files = [p for d in folders for p in sorted((ROOT / d).rglob("*.py"))]
     found = [m for path in files for m in missing_names(path)]
     assert not found, found
