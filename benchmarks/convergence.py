@@ -5,6 +5,9 @@ and GradNorm on the tiny Emu3-style and Janus-style models (configs/*_tiny_mlfop
     python benchmarks/convergence.py --quick       # minutes: a coarse look, one model family
     python benchmarks/convergence.py               # hours, resolves a 10% effect; run it in the background
     python benchmarks/convergence.py --estimate    # the full mode's runtime, from short measured runs
+    python benchmarks/convergence.py --mode noise  # hours: global batch 128 as 4 x 32, 16 x 8, 64 x 2 (K x micro)
+    python benchmarks/convergence.py --mode noclip # hours: no clipping at 16 x 8, where does each arm stop converging
+    python benchmarks/convergence.py --mode damping  # hours: fop_damping of the modality pair at 16 x 8
 
 Method, per arm and global batch size (micro-batch of about 16 documents in 8 packed rows, x K
 accumulation steps; training batches are fresh augmented views of the 1,617 training digits, so a
@@ -21,6 +24,10 @@ large batch is not the data set):
    seeds, final losses with their 95% intervals, the lr at which the method stops converging and the
    width of its converging lr range (max/min converging lr).
 Arms are rows of ARMS; an ML-FOP-SOAP variant is one dict of optimizer options in MLFOP_VARIANTS.
+A mode (MODES) fixes the protocol's sizes, its arms, the batch layouts (K x micro-batch), clipping and
+the convergence criterion; `reuse` takes another mode's stored runs of identical settings (the
+damping sweep's lambda = 0.1 at 16 x 8 is the noise axis' run). The tables add wall-clock: the CPU
+seconds of one thread in the training steps, medians over seeds, and the time to the image target.
 
 Every finished run is appended to benchmarks/results/convergence[-mode].json at once (atomic write)
 and the markdown and plots are rewritten from it, so a killed run resumes where it stopped: rerun the
@@ -67,7 +74,16 @@ MLFOP_VARIANTS: dict[str, dict] = {
                                                           "fop_damping": 0.1},
     "ML-FOP-SOAP, modality pair, update coupling": {"pair_source": "modality", "coupling": "update",
                                                      "eta_convention": "none", "fop_gamma": 1.0, "fop_damping": 0.0},
+    # the library's default (microstep pairs, damping 0.1), and the damping sweep of the modality pair
+    "ML-FOP-SOAP, damping 0.1": {"fop_damping": 0.1},
+    **{f"ML-FOP-SOAP, modality pair, damping {lam:g}": {"pair_source": "modality", "fop_damping": lam}
+       for lam in (0.01, 0.03, 0.3, 1.0)},
 }
+FULL_ARMS = ("AdamW", "SOAP", "ML-FOP-SOAP", "ML-FOP-SOAP, modality pair", "ML-FOP-SOAP, modality pair, damping 0.1",
+             "ML-FOP-SOAP, modality pair, plain v, damping 0.1", "ML-FOP-SOAP, modality pair, update coupling",
+             "sum, weights [0.5, 1] (SOAP)", "GradNorm (SOAP)")
+NOISE_ARMS = ("AdamW", "SOAP", "ML-FOP-SOAP, damping 0.1", "ML-FOP-SOAP, modality pair, damping 0.1")
+DAMPING_ARMS = tuple(f"ML-FOP-SOAP, modality pair, damping {lam:g}" for lam in (0.01, 0.03, 0.1, 0.3, 1.0))
 ARMS: dict[str, tuple[str, dict]] = {
     "AdamW": ("adamw", dict(weight_decay=0.01, betas=[0.9, 0.95])),
     "SOAP": ("soap", SOAP_PARAMS),
@@ -91,12 +107,28 @@ class Mode:
     families: tuple[str, ...]        # the first is the sweep family
     eval_every: int
     eval_batches: int
+    arms: tuple[str, ...]            # rows of ARMS
     overrides: dict = field(default_factory=dict)  # model shape
-    arms: tuple[str, ...] = ()       # a subset of ARMS (empty: all)
+    micros: tuple[int, ...] = ()     # micro-batch per K, in the order of ks (empty: `micro` for every K)
+    max_grad_norm: Optional[float] = 1.0   # clipping of every arm (None: none)
+    converge_ratio: float = 0.8      # a run converges when its last training loss < this x its first
+    reuse: tuple[str, ...] = ()      # modes whose stored runs of identical settings are taken, not rerun
 
     @property
     def arm_names(self) -> list[str]:
-        return list(self.arms or ARMS)
+        return list(self.arms)
+
+    def micro_of(self, k: int) -> int:
+        return self.micros[self.ks.index(k)] if self.micros else self.micro
+
+    def label(self, k: int) -> str:
+        """A batch as the tables name it: the global batch, or K x micro when every K has the same one."""
+        return f"{k}×{self.micro_of(k)}" if self.micros else str(self.micro * k)
+
+    def run_settings(self, k: int) -> dict:
+        """What one run at K depends on besides (family, arm, lr, seed): equal settings, equal runs."""
+        return dict(steps=self.steps, warmup=self.warmup, micro=self.micro_of(k), k=k, eval_every=self.eval_every,
+                    eval_batches=self.eval_batches, overrides=dict(self.overrides), max_grad_norm=self.max_grad_norm)
 
 
 MODES = {
@@ -108,9 +140,21 @@ MODES = {
                                  num_key_value_heads=1),
                   arms=("AdamW", "SOAP", "ML-FOP-SOAP", "sum, weights [0.5, 1] (SOAP)", "GradNorm (SOAP)")),
     "quick": Mode(steps=40, warmup=3, micro=8, ks=(2, 8), lr_center=1e-2, points=3, max_points=4, seeds=2,
-                  families=("emu3",), eval_every=5, eval_batches=4),
+                  families=("emu3",), eval_every=5, eval_batches=4, arms=FULL_ARMS),
     "full": Mode(steps=300, warmup=10, micro=8, ks=(2, 16), lr_center=1e-2, points=5, max_points=10, seeds=5,
-                 families=("emu3", "janus"), eval_every=5, eval_batches=8),
+                 families=("emu3", "janus"), eval_every=5, eval_batches=8, arms=FULL_ARMS),
+    # FOP where its signal should be strongest: global batch 128 as K x micro-batch, noisier as K grows
+    "noise": Mode(steps=300, warmup=10, micro=8, ks=(4, 16, 64), micros=(32, 8, 2), lr_center=1e-2, points=4,
+                  max_points=6, seeds=5, families=("emu3", "janus"), eval_every=5, eval_batches=8, arms=NOISE_ARMS),
+    # no clipping at 16 x 8: where does each arm stop converging (ends above its initial loss)?
+    # (trimmed to the sweep: seed 0 only, the question being the converging lr range)
+    "noclip": Mode(steps=300, warmup=10, micro=8, ks=(16,), micros=(8,), lr_center=1e-2, points=4, max_points=9,
+                   seeds=1, families=("emu3",), eval_every=5, eval_batches=8, max_grad_norm=None, converge_ratio=1.0,
+                   arms=NOISE_ARMS + ("ML-FOP-SOAP", "ML-FOP-SOAP, modality pair")),
+    # fop_damping of the modality pair at 16 x 8, each lambda at its own best lr
+    "damping": Mode(steps=300, warmup=10, micro=8, ks=(16,), micros=(8,), lr_center=1e-2, points=4, max_points=7,
+                    seeds=3, families=("emu3", "janus"), eval_every=5, eval_batches=8, arms=DAMPING_ARMS,
+                    reuse=("noise",)),
 }
 
 
@@ -195,6 +239,28 @@ def steps_to(run: dict, column: int, target: float) -> float:
     return math.nan
 
 
+def time_to(run: dict, column: int, target: float) -> float:
+    """CPU seconds of training (evaluations apart) up to the first evaluation whose loss is <= target;
+    NaN if never, or for a run stored before this was recorded."""
+    for row, cpu in zip(run["val"], run.get("val_train_cpu") or []):
+        if row[column] <= target:
+            return math.nan if cpu is None else cpu
+    return math.nan
+
+
+def median(values: list[float]) -> float:
+    good = [v for v in values if math.isfinite(v)]
+    return statistics.median(good) if good else math.nan
+
+
+def fmt_median(values: list[float], digits: int = 1) -> str:
+    good = [v for v in values if math.isfinite(v)]
+    if not good:
+        return "–"
+    text = f"{statistics.median(good):.{digits}f}"
+    return text if len(good) == len(values) else f"{text} ({len(good)}/{len(values)})"
+
+
 # -- runs --------------------------------------------------------------------------------------------
 
 def key(family: str, arm: str, k: int, lr: float, seed: int) -> str:
@@ -208,12 +274,13 @@ def run_config(mode: Mode, family: str, arm: str, k: int, lr: float, seed: int, 
     name, params = ARMS[arm]
     data = yaml.safe_load((ROOT / "configs" / f"{family}_tiny_mlfop.yaml").read_text())
     data.update(run={"name": arm, "out_dir": out_dir, "seed": seed},
-                optimizer={"name": name, "params": {**copy.deepcopy(params), "lr": lr}, "max_grad_norm": 1.0},
+                optimizer={"name": name, "params": {**copy.deepcopy(params), "lr": lr},
+                           "max_grad_norm": mode.max_grad_norm},
                 schedule={"steps": mode.steps, "warmup_steps": mode.warmup, "lr_schedule": "cosine"},
                 logging={"every": mode.eval_every or mode.steps, "tensorboard": False, "progress": False},
                 eval={"every": mode.eval_every, "batches": mode.eval_batches, "samples_png": False},
                 checkpoint={"every": 0, "resume": "none"},
-                batch={"micro_batch_size": mode.micro, "grad_accum": k})
+                batch={"micro_batch_size": mode.micro_of(k), "grad_accum": k})
     data["model"]["overrides"] = dict(mode.overrides)
     data["data"]["cache_dir"] = cache
     return validate(_build(Config, data, ""), 1)
@@ -228,8 +295,12 @@ def train_run(mode: Mode, family: str, arm: str, k: int, lr: float, seed: int, c
     wall, cpu = time.perf_counter(), time.process_time()
     h = train(cfg)
     cosines = [g["grad/cosine"] for g in h["grad"] if "grad/cosine" in g]
+    train_cpu = {t["step"]: t["train_cpu_seconds"] for t in h["train"]}
     return {"diverged": h["diverged"], "failed": None,
             "val": [[v["step"], v["val/text_loss"], v["val/image_loss"]] for v in h["val"]],
+            # CPU seconds of the training steps up to each evaluation (evaluations apart): time to target
+            "val_train_cpu": [train_cpu.get(v["step"]) for v in h["val"]],
+            "step_cpu_seconds": h["train"][-1]["train_cpu_seconds"] / len(h["train"]) if h["train"] else None,
             "train_first": [h["train"][0].get("text"), h["train"][0].get("image")],
             "train_last": [h["train"][-1].get("text"), h["train"][-1].get("image")],
             "grad_cosine": statistics.mean(cosines) if cosines else None,
@@ -251,11 +322,12 @@ def _number(x) -> float:
     return math.nan if x is None else x
 
 
-def converged(run: dict) -> bool:
+def converged(run: dict, ratio: float = 0.8) -> bool:
+    """Not diverged, and the last training loss (both modalities) below `ratio` x the first."""
     if run.get("failed") or run["diverged"]:
         return False
     first, last = sum(map(_number, run["train_first"])), sum(map(_number, run["train_last"]))
-    return last < 0.8 * first
+    return last < ratio * first
 
 
 def finite_or_none(value):
@@ -324,7 +396,8 @@ def sweep(mode: Mode, arm: str, k: int, run: Runner) -> dict[int, dict]:
         if results[index].get("failed"):
             return results
         if not queue:
-            nxt = next_index({i: (final_val(r), converged(r)) for i, r in results.items()}, mode.max_points)
+            nxt = next_index({i: (final_val(r), converged(r, mode.converge_ratio)) for i, r in results.items()},
+                             mode.max_points)
             queue = [] if nxt is None else [nxt]
     return results
 
@@ -371,10 +444,11 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
                 entry["failed"] = failed
                 continue
             best = best_index(tried)
-            lo, hi = converging_range({i: (final_val(r), converged(r)) for i, r in tried.items()})
-            above = sorted(i for i in tried if i > best and not converged(tried[i]))
+            ok = {i: converged(r, mode.converge_ratio) for i, r in tried.items()}
+            lo, hi = converging_range({i: (final_val(r), ok[i]) for i, r in tried.items()})
+            above = sorted(i for i in tried if i > best and not ok[i])
             entry.update(best_lr=lr_at(mode.lr_center, best),
-                         sweep={f"{lr_at(mode.lr_center, i):g}": {"final_val": final_val(r), "converged": converged(r)}
+                         sweep={f"{lr_at(mode.lr_center, i):g}": {"final_val": final_val(r), "converged": ok[i]}
                                 for i, r in sorted(tried.items())},
                          converging=[lr_at(mode.lr_center, lo), lr_at(mode.lr_center, hi)] if lo is not None else None,
                          lo_bounded=lo is not None and lo == min(tried), hi_bounded=hi is not None and hi == max(tried),
@@ -391,12 +465,19 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
                 targets[family, k, name] = statistics.mean(finals) if finals else math.nan
     summary["targets"] = {f"{f}|K{k}|{m}": v for (f, k, m), v in targets.items()}
 
-    command = "python benchmarks/convergence.py" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[mode_name]
+    command = "python benchmarks/convergence.py" + {"smoke": " --smoke", "quick": " --quick", "full": ""}.get(
+        mode_name, f" --mode {mode_name}")
     done = sum(1 for r in runs.values())
+    batches = (f"micro-batch {mode.micro}, global batches {[mode.micro * k for k in mode.ks]}" if not mode.micros else
+               f"global batch {mode.micro_of(mode.ks[0]) * mode.ks[0]} as K x micro-batch "
+               f"{', '.join(mode.label(k) for k in mode.ks)}")
+    clipping = (f"gradient clipping at {mode.max_grad_norm:g}" if mode.max_grad_norm is not None else
+                "**no gradient clipping**")
     lines = [f"# Convergence at CPU scale ({mode_name})", "",
              f"Command: `{command}`" + (f" ({seconds:.0f} s this session)" if seconds is not None else "")
              + f"; {done} runs. Tiny {' and '.join(mode.families)} models on digits, {mode.steps} steps, cosine LR "
-             f"(warm-up {mode.warmup}), micro-batch {mode.micro}, global batches {[mode.micro * k for k in mode.ks]}; "
+             f"(warm-up {mode.warmup}), {batches}, {clipping}; a run converges when its last training loss is below "
+             f"{mode.converge_ratio:g} x its first; "
              f"per arm its own lr sweep on a sqrt(2) grid ({mode.points} points around {mode.lr_center:g}, extended "
              f"to bracket the best and find where it stops converging, at most {mode.max_points}) on "
              f"{sweep_family}, then {mode.seeds} seed(s) at its best lr on {', '.join(mode.families)}. Targets: "
@@ -404,7 +485,10 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
              "Student-t interval over seeds; (n/m): only n of m runs reached the target or stayed finite (or "
              "recorded it). FOP columns (ML-FOP-SOAP arms): the correction's relative size, x = the squared "
              "M⁻¹-cosine of the mean and the orthogonal part (FOP's effect is O(x)) and η*, layer means averaged "
-             "over the logged steps; near 0 (η* near 1) FOP cannot show an effect.", ""]
+             "over the logged steps; near 0 (η* near 1) FOP cannot show an effect. Wall-clock columns: CPU seconds "
+             "of one thread in the training steps (evaluations apart), each arm in the same one-process layout; "
+             "step time and time to the image target are medians over seeds (steps to target x step time is "
+             "what a user pays).", ""]
     lines += [repro.describe(env) for env in data["environments"]]
     if len(data["environments"]) > 1:
         lines.append("(Resumed under more than one environment: compare the runs with care.)")
@@ -417,7 +501,7 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
             if entry is None:
                 continue
             if "failed" in entry:
-                lines.append(f"| {arm} | {mode.micro * k} | failed: {entry['failed']} | | | | |")
+                lines.append(f"| {arm} | {mode.label(k)} | failed: {entry['failed']} | | | | |")
                 continue
             conv = entry["converging"]
             width = "–" if conv is None else (("≥ " if entry["lo_bounded"] or entry["hi_bounded"] else "")
@@ -426,18 +510,20 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
                 if entry["stops_converging_at"] else f"> {max(float(x) for x in entry['sweep']):g}"
             cells = ", ".join(f"{lr}: {v['final_val']:.3f}{'' if v['converged'] else ' x'}"
                               for lr, v in entry["sweep"].items())
-            lines.append(f"| {arm} | {mode.micro * k} | {entry['best_lr']:g} | "
+            lines.append(f"| {arm} | {mode.label(k)} | {entry['best_lr']:g} | "
                          f"{'–' if conv is None else f'{conv[0]:g}–{conv[1]:g}'} | {width} | {stop} | {cells} |")
     for family in mode.families:
         lines += ["", f"## {family}: steps to target and final losses at each arm's best lr", "",
                   "| arm | batch | best lr | steps to text target | steps to image target | image steps vs SOAP | "
+                  "step (CPU s) | CPU s to image target | image time vs SOAP | "
                   "final val text | final val image | diverged | text-image grad cosine | "
                   "FOP correction ‖G_fop−G‖/‖G‖ | FOP x (cos²) | η* |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for k in mode.ks:
             soap_runs = summary["arms"].get("SOAP", {}).get(f"K{k}", {}).get(family, {}).get("runs", [])
             soap_image = [steps_to(r, 2, targets[family, k, "image"]) for r in soap_runs]
             soap_mean = statistics.mean([s for s in soap_image if math.isfinite(s)] or [math.nan])
+            soap_time = median([time_to(r, 2, targets[family, k, "image"]) for r in soap_runs])
             for arm in mode.arm_names:
                 entry = summary["arms"].get(arm, {}).get(f"K{k}")
                 if entry is None or "failed" in entry or not entry.get(family, {}).get("runs"):
@@ -447,10 +533,15 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
                 image = [steps_to(r, 2, targets[family, k, "image"]) for r in rs]
                 good = [s for s in image if math.isfinite(s)]
                 ratio = statistics.mean(good) / soap_mean if good and math.isfinite(soap_mean) else math.nan
-                entry[family].update(steps_to_text=text, steps_to_image=image)
+                times = [time_to(r, 2, targets[family, k, "image"]) for r in rs]
+                step_cpu = [_number(r.get("step_cpu_seconds")) for r in rs]
+                time_ratio = median(times) / soap_time if math.isfinite(soap_time) else math.nan
+                entry[family].update(steps_to_text=text, steps_to_image=image, seconds_to_image=times,
+                                     step_cpu_seconds=step_cpu)
                 lines.append(
-                    f"| {arm} | {mode.micro * k} | {entry['best_lr']:g} | {fmt(text, 1)} | {fmt(image, 1)} | "
-                    f"{'–' if math.isnan(ratio) else f'×{ratio:.2f}'} | "
+                    f"| {arm} | {mode.label(k)} | {entry['best_lr']:g} | {fmt(text, 1)} | {fmt(image, 1)} | "
+                    f"{'–' if math.isnan(ratio) else f'×{ratio:.2f}'} | {fmt_median(step_cpu, 3)} | "
+                    f"{fmt_median(times)} | {'–' if math.isnan(time_ratio) else f'×{time_ratio:.2f}'} | "
                     f"{fmt([r['val'][-1][1] if r['val'] and not r['diverged'] else math.inf for r in rs])} | "
                     f"{fmt([r['val'][-1][2] if r['val'] and not r['diverged'] else math.inf for r in rs])} | "
                     f"{sum(r['diverged'] for r in rs)}/{len(rs)} | {fmt([_number(r['grad_cosine']) for r in rs])} | "
@@ -484,7 +575,7 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
                 ax.plot([rs[0]["val"][i][0] + 1 for i in range(n)],
                         [statistics.mean(r["val"][i][column] for r in rs) for i in range(n)], label=arm,
                         color=color(arm))
-                ax.set_title(f"{family}, batch {mode.micro * k}: validation {name} loss")
+                ax.set_title(f"{family}, batch {mode.label(k)}: validation {name} loss")
         for ax in pair:
             ax.set_xlabel("step")
             ax.legend(fontsize=6)
@@ -502,7 +593,7 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final validation loss (mean of modalities; 20 = diverged)")
-        ax.set_title(f"lr sweep, {mode.families[0]}, batch {mode.micro * k}")
+        ax.set_title(f"lr sweep, {mode.families[0]}, batch {mode.label(k)}")
         ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / f"convergence-sweep{suffix}.png")
@@ -514,7 +605,8 @@ def main() -> None:
     which = ap.add_mutually_exclusive_group()
     which.add_argument("--smoke", action="store_true", help="seconds: every arm on tiny shapes (for the test)")
     which.add_argument("--quick", action="store_true", help="minutes: a coarse look")
-    which.add_argument("--estimate", action="store_true", help="print the full mode's runtime from short runs")
+    which.add_argument("--mode", choices=list(MODES), help="a mode by name (default: full)")
+    ap.add_argument("--estimate", action="store_true", help="print the mode's runtime from short runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads (part of what the table depends on)")
     ap.add_argument("--cache", default=str(ROOT / ".cache" / "distopt"), help="VQ codebook and tokenizer cache")
@@ -529,11 +621,11 @@ def main() -> None:
     from distopt.deepspeed_glue import init_distributed
 
     init_distributed()
-    if args.estimate:
-        estimate(args.cache)
-        return
-    mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    mode_name = "smoke" if args.smoke else "quick" if args.quick else args.mode or "full"
     mode = MODES[mode_name]
+    if args.estimate:
+        estimate(mode_name, args.cache)
+        return
     bad = [k for k in args.batch or [] if k not in mode.ks]
     if bad or any(a not in mode.arm_names for a in args.arm or []):
         raise SystemExit(f"--batch takes the {mode_name} mode's grad_accum values {list(mode.ks)} and --arm its "
@@ -552,6 +644,7 @@ def main() -> None:
         return
     env = repro.environment(args.cache)
     store = Store(out / f"convergence{suffix}.json", {"mode": mode_name, **asdict(mode), "threads": args.threads}, env)
+    reusable = reused_runs(mode, out, args.threads)
     t0 = time.perf_counter()
 
     def render(plots: bool) -> None:
@@ -566,6 +659,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         def run(family: str, arm: str, k: int, lr: float, seed: int) -> dict:
             run_key = key(family, arm, k, lr, seed)
+            if run_key not in store.runs and run_key in reusable:
+                store.add(run_key, reusable[run_key])
+                render(plots=False)
             if run_key not in store.runs:
                 try:
                     record = train_run(mode, family, arm, k, lr, seed, args.cache, f"{tmp}/run")
@@ -584,20 +680,39 @@ def main() -> None:
     print((out / f"convergence{suffix}.md").read_text())
 
 
-def estimate(cache: str) -> None:
-    """The full mode's runtime on one core (the benchmark uses one thread): per arm, family and batch,
+def reused_runs(mode: Mode, out: Path, threads: int) -> dict[str, dict]:
+    """Stored runs of the modes `mode.reuse` names whose settings at their K equal this mode's (the
+    same run: same family, arm, lr, seed, steps, batch layout, clipping, evaluation and threads)."""
+    found = {}
+    for other_name in mode.reuse:
+        other, path = MODES[other_name], out / f"convergence-{other_name}.json"
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        if data["settings"].get("threads") != threads:
+            continue
+        for run_key, record in data["runs"].items():
+            k = record["k"]
+            if k in mode.ks and k in other.ks and other.run_settings(k) == mode.run_settings(k):
+                found[run_key] = {**record, "reused_from": other_name}
+    return found
+
+
+def estimate(mode_name: str, cache: str) -> None:
+    """The mode's runtime on one core (the benchmark uses one thread): per arm, family and batch,
     the CPU seconds per training step from two short runs (2 and 6 steps, no evaluation), the
-    per-run overhead, and one evaluation's cost; then the full mode's run count (sweep points between
-    the initial grid and the cap). CPU time, not wall time, so that a loaded machine does not inflate it."""
+    per-run overhead, and one evaluation's cost; then the mode's run count (sweep points between
+    the initial grid and the cap). CPU time, not wall time, so that a loaded machine does not inflate it.
+    Runs another mode would lend (`reuse`) are counted as if they ran."""
     import torch
 
-    mode = MODES["full"]
+    mode = MODES[mode_name]
     short = Mode(**{**asdict(mode), "eval_every": 0, "overrides": {}})
     per_run: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for family in mode.families:
             for k in mode.ks:
-                for arm in ARMS:
+                for arm in mode.arm_names:
                     try:
                         costs = [_timed_run(replace_steps(short, steps), family, arm, k, cache, tmp)
                                  for steps in (2, 6)]
@@ -607,22 +722,23 @@ def estimate(cache: str) -> None:
                         continue
                     step = (costs[1] - costs[0]) / 4
                     per_run[family, arm, k] = (costs[0] - 2 * step, step)
-                    print(f"[estimate] {family} {arm} batch {mode.micro * k}: {step:.3f} CPU s/step, "
+                    print(f"[estimate] {family} {arm} batch {mode.label(k)}: {step:.3f} CPU s/step, "
                           f"{costs[0] - 2 * step:.2f} s overhead", file=sys.stderr, flush=True)
         evals = {family: _eval_cost(family, mode, cache) for family in mode.families}
     proxy = "sum, weights [0.5, 1] (SOAP)"
     n_evals = mode.steps // mode.eval_every
     low = high = 0.0
     for k in mode.ks:
-        for arm in ARMS:
+        for arm in mode.arm_names:
             for family in mode.families:
-                overhead, step = per_run.get((family, arm, k), per_run[family, proxy, k])
+                overhead, step = per_run.get((family, arm, k)) or per_run[family, proxy, k]
                 one = overhead + mode.steps * step + n_evals * evals[family]
                 seeds = mode.seeds - (1 if family == mode.families[0] else 0)
                 sweeps = (mode.points, mode.max_points) if family == mode.families[0] else (0, 0)
                 low += one * (sweeps[0] + seeds)
                 high += one * (sweeps[1] + seeds)
-    print(f"Full mode ({len(ARMS)} arms, batches {[mode.micro * k for k in mode.ks]}, {mode.steps} steps, sweeps of "
+    print(f"Mode {mode_name} ({len(mode.arm_names)} arms, batches {[mode.label(k) for k in mode.ks]}, "
+          f"{mode.steps} steps, sweeps of "
           f"{mode.points}-{mode.max_points} points on {mode.families[0]}, {mode.seeds} seeds on {mode.families}): "
           f"{low / 3600:.1f} to {high / 3600:.1f} hours of one core (torch {torch.__version__}, 1 thread); "
           f"one evaluation: " + ", ".join(f"{f} {e:.2f} s" for f, e in evals.items()))
