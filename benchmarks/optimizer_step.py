@@ -30,6 +30,8 @@ import torch
 
 import repro
 from distopt import MLFOPSOAP, SOAP
+from distopt.protocols import counters_of
+from distopt.state import tree_bytes
 
 K = 4
 TOKENS = (512, 2048, 8192)  # per micro-step: 4 sequences of 128, 512, 2048
@@ -45,16 +47,7 @@ def make_model(seq: int):
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
-    def walk(v) -> int:
-        if torch.is_tensor(v):
-            return v.numel() * v.element_size()
-        if isinstance(v, dict):
-            return sum(walk(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return sum(walk(x) for x in v)
-        return 0
-
-    return walk(dict(opt.state))
+    return tree_bytes(dict(opt.state))
 
 
 class Runner:
@@ -76,7 +69,7 @@ class Runner:
         self.opt_times, self.step_times = [], []
 
     def _microstep_seconds(self) -> float:
-        return float(getattr(self.opt, "counters", {}).get("microstep_seconds", 0.0))
+        return float(counters_of(self.opt).get("microstep_seconds", 0.0))
 
     def step(self) -> None:
         before = self._microstep_seconds()

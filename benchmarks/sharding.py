@@ -5,7 +5,7 @@ Per configuration, on the fullest rank:
 - bytes held: optimizer state (SOAP state and fp32 masters), the fold window's peak, the
   communication buffers' peak (opt.memory_bytes(): sums of tensor sizes), gradients (p.grad at the
   end of a backward that keeps it) and parameters;
-- bytes this rank hands to each kind of collective per optimizer step (opt.distributor.sent), against
+- bytes this rank hands to each kind of collective per optimizer step (opt.comm_bytes()), against
   the formula: reduce_scatter R * world * W * s_c with R = ceil(log2 K) + 1 reductions for the
   streaming fold, all_gather W * s_p (W the slot, s_c and s_p the element sizes);
 - the time of a whole training step (K forward/backward + step) for the sharded optimizer and for a
@@ -103,7 +103,7 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
                 times.append(time.perf_counter() - start)
             row[mode] = dict(time=statistics.median(times[2:]), memory=opt.memory_bytes(), grad_bytes=grad_bytes,
                              param_bytes=sum(local(p).numel() * p.element_size() for p in model.parameters()),
-                             sent={kind: v / steps for kind, v in opt.distributor.sent.items()},
+                             sent={kind: v / steps for kind, v in opt.comm_bytes().items()},
                              slot=opt.plan.slot, reductions=opt.counters["reductions"] / steps)
             opt.close()
         rows.append(row)

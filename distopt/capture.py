@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Iterable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import torch
 
@@ -31,13 +31,6 @@ class CaptureSink(Protocol):
     def grad_ready(self, index: int, p: torch.Tensor) -> None: ...
 
     def microstep_ends(self, tag: Optional[str]) -> None: ...
-
-
-@runtime_checkable
-class TakesMicrosteps(Protocol):
-    """An optimizer that can be handed tagged micro-steps by whoever drives them (capture='manual')."""
-
-    def end_microstep(self, modality: Optional[str] = None) -> None: ...
 
 
 class MicrostepCapture:

@@ -41,6 +41,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
+from distopt.protocols import BlockSharded, Wrapper, describe, in_window, stateful
+from distopt.state import tree_to
+
 FORMAT = "distopt-checkpoint-v2"
 
 
@@ -76,26 +79,12 @@ def _all_gather(value: Any) -> list[Any]:
     return out
 
 
-def _sharded(optimizer: torch.optim.Optimizer) -> bool:
-    """Optimizers that keep block-owned state expose block_states() (ML-FOP-SOAP); others are replicated."""
-    return hasattr(optimizer, "block_states")
-
-
 def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[dict]:
-    """What this rank writes as optim-rank<R>.pt, or None."""
-    if _sharded(optimizer):
+    """What this rank writes as optim-rank<R>.pt, or None: the blocks it owns (block-sharded state,
+    distopt.protocols.BlockSharded), or rank 0 the state_dict of a replicated optimizer."""
+    if isinstance(optimizer, BlockSharded):
         return {_block_key(b.name, b.ordinal): st for b, st in optimizer.block_states()}
     return {"state_dict": optimizer.state_dict()} if rank == 0 else None
-
-
-def _describe(optimizer: torch.optim.Optimizer) -> str:
-    """What the manifest records, so that a run resumes only into the same kind of optimizer."""
-    return optimizer.describe() if hasattr(optimizer, "describe") else type(optimizer).__name__
-
-
-def _stateful(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
-    """The optimizer that holds the state: a two-objective rule keeps none between steps, its base does."""
-    return getattr(optimizer, "base", optimizer)
 
 
 def _block_key(name: str, ordinal: int) -> str:
@@ -106,10 +95,10 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
                     extra: Optional[dict] = None, keep_last: Optional[int] = None) -> Path:
     """Collective: every rank calls it at the same step, after optimizer.step(). keep_last: keep only
     the newest N complete steps (None: all)."""
-    name = _describe(optimizer)
-    if getattr(optimizer, "in_window", False):
+    name = describe(optimizer)
+    if in_window(optimizer):
         raise CheckpointError("save_checkpoint() called mid-accumulation: save right after optimizer.step()")
-    outer, optimizer = optimizer, _stateful(optimizer)
+    outer, optimizer = optimizer, stateful(optimizer)
     root = Path(root)
     rank, world = _rank_world()
     tmp = _all_gather(root / f".tmp-step-{step}-{uuid.uuid4().hex[:8]}" if rank == 0 else None)[0]
@@ -132,14 +121,14 @@ def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, 
     files = {k: v for per_rank in _all_gather(written) for k, v in per_rank.items()}  # each rank hashed its own
     final = root / f"step-{step}"
     if rank == 0:
-        sharded = _sharded(optimizer)
+        sharded = isinstance(optimizer, BlockSharded)
         blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
                        file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         manifest = dict(format=FORMAT, step=step, world_size=world, optimizer=name, model_format=model_format,
                         blocks=blocks, param_groups=groups,
                         runtime=optimizer.runtime_state() if sharded else None,
-                        rule_runtime=outer.runtime_state() if outer is not optimizer else None, files=files,
+                        rule_runtime=outer.runtime_state() if isinstance(outer, Wrapper) else None, files=files,
                         extra=extra or {})
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
         _publish(root, tmp, final)
@@ -241,15 +230,16 @@ def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     step: Optional[int] = None) -> dict:
     """Collective: load model and optimizer state; returns the manifest (its `extra` and `step`)."""
-    outer, name, optimizer = optimizer, _describe(optimizer), _stateful(optimizer)
+    outer, name, optimizer = optimizer, describe(optimizer), stateful(optimizer)
     path = resolve(root, step)
     try:
         manifest = _check_manifest(path)
         if manifest["optimizer"] != name:
             raise CheckpointError(f"{path} holds {manifest['optimizer']} state; this run uses {name}")
-        if _sharded(optimizer):
+        if isinstance(optimizer, BlockSharded):
             _check_plan(path, manifest, optimizer)
-        needed = _model_files(manifest) | (_files_of(manifest, optimizer) if _sharded(optimizer) else {"optim-rank0.pt"})
+        needed = _model_files(manifest) | (_files_of(manifest, optimizer) if isinstance(optimizer, BlockSharded)
+                                           else {"optim-rank0.pt"})
         _verify(path, manifest, needed)
         error = None
     except CheckpointError as e:
@@ -260,7 +250,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
         hint = f"; complete checkpoints: steps {others} (pass step=...)" if others else ""
         raise CheckpointError("; ".join(sorted(set(errors))) + hint)
     _load_model(path, manifest, model)
-    if _sharded(optimizer):
+    if isinstance(optimizer, BlockSharded):
         _load_blocks(path, manifest, optimizer)
         for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
             for k, v in saved_group.items():
@@ -268,7 +258,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
     else:
         outer.load_state_dict(_load(path / "optim-rank0.pt")["state_dict"])
-    if outer is not optimizer:
+    if isinstance(outer, Wrapper):
         outer.load_runtime_state(manifest.get("rule_runtime"))
     _barrier()
     return manifest
@@ -304,12 +294,12 @@ def _load(path: Path) -> Any:
     return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
 
 
-def _files_of(manifest: dict, optimizer) -> set[str]:
+def _files_of(manifest: dict, optimizer: BlockSharded) -> set[str]:
     where = {b["key"]: b["file"] for b in manifest["blocks"]}
     return {where[_block_key(b.name, b.ordinal)] for b, _ in optimizer.block_states()}
 
 
-def _check_plan(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
+def _check_plan(path: Path, manifest: dict, optimizer: BlockSharded) -> None:
     saved = {b["key"]: b["slices"] for b in manifest["blocks"]}
     needed = {_block_key(b.name, b.ordinal): [[s.start, s.stop] for s in b.slices] for b in optimizer.plan.blocks}
     if saved != needed:
@@ -320,7 +310,7 @@ def _check_plan(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) ->
                               f"{len(optimizer.param_groups)} in this optimizer")
 
 
-def _load_blocks(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -> None:
+def _load_blocks(path: Path, manifest: dict, optimizer: BlockSharded) -> None:
     """Each rank reads the blocks it owns now, one old rank's file at a time (memory-mapped)."""
     where = {b["key"]: b["file"] for b in manifest["blocks"]}
     by_file: dict[str, list] = {}
@@ -330,18 +320,9 @@ def _load_blocks(path: Path, manifest: dict, optimizer: torch.optim.Optimizer) -
         saved = _load(path / file)
         for b, target in targets:
             target.clear()
-            target.update(_to_device(saved[_block_key(b.name, b.ordinal)], optimizer.block_device(b)))
-            if not optimizer.uses_master(b):  # e.g. resumed from an FSDP2 run into fp32 replicated parameters
+            target.update(tree_to(saved[_block_key(b.name, b.ordinal)], optimizer.block_device(b)))
+            if not optimizer.keeps_master(b):  # e.g. resumed from an FSDP2 run into fp32 replicated parameters
                 target.pop("master", None)
         del saved
     optimizer.load_runtime_state(manifest["runtime"])
 
-
-def _to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device, copy=True)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value

@@ -9,20 +9,79 @@ NCCL's watchdog aborts after the process-group timeout), so every rank stops, wi
 `sent[kind]` counts the bytes this rank hands to each kind of collective (the input size; a ring
 reduce-scatter or all-gather puts (world - 1) / world of it on the wire), `calls[kind]` the calls.
 `destroy_process_group` ends a run, FSDP2's included, without leaving gloo's threads behind.
+
+Rank agreement: `Checks` carries named values that every rank must hold equal (micro-step counts, a
+code of the modality tags, ...) and named counts to sum, in one small fp64 all-reduce; the result
+says which names disagree. `code` is the one hash of a name into such a value. `host_values` is
+the one place a step reads a device tensor on the host (a synchronisation on a GPU): callers count it.
 """
 
 from __future__ import annotations
 
 import gc
+import zlib
 from collections import Counter
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensor
 
 
 class CollectiveError(RuntimeError):
     pass
+
+
+def code(text: str) -> int:
+    """A small integer for a name: its square stays exact in fp64 sums over any number of ranks."""
+    return zlib.crc32(text.encode()) % 2**16
+
+
+def host_values(t: torch.Tensor) -> list[float]:
+    """`t`'s values on the host, flattened (a synchronisation on a GPU: the callers count them). A
+    fake or meta tensor (the dry run, launcher/dryrun.py) has no values: it reads as zeros, which is
+    what a healthy step holds in every flag the step reads (no disagreement, nothing non-finite)."""
+    if isinstance(t, FakeTensor) or t.is_meta:
+        return [0.0] * t.numel()
+    return [float(x) for x in t.detach().reshape(-1).tolist()]
+
+
+@dataclass
+class Checks:
+    """Named values every rank must hold equal, and named counts summed over ranks: one all-reduce.
+
+    Each equal value x travels as (x, x^2) beside a 1 per rank: summed over n ranks, sum x^2 * n ==
+    (sum x)^2 exactly when every rank sent the same x (integers below 2^16 stay exact in fp64)."""
+
+    equal: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, float] = field(default_factory=dict)
+
+    def vector(self, device: torch.device) -> torch.Tensor:
+        """[1, (x, x^2) per equal value, counts...], filled element by element: on a GPU, no host sync."""
+        values = [1.0] + [v for x in self.equal.values() for v in (float(x), float(x) * float(x))]
+        values += [float(c) for c in self.counts.values()]
+        vector = torch.zeros(len(values), dtype=torch.float64, device=device)
+        for i, v in enumerate(values):
+            vector[i] = v
+        return vector
+
+    def read(self, summed: list[float]) -> "Agreed":
+        """What the all-reduced vector says: the names that differ, and the summed counts."""
+        n, equal = summed[0], len(self.equal)
+        differ = [name for i, name in enumerate(self.equal) if summed[2 + 2 * i] * n != summed[1 + 2 * i] ** 2]
+        counts = dict(zip(self.counts, summed[1 + 2 * equal:]))
+        return Agreed(differ, counts)
+
+    def agree(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> "Agreed":
+        """One blocking all-reduce and one host read."""
+        return self.read(host_values(all_reduce_sum(self.vector(device))))
+
+
+@dataclass(frozen=True)
+class Agreed:
+    differ: list[str]             # names of the equal values on which ranks disagreed
+    counts: dict[str, float]      # each count summed over ranks
 
 
 def destroy_process_group() -> None:

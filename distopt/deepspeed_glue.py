@@ -27,7 +27,7 @@ from typing import Optional
 
 import torch
 
-from distopt.registry import build_optimizer, owns_gradient_communication
+from distopt.registry import build_optimizer, owns_gradient_communication, split_clipping
 
 LAUNCHER_RANK_VARIABLES = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 
@@ -115,10 +115,8 @@ def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional
             raise ValueError(f"DeepSpeed config: {precision}.enabled is not supported: its loss scaler / fp32 master "
                              "copy rewrites gradients behind the optimizer. Keep fp32 parameters and use "
                              "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} for low-precision compute")
-    if not owns_gradient_communication(optimizer_name):
-        return cfg, None
-    clip = cfg.get("gradient_clipping", 0.0) or None
-    cfg["gradient_clipping"] = 0.0
+    clip, engine_clip = split_clipping(optimizer_name, cfg.get("gradient_clipping", 0.0) or None)
+    cfg["gradient_clipping"] = engine_clip or 0.0
     return cfg, clip
 
 

@@ -20,15 +20,24 @@ K not a power of two: the leftovers at the boundary are folded count-weighted, n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, Union
 
 Combine = Callable[[Any, int, Any, int], Any]
 Add = Callable[[Any, Any], Any]
 Scale = Callable[[Any, float], Any]
-Prepare = Callable[[Any, int], Any]  # prepare(mean of `count` micro-steps, count)
+Prepare = Callable[[Any, float], Any]  # prepare(mean of `count` micro-steps, count)
+
+
+class Fold(Protocol):
+    def push(self, item: Any, count: int = 1) -> None: ...
+
+    def result(self) -> Optional[tuple[Any, int]]: ...
+
+    def held(self) -> list[Any]: ...
+
 
 class TreeFold:
-    def __init__(self, combine: Combine, prepare: Prepare):
+    def __init__(self, combine: Combine, prepare: Prepare) -> None:
         self.combine, self.prepare = combine, prepare
         self.stack: list[tuple[Any, int]] = []
 
@@ -50,9 +59,13 @@ class TreeFold:
             self.stack.append((self.combine(older, n1, newer, n2), n1 + n2))
         return self.stack[0] if self.stack else None
 
+    def held(self) -> list[Any]:
+        """The items the fold holds now (for memory accounting)."""
+        return [item for item, _ in self.stack]
+
 
 class StreamingFold:
-    def __init__(self, combine: Combine, add: Add, scale: Scale, prepare: Prepare):
+    def __init__(self, combine: Combine, add: Add, scale: Scale, prepare: Prepare) -> None:
         self.combine, self.add, self.scale, self.prepare = combine, add, scale, prepare
         self.z: Optional[tuple[Any, int]] = None
         self.chunk: Optional[tuple[Any, int]] = None  # raw running sum of the current chunk, and its count
@@ -76,8 +89,13 @@ class StreamingFold:
             self._fold_chunk()
         return self.z
 
+    def held(self) -> list[Any]:
+        """The items the fold holds now (for memory accounting)."""
+        return [x[0] for x in (self.z, self.chunk) if x is not None]
 
-def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale, prepare: Prepare):
+
+def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale, prepare: Prepare) -> Union[TreeFold,
+                                                                                                StreamingFold]:
     """schedule: 'tree' or 'streaming' (validated by distopt.options.MLFOPOptions)."""
     if schedule == "tree":
         return TreeFold(combine, prepare)

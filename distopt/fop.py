@@ -25,7 +25,7 @@ FOP paper's F + lam I with lam relative to the metric's average eigenvalue (docs
 Also here, for the optimizer to call (docs/algorithm.md section 2 derives each):
     fold_eta            eta* with g_tot = the top-level fold's own a: in [1/2, 1] for every K and schedule
     cosine_sq           x = D^2 / (A E), the squared M^-1-cosine of a and p (FOP's effect is O(x))
-    correction_partials, relative_correction    ||G_fop - G|| / ||G||
+    correction_partials [||G_fop - G||^2, ||G||^2], summed over blocks and ranks into ||G_fop - G|| / ||G||
 """
 
 from __future__ import annotations
@@ -83,12 +83,6 @@ def eta_partials(g: torch.Tensor, c: torch.Tensor, dvec: torch.Tensor) -> torch.
     return torch.stack([(g * c / dvec).sum(dtype=torch.float64), (c * c / dvec).sum(dtype=torch.float64)])
 
 
-def eta_coefficient(partials: torch.Tensor) -> torch.Tensor:
-    """eta* = <g, c>_{M^-1} / <c, c>_{M^-1}; 1 where c = 0."""
-    gc, cc = partials.unbind(-1)
-    return torch.where(cc > 0, gc / torch.where(cc > 0, cc, torch.ones_like(cc)), torch.ones_like(cc))
-
-
 def _ratio(num: torch.Tensor, den: torch.Tensor, where_zero: float) -> torch.Tensor:
     """num / den, and `where_zero` where den <= 0."""
     ok = den > 0
@@ -124,11 +118,6 @@ def correction_partials(g: torch.Tensor, g_fop: torch.Tensor) -> torch.Tensor:
     not: Euclidean norms do not change); sums over blocks, slices and ranks like the partials."""
     diff = g_fop - g
     return torch.stack([(diff * diff).sum(dtype=torch.float64), (g * g).sum(dtype=torch.float64)])
-
-
-def relative_correction(partials: torch.Tensor) -> torch.Tensor:
-    """||G_fop - G|| / ||G|| from correction_partials (..., 2); 0 where G = 0."""
-    return _ratio(partials[..., 0], partials[..., 1], 0.0).sqrt()
 
 
 class BlockMetric:

@@ -10,16 +10,23 @@ ratios are formed:
 
 A table of shape (parameters, segments, width) holds the sums; when a parameter spans owners or the
 level is global it is completed by one small fp64 all-reduce, the only communication here.
+Head slices come from `head_splits` ({name pattern: (heads, dim)}; `attention_head_splits` writes
+them for Llama/Qwen2-style attention), planned per block by `head_segments`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import Counter
+from fnmatch import fnmatchcase
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from distopt.comm import host_values
 from distopt.fop import BlockMetric, cosine_sq, fold_eta, fop_coefficients, fop_combine
-from distopt.plan import Block
+from distopt.options import MLFOPOptions
+from distopt.plan import Block, Plan
+from distopt.soap import Layout
 
 Bundle = dict[int, torch.Tensor]  # one item per owned block (block index -> tensor)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -27,15 +34,44 @@ AllReduce = Callable[[torch.Tensor], torch.Tensor]
 ETA_FACTORS = {"mean": 1.0, "sum": 2.0, "none": 0.0}
 
 
+def attention_head_splits(num_heads: int, num_kv_heads: Optional[int] = None) -> dict[str, tuple[int, int]]:
+    """`head_splits` for Llama/Qwen2-style attention: q/k/v split by output rows, o_proj by input columns."""
+    kv = num_kv_heads or num_heads
+    return {"*q_proj.weight": (num_heads, 0), "*k_proj.weight": (kv, 0),
+            "*v_proj.weight": (kv, 0), "*o_proj.weight": (num_heads, 1)}
+
+
+def head_segments(head_splits: Optional[Mapping[str, tuple[int, int]]], names: Sequence[str], plan: Plan,
+                  layout: Callable[[Block], Layout]) -> dict[int, tuple[int, int]]:
+    """Block index -> (dim, heads) for every parameter a `head_splits` pattern names."""
+    segments = {}
+    for i, name in enumerate(names):
+        split = next((s for pat, s in (head_splits or {}).items() if fnmatchcase(name, pat)), None)
+        if split is None:
+            continue
+        heads, dim = split
+        blocks = plan.of_param(i)
+        shape = blocks[0].shape
+        if len(blocks) > 1 or layout(blocks[0]).precond_shape != shape or shape[dim] % heads:
+            raise ValueError(f"head_splits: parameter {name!r} of shape {shape} cannot be split into "
+                             f"{heads} heads along dim {dim} (needs one block, an unmerged layout and a "
+                             "divisible dim)")
+        segments[blocks[0].index] = (dim, heads)
+    if not segments:
+        raise ValueError(f"level='head': head_splits {list(head_splits or {})} matched no parameter name "
+                         "(pass named parameters, e.g. model.named_parameters())")
+    return segments
+
+
 class Levels:
-    def __init__(self, blocks: dict[int, Block], n_params: int, segments: dict[int, tuple[int, int]], level: str,
-                 *, tolerance: float, eta_convention: str, modality_weighting: str, modality_weight_beta: float,
-                 all_reduce_sum: AllReduce, needs_sums: bool, counters, device: torch.device):
-        self.blocks, self.n_params, self.level = blocks, n_params, level
+    def __init__(self, blocks: dict[int, Block], n_params: int, segments: dict[int, tuple[int, int]],
+                 options: MLFOPOptions, *, all_reduce_sum: AllReduce, needs_sums: bool, counters: Counter[str],
+                 device: torch.device) -> None:
+        self.blocks, self.n_params, self.level = blocks, n_params, options.level
         self.segments = segments
         self.max_segments = max([heads for _, heads in segments.values()] + [1])
-        self.tolerance, self.eta_convention = tolerance, eta_convention
-        self.modality_weighting, self.modality_weight_beta = modality_weighting, modality_weight_beta
+        self.tolerance, self.eta_convention = options.fop_tolerance, options.eta_convention
+        self.modality_weighting, self.modality_weight_beta = options.modality_weighting, options.modality_weight_beta
         self.all_reduce_sum, self.needs_sums, self.counters = all_reduce_sum, needs_sums, counters
         self.device = device
         self.modality_norm_ema: dict[str, float] = {}  # fisher_norm's running natural-gradient norms
@@ -89,7 +125,7 @@ class Levels:
         inverse = []
         for tag, mean in means.items():
             local = {i: metrics[i].eta_partials(x, x) for i, x in mean.items()}
-            norm = float(self.table(local, 2)[..., 1].sum()) ** 0.5  # at step(): a host sync, counted
+            norm = host_values(self.table(local, 2)[..., 1].sum())[0] ** 0.5  # at step(): a host sync, counted
             self.counters["host_syncs"] += 1
             ema = self.modality_norm_ema
             ema[tag] = norm if tag not in ema else beta * ema[tag] + (1 - beta) * norm
@@ -114,6 +150,6 @@ class Levels:
 
     def count_guarded(self) -> None:
         """The window's guarded folds join the counters (one host sync, at step())."""
-        self.counters["fop_beta_guarded"] += int(self.guarded)
+        self.counters["fop_beta_guarded"] += int(host_values(self.guarded)[0])
         self.counters["host_syncs"] += 1
         self.guarded.zero_()

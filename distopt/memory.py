@@ -35,7 +35,8 @@ import torch
 
 from distopt.options import MLFOPOptions
 from distopt.plan import Plan, make_plan
-from distopt.soap import SOAP, state_dtype
+from distopt.soap import state_dtype
+from distopt.soap_optimizer import SOAP
 
 ENGINES = ("deepspeed", "fsdp2")
 GiB = 2**30
@@ -89,8 +90,7 @@ def plan_for(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
         layout = soap.layout(params[i], group, shape)
         return tuple(zip(layout.precond_shape, layout.preconditioned))
 
-    names = [soap.routes[p].name or f"param{i}" for i, p in enumerate(params)]
-    return make_plan(list(zip(names, [tuple(p.shape) for p in params])), options.max_block, world, precond)
+    return make_plan(list(zip(soap.names, [tuple(p.shape) for p in params])), options.max_block, world, precond)
 
 
 def _rows_share(p: torch.Tensor, world: int, rank: int) -> int:

@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+import torch
+
 
 class OptionError(ValueError):
     """An invalid optimizer option. `field` names it; `detail` is the message without the field, for
@@ -113,7 +115,7 @@ LEVELS = ("layer", "head", "global")
 ETA_CONVENTIONS = ("mean", "sum", "none")
 MODALITY_WEIGHTINGS = ("none", "fisher_norm")
 CAPTURE_MODES = ("hooks", "manual")
-COMM_DTYPES = ("fp32", "bf16")
+COMM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # the dtype gradients are reduced in
 SECOND_MOMENTS = ("folded", "plain")
 COUPLINGS = ("moments", "update")
 
@@ -182,7 +184,7 @@ class MLFOPOptions(SOAPOptions):
         _check(self.max_grad_norm is None or (_number(self.max_grad_norm) and self.max_grad_norm > 0),
                "max_grad_norm", self.max_grad_norm, "must be > 0 (or None for no clipping)")
         _check(_number(self.bucket_mb) and self.bucket_mb > 0, "bucket_mb", self.bucket_mb, "must be > 0")
-        _choice("comm_dtype", self.comm_dtype, COMM_DTYPES)
+        _choice("comm_dtype", self.comm_dtype, tuple(COMM_DTYPES))
         _check(_number(self.fop_damping) and 0 <= self.fop_damping < float("inf"), "fop_damping", self.fop_damping,
                "must be a finite number >= 0 (0: undamped)")
         _choice("second_moment", self.second_moment, SECOND_MOMENTS)
@@ -254,7 +256,7 @@ class RuleOptions:
             raise OptionError("pair_source", f"pair_source={detail}", detail)
 
     def check_world(self, world: int) -> None:
-        if hasattr(self.base_options, "check_world"):
+        if isinstance(self.base_options, MLFOPOptions):
             self.base_options.check_world(world)
 
 

@@ -18,6 +18,9 @@ Each owner's blocks are laid out back to back in its *share* (backward order: la
 first, since their gradients are ready first); every share is padded to the largest, the *slot*
 W, so that one [world, W] buffer is what reduce-scatter and all-gather move. Padding = world W - N
 elements, printed by `summary()`.
+
+A `Piece` is what a distributor delivers to the owner of blocks: one reduction's gradients of the
+blocks this rank owns (the data type the distributors and the accumulation window share).
 """
 
 from __future__ import annotations
@@ -26,7 +29,10 @@ import hashlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
+
+if TYPE_CHECKING:
+    import torch
 
 PrecondDims = tuple[tuple[int, bool], ...]  # per dim of the block's preconditioning layout: (size, rotated)
 
@@ -52,6 +58,20 @@ class Block:
     def state_numel(self) -> int:
         """fp32 elements of its SOAP state: m and v, plus a factor and a basis per rotated side."""
         return 2 * self.numel + sum(2 * d * d for d, rotated in self.precond if rotated)
+
+
+@dataclass
+class Piece:
+    """Reduced gradients of this rank's owned blocks (block index -> tensor in block shape, in the
+    communication dtype): the sum over `ranks` ranks of `microsteps` micro-steps, divided by `divisor`
+    to be this piece's share of the mean over all ranks (a sum over every rank: divisor = world; a
+    mean already, as FSDP2 reduces: 1)."""
+
+    group: str                         # "chunk", a modality tag, "even" or "odd"
+    microsteps: int
+    ranks: int
+    divisor: int
+    grads: dict[int, "torch.Tensor"]
 
 
 def block_slices(shape: Sequence[int], max_block: Optional[int]) -> list[tuple[slice, ...]]:

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
+import torch.distributed as dist
 
 from distopt.mlfop import MLFOPSOAP
 from distopt.options import (RULES, AdamWOptions, MLFOPOptions, OptionError, RuleOptions, SOAPOptions,
                              option_names)
 from distopt.rules import TwoObjective
-from distopt.soap import SOAP
+from distopt.soap_optimizer import SOAP
 
 
 @dataclass(frozen=True)
@@ -26,28 +27,28 @@ class Entry:
     owns_gradient_communication: bool = False     # reduces gradients across ranks itself, clips inside step()
 
 
-def _fields(options) -> dict:
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+def _adamw(params: Iterable[Any], options: AdamWOptions,
+           process_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, **dataclasses.asdict(options))
 
 
-def _adamw(params, options: AdamWOptions, process_group=None):
-    return torch.optim.AdamW(params, **_fields(options))
+def _soap(params: Iterable[Any], options: SOAPOptions,
+          process_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
+    return SOAP(params, options)
 
 
-def _soap(params, options: SOAPOptions, process_group=None):
-    return SOAP(params, **_fields(options))
+def _mlfop(params: Iterable[Any], options: MLFOPOptions,
+           process_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
+    return MLFOPSOAP(params, options, process_group=process_group)
 
 
-def _mlfop(params, options: MLFOPOptions, process_group=None):
-    return MLFOPSOAP(params, process_group=process_group, **_fields(options))
-
-
-def _rule(params, options: RuleOptions, process_group=None):
+def _rule(params: Iterable[Any], options: RuleOptions,
+          process_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
     base_options = options.base_options
     if isinstance(base_options, MLFOPOptions):  # the wrapper hands it the rule's two terms as micro-steps
         base_options = dataclasses.replace(base_options, capture="manual")
     base = OPTIMIZERS[options.base].build(params, base_options, process_group)
-    return TwoObjective(base, **{k: v for k, v in _fields(options).items() if k not in ("base", "base_options")})
+    return TwoObjective(base, options)
 
 
 OPTIMIZERS: dict[str, Entry] = {
@@ -103,6 +104,13 @@ def parse_options(name: str, params: Optional[Mapping] = None) -> Any:
 def owns_gradient_communication(name: str) -> bool:
     _check_name(name)
     return OPTIMIZERS[name].owns_gradient_communication
+
+
+def split_clipping(name: str, max_norm: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+    """Who clips at `max_norm`: (the optimizer, the engine). An optimizer that owns gradient
+    communication clips inside step(), on the reduced gradient (an engine would clip by each rank's
+    local, unreduced norm, or find p.grad already consumed); any other leaves it to the engine."""
+    return (max_norm, None) if owns_gradient_communication(name) else (None, max_norm)
 
 
 def build_optimizer(spec: Mapping, params: Iterable, process_group=None) -> torch.optim.Optimizer:

@@ -43,14 +43,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import zlib
-from typing import Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import torch
 
-from distopt.capture import MicrostepCapture, TakesMicrosteps
-from distopt.comm import Comm
+from distopt.capture import MicrostepCapture
+from distopt.clipping import clip_scale
+from distopt.comm import Checks, Comm, code, host_values
 from distopt.options import RULES, RuleOptions
+from distopt.protocols import Instrumented, TakesMicrosteps, comm_bytes_of, counters_of, in_window, stats_of
 
 MODALITY_TAGS = (("text", "understanding"), ("image", "generation"))  # index 0: text, 1: image
 
@@ -148,12 +149,14 @@ class TwoObjective(torch.optim.Optimizer):
     micro-steps (ML-FOP-SOAP with capture='manual') is handed the rule's two terms as two micro-steps.
     """
 
-    def __init__(self, base: torch.optim.Optimizer, **options):
-        self.options = RuleOptions(**options)
-        if isinstance(base, TakesMicrosteps) and base.options.capture != "manual":
+    def __init__(self, base: torch.optim.Optimizer, options: Optional[RuleOptions] = None, **kwargs: Any) -> None:
+        if options is not None and kwargs:
+            raise TypeError(f"pass either options= or keyword arguments, not both (got {sorted(kwargs)})")
+        self.options = options if options is not None else RuleOptions(**kwargs)
+        if isinstance(base, TakesMicrosteps) and not base.manual:
             raise ValueError("TwoObjective hands its base the rule's two terms as micro-steps: build the base "
                              "with capture='manual' (distopt.build_optimizer does)")
-        self.base = base
+        self._base = base
         super().__init__([p for g in base.param_groups for p in g["params"]], {})
         self.param_groups = base.param_groups
         self.state = base.state
@@ -177,17 +180,33 @@ class TwoObjective(torch.optim.Optimizer):
         self._capture = MicrostepCapture(self._params, self, self.options.capture)
 
     @property
-    def counters(self) -> dict[str, int]:
+    def base(self) -> torch.optim.Optimizer:
+        """The optimizer that steps and holds the state (built from the same config by the registry)."""
+        return self._base
+
+    @property
+    def counters(self) -> Mapping[str, float]:
         """The wrapper's step counts and the base optimizer's counters (eigh, QR, folds...)."""
-        return {**getattr(self.base, "counters", {}), **self._counts}
+        return {**counters_of(self.base), **self._counts}
 
     def stats(self) -> dict[str, float]:
         """The base optimizer's (ML-FOP-SOAP: |beta*| and eta*), for logging."""
-        return self.base.stats() if hasattr(self.base, "stats") else {}
+        return stats_of(self.base)
+
+    def comm_bytes(self) -> dict[str, int]:
+        """Bytes this rank handed to each kind of collective: the rule's all-reduce and the base's own."""
+        out = dict(comm_bytes_of(self.base))
+        for kind, n in self.comm.sent.items():
+            out[kind] = out.get(kind, 0) + n
+        return out
 
     @property
     def in_window(self) -> bool:
-        return bool(self._sums) or getattr(self.base, "in_window", False)
+        return bool(self._sums) or in_window(self.base)
+
+    @property
+    def manual(self) -> bool:
+        return self.options.capture == "manual"
 
     def describe(self) -> str:
         return f"TwoObjective({self.rule}, {self.granularity}, {type(self.base).__name__})"
@@ -233,10 +252,8 @@ class TwoObjective(torch.optim.Optimizer):
         tags = sorted(self._sums)
         device = self._params[0].device
         if self.comm.world > 1:
-            code = zlib.crc32("\0".join(tags).encode()) % 2**20  # code^2 sums stay exact in fp64
-            check = self.comm.all_reduce_sum(torch.tensor([code, code * code], dtype=torch.float64, device=device))
-            world = self.comm.world
-            if check[0] != world * code or check[1] != world * code**2:  # zero variance: every rank sent `code`
+            agreed = Checks(equal={"modalities": code("\0".join(tags))}).agree(self.comm.all_reduce_sum, device)
+            if agreed.differ:
                 raise RuntimeError(f"{self.rule}: ranks saw different modalities this step (this rank: {tags}); "
                                    "every rank must run the same modality in each micro-step")
         dtype = functools.reduce(torch.promote_types, [p.dtype for p in self._params])
@@ -254,9 +271,9 @@ class TwoObjective(torch.optim.Optimizer):
             for p in self._params:
                 out[t].append(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        seen = (flat[offset:offset + len(self._params)] > 0).tolist()
-        pairs = flat[offset + len(self._params):].view(len(tags), 2).tolist()
-        return out, seen, {t: total / count for t, (total, count) in zip(tags, pairs) if count > 0}
+        tail = host_values(flat[offset:])
+        seen, pairs = [v > 0 for v in tail[:len(self._params)]], tail[len(self._params):]
+        return out, seen, {t: pairs[2 * j] / pairs[2 * j + 1] for j, t in enumerate(tags) if pairs[2 * j + 1] > 0}
 
     def _terms(self, tags: list[str], g1: list[torch.Tensor], g2: list[torch.Tensor],
                losses: dict[str, float]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -319,11 +336,12 @@ class TwoObjective(torch.optim.Optimizer):
     def _clip(self, terms: list[list[torch.Tensor]]) -> None:
         if self.max_grad_norm is None:
             return
-        norm = float(sum(_dot(s, s) for s in (sum(parts) for parts in zip(*terms)))) ** 0.5
-        if norm > self.max_grad_norm:
+        norm_sq = host_values(sum(_dot(s, s) for s in (sum(parts) for parts in zip(*terms))))[0]
+        scale = clip_scale(norm_sq, self.max_grad_norm)
+        if scale != 1.0:
             for parts in terms:
                 for t in parts:
-                    t.mul_(self.max_grad_norm / (norm + 1e-6))
+                    t.mul_(scale)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -376,5 +394,5 @@ class TwoObjective(torch.optim.Optimizer):
 
     def close(self) -> None:
         self._capture.remove()
-        if hasattr(self.base, "close"):
+        if isinstance(self.base, Instrumented):
             self.base.close()

@@ -16,22 +16,18 @@ factor GG_i of every preconditioned dim i (identity for the others):
 
 The first step() of a parameter only collects statistics (GG, then Q = eigh(GG)), so the current
 gradient is never used in its own projection. This matches the reference soap.py; the functions
-below are the pure tensor math, the class holds state and the torch.optim contract.
+below are the pure tensor math; distopt.soap_optimizer.SOAP holds state and the torch.optim contract.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-
-from distopt.options import SOAPOptions
-from distopt.routing import ParamRoute, route_parameters, routing_summary
 
 Basis = list[Optional[torch.Tensor]]  # one orthogonal matrix per dim; None = identity (not rotated)
 
@@ -238,105 +234,3 @@ def soap_update(st: dict, param: torch.Tensor, g: torch.Tensor, layout: Layout, 
         m_orig = unrotate(st["exp_avg"], basis)
         st["Q"], st["exp_avg_sq"] = refresh_basis(st["GG"], basis, st["exp_avg_sq"], counters)
         st["exp_avg"] = rotate(m_orig, st["Q"])
-
-
-# ---------------------------------------------------------------------------------------------------
-# The optimizer
-
-
-class SOAP(torch.optim.Optimizer):
-    """SOAP with the reference semantics of nikhilvyas/SOAP soap.py (its arguments and defaults,
-    distopt.options.SOAPOptions), for tensors or (name, tensor) pairs.
-
-    One difference when parameters are named (e.g. ``model.named_parameters()``): names enable
-    routing, so parameters matching ``adam_patterns`` (embeddings, output heads) take the Adam path
-    unless they match ``soap_patterns``; the reference would rotate their smaller side. Unnamed
-    tensors follow the reference exactly. 1-D parameters take Adam unless precondition_1d.
-    """
-
-    Options = SOAPOptions
-    COUNTERS = ("eigh", "eigh_fp64_retry", "eigh_failed", "eigh_seconds", "qr", "qr_failed", "qr_seconds")
-
-    accepts_sharded_parameters = False  # FSDP2's DTensors hold rows; MLFOPSOAP's distributor gathers blocks of them
-
-    def __init__(self, params: Iterable, **options):
-        self.options = self.Options(**options)
-        super().__init__(params, self.options.group_defaults())
-        # a DTensor is known by its placements (this module does no communication, so imports none of it)
-        if not self.accepts_sharded_parameters and any(hasattr(p, "placements") for g in self.param_groups
-                                                       for p in g["params"]):
-            raise ValueError("SOAP rotates whole matrices and these parameters are FSDP2 shards (DTensor): use "
-                             "MLFOPSOAP(params, fop=False), the same update with its state sharded over the ranks "
-                             "(the launcher builds it for optimizer.name: soap under engine: fsdp2)")
-        self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
-            self.param_groups, adam_patterns=self.options.adam_patterns, soap_patterns=self.options.soap_patterns)
-        self.counters: Counter = Counter(dict.fromkeys(self.COUNTERS, 0))
-        self._verbose = self.options.verbose
-        self._summary_printed = False
-
-    # -- layout and routing ------------------------------------------------------------------------
-
-    def layout(self, p: torch.Tensor, group: dict, shape: Optional[Sequence[int]] = None) -> Layout:
-        """How `p` (or a block of it with `shape`) is viewed for preconditioning, from its group's options."""
-        return make_layout(p.shape if shape is None else shape, soap_path=self.routes[p].path == "soap",
-                           max_precond_dim=group["max_precond_dim"], merge_dims=group["merge_dims"],
-                           precondition_1d=group["precondition_1d"], channels_last=group["data_format"] == "channels_last")
-
-    def routing_summary(self) -> dict:
-        """Counts and bytes per path ('soap' rotates at least one dim, 'adam' rotates none)."""
-        layouts = {p: self.layout(p, g) for g in self.param_groups for p in g["params"]}
-        return routing_summary(self.routes, layouts)
-
-    def _print_summary_once(self) -> None:
-        if self._summary_printed or not self._verbose:
-            return
-        self._summary_printed = True
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank():
-            return
-        s = self.routing_summary()
-        print(f"[distopt] {type(self).__name__} routing: " + ", ".join(
-            f"{k}: {v['count']} params, {v['numel']} elements ({v['bytes'] / 2**20:.2f} MiB)" for k, v in s.items()),
-            file=sys.stderr)
-
-    # -- the step ----------------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._print_summary_once()
-        self._update()
-        return loss
-
-    def _update(self) -> None:
-        """Apply one step to every parameter with a gradient."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    layout = self.layout(p, group)
-                    soap_update(self.state[p], p, layout.to_precond(p.grad.to(state_dtype(p))), layout, group,
-                                self.counters)
-
-    # -- torch.optim contract ----------------------------------------------------------------------
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load hyper-parameters and state without torch's cast of state tensors to the parameter dtype:
-        our state is fp32 (or fp64) whatever the parameter dtype, so resuming stays bit-identical."""
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for idx, p in zip(saved_ids, params):
-            if idx in state_dict["state"]:
-                self.state[p] = _to_device(state_dict["state"][idx], p.device)
-
-
-def _to_device(value, device: torch.device):
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone().to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_to_device(v, device) for v in value]
-    return value

@@ -196,7 +196,7 @@ def _validate_optimizer(o: OptimizerConfig, b: BatchConfig, world_size: int) -> 
     _check(o.max_grad_norm is None or o.max_grad_norm > 0, "optimizer.max_grad_norm", "must be > 0 or null")
     try:
         options = parse_options(o.name, o.params)
-        if hasattr(options, "check_world"):
+        if isinstance(options, (MLFOPOptions, RuleOptions)):
             options.check_world(world_size)
     except OptionError as e:
         raise ConfigError(f"optimizer.params.{e.field}: {e.detail}") from None

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
 from distopt import build_optimizer, deepspeed_glue
-from distopt.registry import owns_gradient_communication
+from distopt.registry import split_clipping
 
 ENGINES = ("deepspeed", "fsdp2")
 
@@ -96,6 +96,16 @@ def shard(model: torch.nn.Module, world: int, replicate: int, bf16: bool, device
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def resolve(engine: str, spec: dict) -> dict:
+    """The optimizer an engine builds for a config's {name, params}: the spec itself, except SOAP under
+    FSDP2, which runs as MLFOPSOAP(fop=False) (the same update, its state sharded over the ranks by
+    block: SOAP rotates whole matrices and FSDP2's parameters are row shards)."""
+    spec = {"name": spec["name"], "params": dict(spec.get("params") or {})}
+    if engine == "fsdp2" and spec["name"] == "soap":
+        spec = {"name": "mlfop_soap", "params": {**spec["params"], "fop": False}}
+    return spec
+
+
 def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
                  grad_accum: int, max_grad_norm, bf16: bool, replicate: int = 1, deepspeed: dict | None = None,
                  activation_checkpointing: bool = False):
@@ -111,11 +121,9 @@ def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, m
     device = local_device()
     model.to(device)  # fp32: FSDP2's sharded parameters are the masters, bf16 only in compute
     shard(model, world, replicate, bf16, device)
-    spec = {"name": optimizer_spec["name"], "params": dict(optimizer_spec.get("params") or {})}
-    if spec["name"] == "soap":  # SOAP over shards is MLFOPSOAP(fop=False): the same update, state on block owners
-        spec = {"name": "mlfop_soap", "params": {**spec["params"], "fop": False}}
-    owns = owns_gradient_communication(spec["name"])
-    if max_grad_norm and owns:
-        spec["params"]["max_grad_norm"] = max_grad_norm
+    spec = resolve(engine, optimizer_spec)
+    optimizer_clip, engine_clip = split_clipping(spec["name"], max_grad_norm or None)
+    if optimizer_clip:
+        spec["params"]["max_grad_norm"] = optimizer_clip
     optimizer = build_optimizer(spec, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    return FSDP2Engine(model, optimizer, grad_accum, device, None if owns else max_grad_norm), optimizer
+    return FSDP2Engine(model, optimizer, grad_accum, device, engine_clip), optimizer

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from distopt.memory import ENGINES, GiB, Activations, Estimate, estimate, format_table
-from distopt.options import MLFOPOptions, SOAPOptions
+from distopt.options import MLFOPOptions, RuleOptions, SOAPOptions
 from distopt.registry import parse_options
 from launcher.config import Config, ConfigError, read_config
 from launcher.engines import decoder_layers
@@ -58,7 +58,8 @@ def optimizer_plan(cfg: Config, engine: str) -> tuple[MLFOPOptions, bool]:
     as MLFOPSOAP(fop=False)): unrotated (AdamW: max_precond_dim 0) ML-FOP-SOAP without FOP holds as much
     (AdamW under fsdp2 a little less: its state follows FSDP2's rows, not whole blocks on owners)."""
     options = parse_options(cfg.optimizer.name, cfg.optimizer.params)
-    options = getattr(options, "base_options", options)
+    if isinstance(options, RuleOptions):
+        options = options.base_options
     if isinstance(options, MLFOPOptions):
         return options, True
     soap = options.__dict__ if isinstance(options, SOAPOptions) else {"max_precond_dim": 0}

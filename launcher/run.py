@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from distopt import comm, deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
+from distopt.protocols import RecordsLosses, TakesMicrosteps, comm_bytes_of, counters_of, stats_of
 from launcher.cluster import srun_env
 from launcher.config import Config, ConfigError, load_config
 from launcher.engines import build_engine, local_device
@@ -246,12 +247,13 @@ def run_step(run: Run, probe_geometry: bool) -> StepResult:
         seconds["forward"] += time.perf_counter() - t
         t = time.perf_counter()
         with contextlib.ExitStack() as tagged:
-            for owner in (opt, probe):
-                if hasattr(owner, "modality"):
-                    tagged.enter_context(owner.modality(batch["modality"]))
+            if isinstance(opt, TakesMicrosteps):
+                tagged.enter_context(opt.modality(batch["modality"]))
+            if probe is not None:
+                tagged.enter_context(probe.modality(batch["modality"]))
             engine.backward(result["loss"])
         seconds["backward"] += time.perf_counter() - t
-        if hasattr(opt, "record_loss"):  # GradNorm balances the modalities by their losses
+        if isinstance(opt, RecordsLosses):  # GradNorm balances the modalities by their losses
             opt.record_loss(batch["modality"], result["loss"])
         for kind in ("text", "image"):  # (sum of micro-step losses, micro-steps) of the kind
             seen = result[f"n_{kind}"] > 0
@@ -275,8 +277,8 @@ def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
                 if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def _optimizer_seconds(opt) -> float:
-    return float(getattr(opt, "counters", {}).get("microstep_seconds", 0.0))
+def _optimizer_seconds(opt: torch.optim.Optimizer) -> float:
+    return float(counters_of(opt).get("microstep_seconds", 0.0))
 
 
 def all_ranks_finite(losses: dict[str, float], device: torch.device) -> bool:
@@ -298,12 +300,11 @@ def log_step(run: Run, step: int, result: StepResult) -> None:
                    "throughput/tokens_per_s": result.tokens_per_micro * cfg.batch.grad_accum * run.world
                    / result.seconds["step"], **geometry})
     values["data/skipped_records"] = float(run.sampler.skipped)
-    values.update({f"optimizer/{k}": float(v) for k, v in getattr(opt, "counters", {}).items()})
-    fop = opt.stats() if hasattr(opt, "stats") else {}
+    values.update({f"optimizer/{k}": float(v) for k, v in counters_of(opt).items()})
+    fop = stats_of(opt)
     run.history["fop"].append({"step": step, **{k: v for k, v in fop.items() if k.endswith("_mean")}})
     values.update({f"fop/{k}": v for k, v in fop.items()})
-    distributor = getattr(getattr(opt, "base", opt), "distributor", None)
-    values.update({f"comm/{k}_bytes": float(v) for k, v in getattr(distributor, "sent", {}).items()})
+    values.update({f"comm/{k}_bytes": float(v) for k, v in comm_bytes_of(opt).items()})
     run.logger.scalars(step, values)
     if run.progress is None and run.rank == 0:
         print(f"step {step + 1}/{cfg.schedule.steps} " + " ".join(

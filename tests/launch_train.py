@@ -77,7 +77,7 @@ def main() -> None:
         torch.save([p.detach().clone() for p in model.parameters()], os.path.join(args.out, "params.pt"))
         with open(os.path.join(args.out, "stats.json"), "w") as f:
             json.dump(dict(world=world, allreduce_calls=allreduce_calls[0], counters=dict(opt.counters),
-                           sent=dict(opt.distributor.sent), shm_op=shm, summed=summed.unique().tolist(),
+                           sent=opt.comm_bytes(), shm_op=shm, summed=summed.unique().tolist(),
                            shm_files=[deepspeed_glue.shared_memory_buffer(r) for r in range(world)]), f)
     comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
 

@@ -232,7 +232,7 @@ def _train(config, rank, world):
     return dict(history=history, counters=dict(opt.counters), sent=dict(opt.distributor.sent),
                 calls=dict(opt.distributor.calls), owned=len(opt.distributor.owned),
                 numel=sum(b.numel for b in opt.plan.blocks), slot=opt.plan.slot,
-                buckets=getattr(opt.distributor, "n_buckets", 1), masters=masters_of(model, opt),
+                masters=masters_of(model, opt),
                 first_masters=first_masters if config.get("steps", 5) > 1 else None,
                 initial_masters=initial_masters, memory=opt.memory_bytes(),
                 bytes=dict(params=sum(_local(p).numel() * p.element_size() for p in model.parameters()),

@@ -7,8 +7,20 @@ import torch
 import dense
 from dense import fop, random_spd
 from distopt.fold import make_fold
-from distopt.fop import (BlockMetric, correction_partials, cosine_sq, eta_coefficient, fold_eta, fop_coefficients,
-                         fop_combine, relative_correction)
+from distopt.fop import BlockMetric, correction_partials, cosine_sq, fold_eta, fop_coefficients, fop_combine
+
+
+def eta_coefficient(partials: torch.Tensor) -> torch.Tensor:
+    """eta* = <g, c>_{M^-1} / <c, c>_{M^-1}; 1 where c = 0 (the general definition fold_eta specialises)."""
+    gc, cc = partials.unbind(-1)
+    return torch.where(cc > 0, gc / torch.where(cc > 0, cc, torch.ones_like(cc)), torch.ones_like(cc))
+
+
+def relative_correction(partials: torch.Tensor) -> torch.Tensor:
+    """||G_fop - G|| / ||G|| from correction_partials (..., 2), as MLFOPSOAP.stats() forms it; 0 where G = 0."""
+    ok = partials[..., 1] > 0
+    return torch.where(ok, partials[..., 0] / torch.where(ok, partials[..., 1], 1.0), 0.0).sqrt()
+
 
 N = 12
 TOL = 1e-5

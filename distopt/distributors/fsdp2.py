@@ -16,21 +16,22 @@ them. The owner keeps an fp32 master of each block (fetched once from the shards
 kept with the block's state in checkpoints): it cannot update a DTensor's rows in place.
 
 Rows follow `torch.chunk` (FSDP2's split): with n rows on S ranks, rank i holds
-[min(i c, n), min((i + 1) c, n)) with c = ceil(n / S), possibly none.
+[min(i c, n), min((i + 1) c, n)) with c = ceil(n / S), possibly none (`rows_of`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from distopt.distributor import CollectiveDistributor, check_vector
-from distopt.plan import Block
-from distopt.window import Piece
+from distopt.comm import Checks
+from distopt.distributors.base import BlockStates, CollectiveDistributor
+from distopt.options import MLFOPOptions
+from distopt.plan import Block, Piece, Plan, Precond
 
 
 def rows_of(n: int, world: int, rank: int) -> tuple[int, int]:
@@ -59,16 +60,12 @@ class _Exchange:
     recv: Optional[torch.Tensor] = None
     send: Optional[torch.Tensor] = None
     work: object = None
-    check: Optional[tuple] = None
 
 
 class FSDP2Distributor(CollectiveDistributor):
     """Owners within the shard group of FSDP2-sharded (DTensor) parameters; see the module docstring."""
 
-    replicated_params = False
-    divisor = 1  # FSDP2 hands over the mean over ranks already
-
-    def __init__(self, params: list[DTensor], comm_dtype: torch.dtype = torch.float32):
+    def __init__(self, params: Sequence[DTensor], comm_dtype: torch.dtype = torch.float32) -> None:
         mesh = params[0].device_mesh
         dims = {shard_dim(p) for p in params}
         if len(dims) != 1 or any(p.device_mesh != mesh for p in params):
@@ -83,7 +80,13 @@ class FSDP2Distributor(CollectiveDistributor):
         self._open: Optional[_Exchange] = None
         self._pending: list[_Exchange] = []
 
-    def make_plan(self, params, max_block, precond, digest_extra=""):
+    def check(self, options: MLFOPOptions) -> None:
+        if options.fop and options.pair_source == "ranks":
+            raise ValueError("pair_source='ranks' folds per-rank gradients, but FSDP2's reduce-scatter hands over the "
+                             "mean over ranks; use 'microstep' or 'modality' with FSDP2-sharded parameters")
+
+    def make_plan(self, params: Sequence[tuple[str, Sequence[int]]], max_block: Optional[int], precond: Precond,
+                  digest_extra: str = "") -> Plan:
         plan = super().make_plan(params, max_block, precond, f"{digest_extra}|fsdp2|{self.comm_dtype}")
         # rows: the part of block b that rank r holds, as (first, last) global rows, or None
         self._rows = {(b.index, r): self._overlap(b, r) for b in plan.blocks for r in range(self.world)}
@@ -103,24 +106,26 @@ class FSDP2Distributor(CollectiveDistributor):
         rows = self._rows[(b.index, rank)]
         return 0 if rows is None else (rows[1] - rows[0]) * (b.numel // max(b.shape[0], 1) if b.shape else 1)
 
-    def _local_piece(self, local: torch.Tensor, b: Block, rank: int) -> torch.Tensor:
+    def _local_rows(self, local: torch.Tensor, b: Block, rank: int) -> torch.Tensor:
         """This rank's rows of block b, from its local shard (rows counted from the shard's first row)."""
-        first, last = self._rows[(b.index, rank)]
+        rows = self._rows[(b.index, rank)]
+        assert rows is not None
         lo = rows_of(self._shapes[b.param][0], self.world, rank)[0]
-        return local[(slice(first - lo, last - lo),) + tuple(b.slices[1:])].reshape(-1)
+        return local[(slice(rows[0] - lo, rows[1] - lo),) + tuple(b.slices[1:])]
 
     # -- redistribution of gradients ---------------------------------------------------------------
 
-    def open(self, group, microsteps, ranks, check):
-        self._open = _Exchange(Piece(group, microsteps, 1, {}))
-        vector = check_vector(check, self.device)
-        self._open.check = (vector, self.comm.all_reduce_sum(vector, async_op=True))
+    def open(self, group: str, microsteps: int, ranks: int, check: Checks) -> None:
+        self._send_check(check)
+        self._open = _Exchange(Piece(group, microsteps, 1, 1, {}))
 
-    def add(self, param, grad):
+    def add(self, param: int, grad: Optional[torch.Tensor]) -> None:
+        assert self._open is not None, "add() outside a reduction: open() first"
         self._open.grads[param] = None if grad is None else grad.to_local()
 
-    def close(self):
+    def close(self) -> None:
         ex = self._open
+        assert ex is not None, "close() outside a reduction: open() first"
         pieces = []
         for r in range(self.world):
             for b in self._by_owner[r]:
@@ -128,24 +133,25 @@ class FSDP2Distributor(CollectiveDistributor):
                     continue
                 local = ex.grads.get(b.param)
                 n = self._numel(b, self.rank)
-                pieces.append(self._local_piece(local, b, self.rank).to(self.comm_dtype) if local is not None else
-                              torch.zeros(n, dtype=self.comm_dtype, device=self.device))
+                pieces.append(self._local_rows(local, b, self.rank).reshape(-1).to(self.comm_dtype)
+                              if local is not None else torch.zeros(n, dtype=self.comm_dtype, device=self.device))
         ex.grads = {}
         ex.send = self.meter.hold("send", torch.cat(pieces) if pieces else
                                   torch.zeros(0, dtype=self.comm_dtype, device=self.device))
-        ex.recv = self.meter.hold("recv", torch.empty(sum(self._recv_splits), dtype=self.comm_dtype, device=self.device))
+        ex.recv = self.meter.hold("recv", torch.empty(sum(self._recv_splits), dtype=self.comm_dtype,
+                                                      device=self.device))
         ex.work = self.comm.all_to_all(ex.recv, ex.send, self._recv_splits, self._send_splits)
         self._pending.append(ex)
         self._open = None
 
-    def take(self):
+    def take(self) -> list[Piece]:
         out = []
         for ex in self._pending:
+            assert ex.send is not None and ex.recv is not None
             self.comm.wait(ex.work, "all_to_all")
             self.meter.release("send", ex.send)
             ex.piece.grads = self._assemble(ex.recv)
             self.meter.release("recv", ex.recv)
-            self._checks.append(ex.check)
             out.append(ex.piece)
         self._pending = []
         return out
@@ -158,44 +164,68 @@ class FSDP2Distributor(CollectiveDistributor):
             for b in self._by_owner[self.rank]:
                 n = self._numel(b, r)
                 if n:
-                    first, last = self._rows[(b.index, r)]
-                    parts[b.index].append(recv[offset:offset + n].view((last - first,) + tuple(b.shape[1:])))
+                    rows = self._rows[(b.index, r)]
+                    assert rows is not None
+                    parts[b.index].append(recv[offset:offset + n].view((rows[1] - rows[0],) + tuple(b.shape[1:])))
                     offset += n
         return {b.index: torch.cat(parts[b.index]) if len(parts[b.index]) > 1 else parts[b.index][0]
                 for b in self.owned}
 
     # -- masters and the update --------------------------------------------------------------------
 
-    def fetch(self, params: list[DTensor]) -> dict[int, torch.Tensor]:
+    def keeps_master(self, param: torch.Tensor) -> bool:
+        return True  # the owner cannot update a DTensor's rows held elsewhere: it updates its master
+
+    def step_counts(self, states: BlockStates) -> dict[str, float]:
+        """Owned blocks without a master yet (a new run, or one resumed from replicated parameters):
+        if any rank has one, every rank takes part in the all-to-all that fetches them."""
+        return {"masters_missing": float(sum("master" not in states[b.index] for b in self.owned))}
+
+    def targets(self, params: Sequence[torch.Tensor], states: BlockStates, blocks: Sequence[Block],
+                counts: Mapping[str, float]) -> dict[int, torch.Tensor]:
+        if counts.get("masters_missing", 0):
+            for index, master in self._fetch(params).items():
+                states[index].setdefault("master", master)
+        return {b.index: states[b.index]["master"] for b in blocks}
+
+    def _fetch(self, params: Sequence[torch.Tensor]) -> dict[int, torch.Tensor]:
         """The current value of every owned block, from the shards (one all-to-all): the owners' masters."""
         dtype = self.master_dtype
-        send = [self._local_piece(params[b.param].to_local(), b, self.rank).to(dtype)
-                for r in range(self.world) for b in self._by_owner[r] if self._rows[(b.index, self.rank)] is not None]
-        send = torch.cat(send) if send else torch.zeros(0, dtype=dtype, device=self.device)
+        send_parts = [self._local_rows(_local(params[b.param]), b, self.rank).reshape(-1).to(dtype)
+                      for r in range(self.world) for b in self._by_owner[r]
+                      if self._rows[(b.index, self.rank)] is not None]
+        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=dtype, device=self.device)
         recv = torch.empty(sum(self._recv_splits), dtype=dtype, device=self.device)
         self.comm.wait(self.comm.all_to_all(recv, send, self._recv_splits, self._send_splits), "all_to_all")
         return self._assemble(recv)
 
-    def write_back(self, params, values=None):
-        """The owners' new block values (`values`: block index -> fp32 block) into every holder's rows, sent
-        in the parameters' dtype when they share one (the rows are cast to it anyway: bf16 halves the bytes)."""
+    def write_back(self, params: Sequence[torch.Tensor], states: BlockStates, blocks: Sequence[Block]) -> None:
+        """Every owned block's master into every holder's rows, sent in the parameters' dtype when they
+        share one (the rows are cast to it anyway: bf16 halves the bytes)."""
         dtypes = {p.dtype for p in params}
         wire = dtypes.pop() if len(dtypes) == 1 else self.master_dtype
-        send = [values[b.index][(slice(self._rows[(b.index, r)][0] - b.slices[0].start,
-                                       self._rows[(b.index, r)][1] - b.slices[0].start),)].reshape(-1).to(wire)
-                for r in range(self.world) for b in self._by_owner[self.rank] if self._rows[(b.index, r)] is not None]
-        send = torch.cat(send) if send else torch.zeros(0, dtype=wire, device=self.device)
+        send_parts = []
+        for r in range(self.world):
+            for b in self._by_owner[self.rank]:
+                rows = self._rows[(b.index, r)]
+                if rows is not None:
+                    start = b.slices[0].start
+                    master = states[b.index]["master"]
+                    send_parts.append(master[rows[0] - start:rows[1] - start].reshape(-1).to(wire))
+        send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=wire, device=self.device)
         recv = torch.empty(sum(self._send_splits), dtype=wire, device=self.device)
         self.comm.wait(self.comm.all_to_all(recv, send, self._send_splits, self._recv_splits), "all_to_all")
         offset = 0
         for r in range(self.world):
             for b in self._by_owner[r]:
                 n = self._numel(b, self.rank)
-                if not n:
-                    continue
-                first, last = self._rows[(b.index, self.rank)]
-                local = params[b.param].to_local()
-                lo = rows_of(self._shapes[b.param][0], self.world, self.rank)[0]
-                target = local[(slice(first - lo, last - lo),) + tuple(b.slices[1:])]
-                target.copy_(recv[offset:offset + n].view(target.shape))
-                offset += n
+                if n:
+                    target = self._local_rows(_local(params[b.param]), b, self.rank)
+                    target.copy_(recv[offset:offset + n].view(target.shape))
+                    offset += n
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter."""
+    assert isinstance(p, DTensor)
+    return p.to_local()
