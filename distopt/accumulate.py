@@ -19,14 +19,15 @@ distopt.window.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 
 from distopt.comm import Checks, code, host_values
 from distopt.distributors import Distributor
+from distopt.soap import Counters
 
 KEEP, REDUCE, STASH = "keep", "reduce", "stash"
 
@@ -73,7 +74,7 @@ class Accumulator:
     stashed or handed to the distributor; `flush` hands over what the schedule left for step()."""
 
     def __init__(self, params: Sequence[torch.Tensor], schedule: Schedule, distributor: Distributor,
-                 counters: Counter[str]) -> None:
+                 counters: Counters) -> None:
         self.params, self.schedule, self.distributor, self.counters = list(params), schedule, distributor, counters
         self.reset()
 

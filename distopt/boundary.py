@@ -9,8 +9,9 @@ until `stats()` is asked for them (a logging step).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -71,11 +72,11 @@ class Boundary:
             beta, eta, x, folded, diff, total = rows[6 * i:6 * i + 6]
             if folded < 0.5:
                 continue
-            values = dict(beta_abs=beta, eta=eta, cosine_sq=x, correction=(diff / total) ** 0.5 if total > 0 else 0.0)
-            for kind, value in values.items():
+            row = dict(beta_abs=beta, eta=eta, cosine_sq=x, correction=(diff / total) ** 0.5 if total > 0 else 0.0)
+            for kind, value in row.items():
                 out[f"{kind}/{name}"] = value
                 columns.setdefault(kind, []).append(value)
-        for kind, values in columns.items():
-            out.update({f"{kind}_mean": sum(values) / len(values), f"{kind}_min": min(values),
-                        f"{kind}_max": max(values)})
+        for kind, column in columns.items():
+            out.update({f"{kind}_mean": sum(column) / len(column), f"{kind}_min": min(column),
+                        f"{kind}_max": max(column)})
         return out

@@ -16,8 +16,10 @@ bumps the tensor's version counter; an assignment replaces the object), at no me
 from __future__ import annotations
 
 import contextlib
+import functools
 import weakref
-from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -42,11 +44,18 @@ class MicrostepCapture:
         self.tag: Optional[str] = None
         self._in_backward = False
         self._versions: dict[int, tuple[int, int]] = {}  # param index -> (id, version) of p.grad after a backward
-        self._handles = []
+        self._handles: list[Any] = []
         if mode == "hooks":
             ref = weakref.ref(self)
+
+            def hook(p: torch.Tensor, i: int) -> None:
+                capture = ref()
+                if capture is not None:
+                    capture._on_grad(i, p)
+
             for i, p in enumerate(self.params):
-                self._handles.append(p.register_post_accumulate_grad_hook(lambda p, i=i, ref=ref: ref()._on_grad(i, p)))
+                self._handles.append(p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                    functools.partial(hook, i=i)))
 
     def _on_grad(self, index: int, p: torch.Tensor) -> None:
         if not self._in_backward:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import gc
 import zlib
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -66,14 +67,14 @@ class Checks:
             vector[i] = v
         return vector
 
-    def read(self, summed: list[float]) -> "Agreed":
+    def read(self, summed: list[float]) -> Agreed:
         """What the all-reduced vector says: the names that differ, and the summed counts."""
         n, equal = summed[0], len(self.equal)
         differ = [name for i, name in enumerate(self.equal) if summed[2 + 2 * i] * n != summed[1 + 2 * i] ** 2]
-        counts = dict(zip(self.counts, summed[1 + 2 * equal:]))
+        counts = dict(zip(self.counts, summed[1 + 2 * equal:], strict=True))
         return Agreed(differ, counts)
 
-    def agree(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> "Agreed":
+    def agree(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Agreed:
         """One blocking all-reduce and one host read."""
         return self.read(host_values(all_reduce_sum(self.vector(device))))
 
@@ -111,10 +112,10 @@ class Comm:
         initialised = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if initialised else 0
         self.world = dist.get_world_size(group) if initialised else 1
-        self.sent: Counter = Counter()
-        self.calls: Counter = Counter()
+        self.sent: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
 
-    def _call(self, kind: str, nbytes: int, fn, *args, **kwargs) -> Any:
+    def _call(self, kind: str, nbytes: int, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.sent[kind] += nbytes
         self.calls[kind] += 1
         try:
@@ -123,7 +124,7 @@ class Comm:
             raise CollectiveError(f"rank {self.rank}: {kind} #{self.calls[kind]} failed ({type(e).__name__}: {e}); "
                                   "if another rank stopped first, its error names the cause") from e
 
-    def wait(self, work, kind: str) -> None:
+    def wait(self, work: Any, kind: str) -> None:
         """Wait on an async call; on a GPU this only orders the current stream after it (no host sync)."""
         try:
             work.wait()
@@ -131,22 +132,22 @@ class Comm:
             raise CollectiveError(f"rank {self.rank}: waiting on {kind} failed ({type(e).__name__}: {e}); "
                                   "if another rank stopped first, its error names the cause") from e
 
-    def reduce_scatter(self, output: torch.Tensor, buffer: torch.Tensor):
+    def reduce_scatter(self, output: torch.Tensor, buffer: torch.Tensor) -> Any:
         """Sum `buffer` ([world, n] flattened) over ranks; this rank receives row `rank` in `output` (async)."""
         return self._call("reduce_scatter", buffer.numel() * buffer.element_size(), dist.reduce_scatter_single,
                           output, buffer, async_op=True)
 
-    def all_gather(self, output: torch.Tensor, mine: torch.Tensor):
+    def all_gather(self, output: torch.Tensor, mine: torch.Tensor) -> Any:
         """Every rank's `mine` (n elements) into `output` ([world, n] flattened), async."""
         return self._call("all_gather", mine.numel() * mine.element_size(), dist.all_gather_single,
                           output, mine, async_op=True)
 
-    def all_to_all(self, output: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int]):
+    def all_to_all(self, output: torch.Tensor, send: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> Any:
         """Uneven all-to-all: send[in_splits[r] elements] to rank r, receive out_splits[r] from rank r (async)."""
         return self._call("all_to_all", send.numel() * send.element_size(), dist.all_to_all_single, output, send,
                           output_split_sizes=out_splits, input_split_sizes=in_splits, async_op=True)
 
-    def all_reduce_sum(self, vector: torch.Tensor, async_op: bool = False):
+    def all_reduce_sum(self, vector: torch.Tensor, async_op: bool = False) -> Any:
         """A small sum over ranks (fp64 scalars: FOP partials, norms, flags, checks), in place."""
         work = self._call("all_reduce", vector.numel() * vector.element_size(), dist.all_reduce, vector,
                           async_op=async_op)

@@ -19,11 +19,12 @@ our object, and clipping set twice.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -81,16 +82,14 @@ def _unlink_shared_memory_buffer() -> None:
     if not shared_memory_all_reduce():
         return  # the same answer on every rank: the barrier below is reached by all or by none
     dist.barrier()
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(shared_memory_buffer(dist.get_rank()))
-    except FileNotFoundError:
-        pass
 
 
 def engine_config(micro_batch_size: int, grad_accum: int, world_size: int, max_grad_norm: Optional[float],
-                  extra: Optional[dict] = None) -> dict:
+                  extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The DeepSpeed JSON of a run: stage 0, our optimizer object, the user's extra keys on top."""
-    ds = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
+    ds: dict[str, Any] = {"train_micro_batch_size_per_gpu": micro_batch_size, "gradient_accumulation_steps": grad_accum,
           "train_batch_size": micro_batch_size * grad_accum * world_size,
           "gradient_clipping": max_grad_norm or 0.0,
           "zero_optimization": {"stage": 0}, "steps_per_print": 10**9, "wall_clock_breakdown": False}
@@ -98,7 +97,7 @@ def engine_config(micro_batch_size: int, grad_accum: int, world_size: int, max_g
     return ds
 
 
-def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional[float]]:
+def prepare_config(ds_config: dict[str, Any], optimizer_name: str) -> tuple[dict[str, Any], Optional[float]]:
     """Validate a DeepSpeed config for a distopt optimizer; returns (config to use, clip norm to apply
     inside the optimizer or None)."""
     cfg = copy.deepcopy(ds_config)
@@ -107,20 +106,22 @@ def prepare_config(ds_config: dict, optimizer_name: str) -> tuple[dict, Optional
                          "(configure it under optimizer {name, params} in the distopt config)")
     stage = cfg.get("zero_optimization", {}).get("stage", 0)
     if stage:
-        raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage} is not supported: ZeRO stages >= 1 hand "
-                         "the optimizer flat 1-D partitions, so SOAP's Kronecker factors cannot be formed. Use stage 0; "
-                         "MLFOPSOAP shards its own state (factors, eigenbases, moments) across ranks")
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage={stage} is not supported: ZeRO stages >= 1 "
+                         "hand the optimizer flat 1-D partitions, so SOAP's Kronecker factors cannot be formed. Use "
+                         "stage 0; MLFOPSOAP shards its own state (factors, eigenbases, moments) across ranks")
     for precision in ("fp16", "bf16"):
         if cfg.get(precision, {}).get("enabled"):
-            raise ValueError(f"DeepSpeed config: {precision}.enabled is not supported: its loss scaler / fp32 master "
-                             "copy rewrites gradients behind the optimizer. Keep fp32 parameters and use "
-                             "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} for low-precision compute")
+            raise ValueError(f"DeepSpeed config: {precision}.enabled is not supported: its loss scaler / fp32 "
+                             "master copy rewrites gradients behind the optimizer. Keep fp32 parameters and use "
+                             "\"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} for low-precision "
+                             "compute")
     clip, engine_clip = split_clipping(optimizer_name, cfg.get("gradient_clipping", 0.0) or None)
     cfg["gradient_clipping"] = engine_clip or 0.0
     return cfg, clip
 
 
-def initialize(model: torch.nn.Module, optimizer_spec: dict, ds_config: dict):
+def initialize(model: torch.nn.Module, optimizer_spec: dict[str, Any],
+               ds_config: dict[str, Any]) -> tuple[Any, torch.optim.Optimizer]:
     """deepspeed.initialize with our optimizer (the process group must exist: init_distributed);
     returns (engine, optimizer)."""
     import deepspeed
@@ -134,9 +135,9 @@ def initialize(model: torch.nn.Module, optimizer_spec: dict, ds_config: dict):
                              f"max_grad_norm={params['max_grad_norm']}; keep one")
         params["max_grad_norm"] = clip
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    built = []
+    built: list[torch.optim.Optimizer] = []
 
-    def make(_params):
+    def make(_params: Any) -> torch.optim.Optimizer:
         """DeepSpeed calls this once the engine has set its device and placed the model, so the optimizer's
         buffers and its first collective land on that device. It passes unnamed parameters; routing needs
         the names, which are those of the same (moved) parameter objects."""

@@ -20,7 +20,8 @@ K not a power of two: the leftovers at the boundary are folded count-weighted, n
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Protocol, Union
+from collections.abc import Callable
+from typing import Any, Optional, Protocol, Union
 
 Combine = Callable[[Any, int, Any, int], Any]
 Add = Callable[[Any, Any], Any]
@@ -75,11 +76,13 @@ class StreamingFold:
         if self.z is None:
             self.z = (self.prepare(item if count == 1 else self.scale(item, 1.0 / count), count), count)
             return
-        self.chunk = (item, count) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + count)
-        if self.chunk[1] >= self.z[1]:
+        chunk = (item, count) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + count)
+        self.chunk = chunk
+        if chunk[1] >= self.z[1]:
             self._fold_chunk()
 
     def _fold_chunk(self) -> None:
+        assert self.z is not None and self.chunk is not None
         (z, nz), (total, nc) = self.z, self.chunk
         self.z = (self.combine(z, nz, self.prepare(self.scale(total, 1.0 / nc), nc), nc), nz + nc)
         self.chunk = None

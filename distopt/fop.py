@@ -30,6 +30,7 @@ Also here, for the optimizer to call (docs/algorithm.md section 2 derives each):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
@@ -73,9 +74,10 @@ def fop_coefficients(partials: torch.Tensor, tolerance: float) -> tuple[torch.Te
     return s, beta, guarded
 
 
-def fop_combine(a: torch.Tensor, d: torch.Tensor, s, beta) -> torch.Tensor:
+def fop_combine(a: torch.Tensor, d: torch.Tensor, s: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """c = a + beta (d - s a)."""
-    return a + beta * (d - s * a)
+    c: torch.Tensor = a + beta * (d - s * a)
+    return c
 
 
 def eta_partials(g: torch.Tensor, c: torch.Tensor, dvec: torch.Tensor) -> torch.Tensor:
@@ -152,7 +154,9 @@ class BlockMetric:
         """A fold item in the eigenbasis, ready for Adam's moments."""
         return item if self.segments is None else rotate(item, self.basis)
 
-    def _slices(self, x: torch.Tensor):
+    def _slices(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Each head's slice of x, zero-padded to x's shape and rotated."""
+        assert self.segments is not None
         dim, n = self.segments
         for chunk_index, chunk in enumerate(x.chunk(n, dim)):
             padded = torch.zeros_like(x)
@@ -163,13 +167,15 @@ class BlockMetric:
         """Fold partials, shape (n_segments, 5)."""
         if self.segments is None:
             return fop_partials(a, d, self.dvec).unsqueeze(0)
-        return torch.stack([fop_partials(ra, rd, self.dvec) for ra, rd in zip(self._slices(a), self._slices(d))])
+        pairs = zip(self._slices(a), self._slices(d), strict=True)
+        return torch.stack([fop_partials(ra, rd, self.dvec) for ra, rd in pairs])
 
     def eta_partials(self, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """eta partials of two fold items (the plain gradient and the combined one); (n_segments, 2)."""
         if self.segments is None:
             return eta_partials(g, c, self.dvec).unsqueeze(0)
-        return torch.stack([eta_partials(rg, rc, self.dvec) for rg, rc in zip(self._slices(g), self._slices(c))])
+        pairs = zip(self._slices(g), self._slices(c), strict=True)
+        return torch.stack([eta_partials(rg, rc, self.dvec) for rg, rc in pairs])
 
     def expand(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-segment values (n_segments,) as a tensor broadcastable against `like` (layout space)."""

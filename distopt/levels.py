@@ -16,9 +16,9 @@ them for Llama/Qwen2-style attention), planned per block by `head_segments`.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from fnmatch import fnmatchcase
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -26,7 +26,7 @@ from distopt.comm import host_values
 from distopt.fop import BlockMetric, cosine_sq, fold_eta, fop_coefficients, fop_combine
 from distopt.options import MLFOPOptions
 from distopt.plan import Block, Plan
-from distopt.soap import Layout
+from distopt.soap import Counters, Layout
 
 Bundle = dict[int, torch.Tensor]  # one item per owned block (block index -> tensor)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -65,7 +65,7 @@ def head_segments(head_splits: Optional[Mapping[str, tuple[int, int]]], names: S
 
 class Levels:
     def __init__(self, blocks: dict[int, Block], n_params: int, segments: dict[int, tuple[int, int]],
-                 options: MLFOPOptions, *, all_reduce_sum: AllReduce, needs_sums: bool, counters: Counter[str],
+                 options: MLFOPOptions, *, all_reduce_sum: AllReduce, needs_sums: bool, counters: Counters,
                  device: torch.device) -> None:
         self.blocks, self.n_params, self.level = blocks, n_params, options.level
         self.segments = segments

@@ -28,13 +28,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
 from distopt.options import MLFOPOptions
-from distopt.plan import Plan, make_plan
+from distopt.plan import Plan, PrecondDims, make_plan
 from distopt.soap import state_dtype
 from distopt.soap_optimizer import SOAP
 
@@ -54,7 +55,8 @@ class Activations:
 
     def bytes(self) -> int:
         per_layer = 34 * self.tokens * self.hidden
-        body = (2 * self.tokens * self.hidden * self.layers + per_layer) if self.checkpointing else per_layer * self.layers
+        layers = self.layers
+        body = (2 * self.tokens * self.hidden * layers + per_layer) if self.checkpointing else per_layer * layers
         return body + self.tokens * self.vocab * 6
 
 
@@ -86,11 +88,12 @@ def plan_for(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
     params = [p for g in soap.param_groups for p in g["params"]]
     group = soap.param_groups[0]
 
-    def precond(i, shape):
+    def precond(i: int, shape: tuple[int, ...]) -> PrecondDims:
         layout = soap.layout(params[i], group, shape)
-        return tuple(zip(layout.precond_shape, layout.preconditioned))
+        return tuple(zip(layout.precond_shape, layout.preconditioned, strict=True))
 
-    return make_plan(list(zip(soap.names, [tuple(p.shape) for p in params])), options.max_block, world, precond)
+    shapes = [tuple(p.shape) for p in params]
+    return make_plan(list(zip(soap.names, shapes, strict=True)), options.max_block, world, precond)
 
 
 def _rows_share(p: torch.Tensor, world: int, rank: int) -> int:
@@ -136,6 +139,7 @@ def estimate(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
                            communication=comm, **common)
         if best is None or est.total > best.total:
             best = est
+    assert best is not None, "world >= 1 ranks"
     return best
 
 

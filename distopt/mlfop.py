@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any, ClassVar, Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -76,11 +77,12 @@ class MLFOPSOAP(SOAP):
         o.check_world(self.distributor.world)
         self.distributor.check(o)
         sequence = f"{o.fop}|{o.pair_source}|{o.fold_schedule}|{o.level}|{[str(p.dtype) for p in self._params]}"
-        self._plan = self.distributor.make_plan([(n, tuple(p.shape)) for n, p in zip(names, self._params)],
+        self._plan = self.distributor.make_plan([(n, tuple(p.shape)) for n, p in zip(names, self._params, strict=True)],
                                                 o.max_block, self._block_precond, sequence)
         self._blocks = {b.index: b for b in self._plan.blocks}
         segments = head_segments(o.head_splits, names, self._plan, self.block_layout) if o.level == "head" else {}
-        self.levels = Levels(self._blocks, len(self._params), segments, o, all_reduce_sum=self.distributor.all_reduce_sum,
+        self.levels = Levels(self._blocks, len(self._params), segments, o,
+                             all_reduce_sum=self.distributor.all_reduce_sum,
                              needs_sums=o.level == "global" or bool(self._plan.split_params()),
                              counters=self.counters, device=self.distributor.device)
         self.accumulator = Accumulator(self._params, Schedule(o.fop, o.pair_source, o.fold_schedule), self.distributor,
@@ -100,7 +102,7 @@ class MLFOPSOAP(SOAP):
         """A block's own preconditioning dims (size, rotated), for the plan's cost and memory model."""
         p = self._params[param]
         layout = self.layout(p, self._group_of[p], shape)
-        return tuple(zip(layout.precond_shape, layout.preconditioned))
+        return tuple(zip(layout.precond_shape, layout.preconditioned, strict=True))
 
     def block_layout(self, b: Block) -> Layout:
         p = self._params[b.param]
@@ -250,7 +252,8 @@ class MLFOPSOAP(SOAP):
         return self.distributor.keeps_master(self._params[b.param])
 
     def block_device(self, b: Block) -> torch.device:
-        return self._params[b.param].device
+        device: torch.device = self._params[b.param].device
+        return device
 
     def block_states(self) -> list[tuple[Block, dict[str, Any]]]:
         """The state of every block this rank owns (what a checkpoint saves)."""

@@ -13,8 +13,9 @@ Runtime objects (a process group, a distributor) are constructor arguments, not 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -54,7 +55,7 @@ class AdamWOptions:
     weight_decay: float = 0.01
     amsgrad: bool = False
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         _check(_number(self.lr) and self.lr >= 0, "lr", self.lr, "must be a number >= 0")
         _check(len(self.betas) == 2 and all(_number(b) and 0.0 <= b < 1.0 for b in self.betas), "betas", self.betas,
@@ -84,7 +85,7 @@ class SOAPOptions:
     soap_patterns: tuple[str, ...] = ()
     verbose: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
         if self.adam_patterns is not None:
             object.__setattr__(self, "adam_patterns", tuple(self.adam_patterns))
@@ -103,7 +104,7 @@ class SOAPOptions:
         _check(self.data_format in ("channels_first", "channels_last"), "data_format", self.data_format,
                "choose 'channels_first' or 'channels_last'")
 
-    def group_defaults(self) -> dict:
+    def group_defaults(self) -> dict[str, Any]:
         """The per-group hyper-parameters torch.optim keeps in param_groups."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(SOAPOptions)
                 if f.name not in ("adam_patterns", "soap_patterns", "verbose")}
@@ -158,7 +159,7 @@ class MLFOPOptions(SOAPOptions):
     coupling: str = "moments"
     fop_gamma: float = 1.0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         super().__post_init__()
         _check(isinstance(self.fop, bool), "fop", self.fop, "must be true or false")
         _choice("pair_source", self.pair_source, PAIR_SOURCES)
@@ -195,7 +196,8 @@ class MLFOPOptions(SOAPOptions):
                    "coupling='update' applies FOP after Adam's normalisation, where eta* (fitted to the folded "
                    "gradient the step no longer follows) does not apply: set eta_convention='none'")
             _check(self.second_moment == "folded", "second_moment", self.second_moment,
-                   "coupling='update' keeps SOAP's moments exactly SOAP's (v from G): leave second_moment at its default")
+                   "coupling='update' keeps SOAP's moments exactly SOAP's (v from G): leave second_moment at its "
+                   "default")
 
     def check_world(self, world: int) -> None:
         """Checks that need the number of ranks."""
@@ -228,7 +230,7 @@ class RuleOptions:
     gradnorm_lr: Optional[float] = None
     base_options: Any = field(default=None)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         _choice("rule", self.rule, RULES)
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("capture", self.capture, CAPTURE_MODES)

@@ -28,8 +28,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
     import torch
@@ -71,7 +72,7 @@ class Piece:
     microsteps: int
     ranks: int
     divisor: int
-    grads: dict[int, "torch.Tensor"]
+    grads: dict[int, torch.Tensor]
 
 
 def block_slices(shape: Sequence[int], max_block: Optional[int]) -> list[tuple[slice, ...]]:
@@ -92,10 +93,10 @@ def block_cost(numel: int, precond: PrecondDims) -> float:
 class Plan:
     blocks: tuple[Block, ...]
     world_size: int
-    _owned: dict = field(default=None, repr=False, compare=False)
+    _owned: dict[int, list[Block]] = field(default_factory=dict, repr=False, compare=False)
 
-    def __post_init__(self):
-        owned = {r: [] for r in range(self.world_size)}
+    def __post_init__(self) -> None:
+        owned: dict[int, list[Block]] = {r: [] for r in range(self.world_size)}
         for b in self.blocks:
             owned[b.owner].append(b)
         for r in owned:
@@ -133,7 +134,7 @@ class Plan:
         text = repr([(b.name, b.slices, b.owner) for b in self.blocks]) + f"|{self.world_size}|{extra}"
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def summary(self) -> list[dict]:
+    def summary(self) -> list[dict[str, Any]]:
         """Per rank: blocks, elements, fp32 state bytes (m, v, and factor + basis of every rotated side)
         and cost; the slot and padding are the same on every row."""
         rows = [dict(rank=r, blocks=0, numel=0, state_bytes=0, cost=0.0, slot=self.slot, padding=self.padding)

@@ -7,15 +7,15 @@ built, so the launcher refuses a bad config with the same message the constructo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from distopt.mlfop import MLFOPSOAP
-from distopt.options import (RULES, AdamWOptions, MLFOPOptions, OptionError, RuleOptions, SOAPOptions,
-                             option_names)
+from distopt.options import RULES, AdamWOptions, MLFOPOptions, OptionError, RuleOptions, SOAPOptions, option_names
 from distopt.rules import TwoObjective
 from distopt.soap_optimizer import SOAP
 
@@ -67,14 +67,14 @@ def _check_name(name: str) -> None:
         raise OptionError("name", f"optimizer name {name!r} is unknown: choose one of {sorted(OPTIMIZERS)}")
 
 
-def _base_name(name: str, params: Optional[Mapping]) -> str:
-    base = (params or {}).get("base", "adamw")
+def _base_name(name: str, params: Optional[Mapping[str, Any]]) -> str:
+    base = str((params or {}).get("base", "adamw"))
     if base not in BASES:
         raise OptionError("base", f"optimizer {name!r}: base={base!r} is invalid: choose one of {BASES}")
     return base
 
 
-def valid_arguments(name: str, params: Optional[Mapping] = None) -> list[str]:
+def valid_arguments(name: str, params: Optional[Mapping[str, Any]] = None) -> list[str]:
     """Keyword arguments the optimizer `name` accepts (a two-objective rule: its own plus its base
     optimizer's, params["base"], AdamW by default). Raises OptionError for an unknown name or base."""
     _check_name(name)
@@ -84,7 +84,7 @@ def valid_arguments(name: str, params: Optional[Mapping] = None) -> list[str]:
     return own
 
 
-def parse_options(name: str, params: Optional[Mapping] = None) -> Any:
+def parse_options(name: str, params: Optional[Mapping[str, Any]] = None) -> Any:
     """The validated options object of optimizer `name` from a config's params; every mistake is an
     OptionError naming its field."""
     kwargs = dict(params or {})
@@ -113,7 +113,8 @@ def split_clipping(name: str, max_norm: Optional[float]) -> tuple[Optional[float
     return (max_norm, None) if owns_gradient_communication(name) else (None, max_norm)
 
 
-def build_optimizer(spec: Mapping, params: Iterable, process_group=None) -> torch.optim.Optimizer:
+def build_optimizer(spec: Mapping[str, Any], params: Iterable[Any],
+                    process_group: Optional[dist.ProcessGroup] = None) -> torch.optim.Optimizer:
     """Build from {"name": ..., "params": {...}}; params may be tensors or (name, tensor) pairs.
 
     An unknown name, key or argument is a ValueError (OptionError) that names it and lists the valid ones.

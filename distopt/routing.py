@@ -8,11 +8,15 @@ take Adam by default: their vocabulary side is huge and rarely worth a factor; n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from distopt.soap import Layout
 
 DEFAULT_ADAM_PATTERNS = ("*embed*", "*wte*", "*wpe*", "*head.weight")
 
@@ -28,14 +32,14 @@ def _matches(name: Optional[str], patterns: Sequence[str]) -> bool:
     return name is not None and any(fnmatchcase(name, pat) for pat in patterns)
 
 
-def route_parameters(param_groups: list[dict], adam_patterns: Optional[Sequence[str]] = None,
+def route_parameters(param_groups: list[dict[str, Any]], adam_patterns: Optional[Sequence[str]] = None,
                      soap_patterns: Sequence[str] = ()) -> dict[torch.Tensor, ParamRoute]:
     """Decide each parameter's path from its name and shape only (deterministic on every rank)."""
     adam_patterns = DEFAULT_ADAM_PATTERNS if adam_patterns is None else tuple(adam_patterns)
     routes: dict[torch.Tensor, ParamRoute] = {}
     for group in param_groups:
         names = group.get("param_names") or [None] * len(group["params"])
-        for name, p in zip(names, group["params"]):
+        for name, p in zip(names, group["params"], strict=True):
             if _matches(name, soap_patterns):
                 routes[p] = ParamRoute(name, "soap", "soap_patterns")
             elif p.dim() >= 2 and _matches(name, adam_patterns):
@@ -45,7 +49,8 @@ def route_parameters(param_groups: list[dict], adam_patterns: Optional[Sequence[
     return routes
 
 
-def routing_summary(routes: dict[torch.Tensor, ParamRoute], layouts: dict) -> dict[str, dict[str, int]]:
+def routing_summary(routes: dict[torch.Tensor, ParamRoute],
+                    layouts: dict[torch.Tensor, Layout]) -> dict[str, dict[str, int]]:
     """Counts, elements and bytes per effective path: 'soap' if at least one dim is rotated."""
     out = {"soap": dict(count=0, numel=0, bytes=0), "adam": dict(count=0, numel=0, bytes=0)}
     for p in routes:

@@ -43,7 +43,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Optional, Union
 
 import torch
 
@@ -58,6 +59,11 @@ MODALITY_TAGS = (("text", "understanding"), ("image", "generation"))  # index 0:
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(dtype=torch.float64)
+
+
+def _sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of at least one tensor (Python's sum starts from the integer 0)."""
+    return functools.reduce(torch.add, tensors)
 
 
 def mgda_alpha(g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> torch.Tensor:
@@ -98,7 +104,8 @@ def modality_index(tag: str, field: str) -> int:
                      f"{MODALITY_TAGS[1]}; tag micro-steps with one of those names")
 
 
-def rule_weights(rule: str, g11: torch.Tensor, g12: torch.Tensor, g22: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rule_weights(rule: str, g11: torch.Tensor, g12: torch.Tensor,
+                 g22: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(w1, w2) with direction = w1 g1 + w2 g2 (mean convention), from the group's dot products; for the
     rules that need nothing else (GradNorm's weights are state, see TwoObjective)."""
     if rule not in RULES or rule == "gradnorm":
@@ -133,6 +140,42 @@ def module_of(name: Optional[str], fallback: int) -> str:
     return lora.group(1) if lora else name.rsplit(".", 1)[0]
 
 
+class GradNorm:
+    """GradNorm's runtime state: the loss weights per group (per tag) and the initial losses L_i(0);
+    `weights` gives this step's pair, `step` moves them after the step used them (gradnorm_weights)."""
+
+    def __init__(self, alpha: float, lr: float) -> None:
+        self.alpha, self.lr = alpha, lr
+        self.state: dict[str, dict[str, Any]] = {"initial_loss": {}, "weights": {}}
+
+    def weights(self, key: str, tags: list[str], like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if float(like[0]) == 0 or float(like[1]) == 0:  # one modality only: follow it, at the vanilla scale
+            return torch.full_like(like[0], 0.5), torch.full_like(like[0], 0.5)
+        weights = self.state["weights"].get(key, {})
+        w1, w2 = (weights.get(t, 1.0) / 2 for t in tags)
+        return torch.full_like(like[0], w1), torch.full_like(like[0], w2)
+
+    def step(self, tags: list[str], dots: dict[str, list[torch.Tensor]], losses: dict[str, float]) -> None:
+        """Move every group's weights (groups both modalities reach)."""
+        missing = [t for t in tags if t not in losses]
+        if missing:
+            raise RuntimeError(f"gradnorm: no loss recorded for modality {missing} this step; call "
+                               "optimizer.record_loss(tag, loss) for every micro-step")
+        for t in tags:
+            self.state["initial_loss"].setdefault(t, losses[t])
+        current = torch.tensor([losses[t] for t in tags], dtype=torch.float64)
+        initial = torch.tensor([self.state["initial_loss"][t] for t in tags], dtype=torch.float64)
+        initial = initial.clamp_min(torch.finfo(torch.float64).tiny)
+        for key, (g11, _, g22) in dots.items():
+            if float(g11) == 0 or float(g22) == 0:
+                continue
+            old = self.state["weights"].get(key, {})
+            weights = torch.tensor([old.get(t, 1.0) for t in tags], dtype=torch.float64)
+            norms = torch.stack([g11, g22]).to("cpu", torch.float64).sqrt()  # host scalars, as the weights
+            new = gradnorm_weights(weights, norms, current, initial, self.alpha, self.lr)
+            self.state["weights"][key] = dict(zip(tags, new.tolist(), strict=True))
+
+
 class TwoObjective(torch.optim.Optimizer):
     """Combine two per-modality gradients by `rule`, then step `base`, a built optimizer (the registry
     builds it from the same config). Options: distopt.options.RuleOptions (rule, granularity, capture,
@@ -163,8 +206,8 @@ class TwoObjective(torch.optim.Optimizer):
         self.rule, self.granularity, self.max_grad_norm = self.options.rule, self.options.granularity, \
             self.options.max_grad_norm
         self.modality_weights = self.options.modality_weights or (1.0, 1.0)
-        self.gradnorm_alpha = 1.5 if self.options.gradnorm_alpha is None else self.options.gradnorm_alpha
-        self.gradnorm_lr = 0.025 if self.options.gradnorm_lr is None else self.options.gradnorm_lr
+        self.gradnorm = GradNorm(1.5 if self.options.gradnorm_alpha is None else self.options.gradnorm_alpha,
+                                 0.025 if self.options.gradnorm_lr is None else self.options.gradnorm_lr)
         self._params = [p for g in self.param_groups for p in g["params"]]
         names = [n for g in self.param_groups for n in (g.get("param_names") or [None] * len(g["params"]))]
         self._groups: dict[str, list[int]] = {}  # group key -> indices into self._params
@@ -175,8 +218,7 @@ class TwoObjective(torch.optim.Optimizer):
         self.last_weights: dict[str, tuple[float, float]] = {}  # group -> (w1, w2) of the last combined step
         self._sums: dict[str, dict[torch.Tensor, torch.Tensor]] = {}
         self._tag: Optional[str] = None
-        self._runtime: dict = {}
-        self._losses: dict[str, list] = {}  # tag -> [sum of recorded losses (a tensor), micro-steps] this step
+        self._losses: dict[str, list[Any]] = {}  # tag -> [sum of recorded losses (a tensor), micro-steps] this step
         self._capture = MicrostepCapture(self._params, self, self.options.capture)
 
     @property
@@ -237,6 +279,7 @@ class TwoObjective(torch.optim.Optimizer):
         self._tag = tag
 
     def grad_ready(self, index: int, p: torch.Tensor) -> None:
+        assert self._tag is not None and p.grad is not None
         acc = self._sums.setdefault(self._tag, {})
         acc[p] = p.grad if p not in acc else acc[p].add_(p.grad)
         p.grad = None
@@ -265,7 +308,8 @@ class TwoObjective(torch.optim.Optimizer):
                           for t in tags for p in self._params] + [present, losses])
         if self.comm.world > 1:
             flat = self.comm.all_reduce_sum(flat) / self.comm.world
-        out, offset = {}, 0
+        out: dict[str, list[torch.Tensor]] = {}
+        offset = 0
         for t in tags:
             out[t] = []
             for p in self._params:
@@ -280,63 +324,42 @@ class TwoObjective(torch.optim.Optimizer):
         """The rule's two weighted terms 2 w1 g1 and 2 w2 g2 per parameter (their sum is the update)."""
         t1, t2 = list(g1), list(g2)
         self.last_weights = {}
-        dots = {}
+        dots: dict[str, list[torch.Tensor]] = {}
         for key, members in self._groups.items():
-            dots[key] = [sum(_dot(a[i], b[i]) for i in members) for a, b in ((g1, g1), (g1, g2), (g2, g2))]
+            dots[key] = [_sum(_dot(a[i], b[i]) for i in members) for a, b in ((g1, g1), (g1, g2), (g2, g2))]
             w1, w2 = self._group_weights(key, tags, *dots[key])
             self.last_weights[key] = (float(w1), float(w2))
             for i in members:
                 t1[i], t2[i] = 2 * w1 * g1[i], 2 * w2 * g2[i]
         if self.rule == "gradnorm":
-            self._gradnorm_step(tags, dots, losses)
+            self.gradnorm.step(tags, dots, losses)
         return t1, t2
 
-    def _group_weights(self, key: str, tags: list[str], g11, g12, g22) -> tuple[torch.Tensor, torch.Tensor]:
+    def _group_weights(self, key: str, tags: list[str], g11: torch.Tensor, g12: torch.Tensor,
+                       g22: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rule == "sum" and self.modality_weights != (1.0, 1.0):  # the loss w_text L_text + w_image L_image
-            return tuple(torch.full_like(g11, self.modality_weights[modality_index(t, "modality_weights")] / 2)
-                         for t in tags)
+            w1, w2 = (self.modality_weights[modality_index(t, "modality_weights")] / 2 for t in tags)
+            return torch.full_like(g11, w1), torch.full_like(g11, w2)
         if self.rule != "gradnorm":
             return rule_weights(self.rule, g11, g12, g22)
-        if float(g11) == 0 or float(g22) == 0:  # one modality only: follow it, at the vanilla scale
-            return torch.full_like(g11, 0.5), torch.full_like(g11, 0.5)
-        weights = self._gradnorm_state()["weights"].get(key, {})
-        return tuple(torch.full_like(g11, weights.get(t, 1.0) / 2) for t in tags)
+        return self.gradnorm.weights(key, tags, torch.stack([g11, g22]))
 
-    def _gradnorm_state(self) -> dict:
-        return self._runtime.setdefault("gradnorm", {"initial_loss": {}, "weights": {}})
-
-    def runtime_state(self) -> dict:
+    def runtime_state(self) -> dict[str, Any]:
         """State that lives between steps outside the base optimizer: GradNorm's weights and L_i(0)."""
-        return {k: {kk: dict(vv) for kk, vv in v.items()} for k, v in self._runtime.items()}
+        if self.rule != "gradnorm":
+            return {}
+        return {"gradnorm": {k: {kk: dict(vv) if isinstance(vv, dict) else vv for kk, vv in v.items()}
+                             for k, v in self.gradnorm.state.items()}}
 
-    def load_runtime_state(self, state: dict) -> None:
-        self._runtime = {k: {kk: dict(vv) for kk, vv in v.items()} for k, v in (state or {}).items()}
-
-    def _gradnorm_step(self, tags: list[str], dots: dict[str, list[torch.Tensor]], losses: dict[str, float]) -> None:
-        """Move every group's weights (groups both modalities reach) after this step used them."""
-        missing = [t for t in tags if t not in losses]
-        if missing:
-            raise RuntimeError(f"gradnorm: no loss recorded for modality {missing} this step; call "
-                               "optimizer.record_loss(tag, loss) for every micro-step")
-        state = self._gradnorm_state()
-        for t in tags:
-            state["initial_loss"].setdefault(t, losses[t])
-        current = torch.tensor([losses[t] for t in tags], dtype=torch.float64)
-        initial = torch.tensor([state["initial_loss"][t] for t in tags], dtype=torch.float64)
-        initial = initial.clamp_min(torch.finfo(torch.float64).tiny)
-        for key, (g11, _, g22) in dots.items():
-            if float(g11) == 0 or float(g22) == 0:
-                continue
-            old = state["weights"].get(key, {})
-            weights = torch.tensor([old.get(t, 1.0) for t in tags], dtype=torch.float64)
-            norms = torch.stack([g11, g22]).to("cpu", torch.float64).sqrt()  # host scalars, as the weights
-            new = gradnorm_weights(weights, norms, current, initial, self.gradnorm_alpha, self.gradnorm_lr)
-            state["weights"][key] = dict(zip(tags, new.tolist()))
+    def load_runtime_state(self, state: Optional[dict[str, Any]]) -> None:
+        saved = (state or {}).get("gradnorm", {})
+        self.gradnorm.state = {"initial_loss": dict(saved.get("initial_loss", {})),
+                               "weights": {k: dict(v) for k, v in saved.get("weights", {}).items()}}
 
     def _clip(self, terms: list[list[torch.Tensor]]) -> None:
         if self.max_grad_norm is None:
             return
-        norm_sq = host_values(sum(_dot(s, s) for s in (sum(parts) for parts in zip(*terms))))[0]
+        norm_sq = host_values(_sum(_dot(s, s) for s in (_sum(parts) for parts in zip(*terms, strict=True))))[0]
         scale = clip_scale(norm_sq, self.max_grad_norm)
         if scale != 1.0:
             for parts in terms:
@@ -344,7 +367,7 @@ class TwoObjective(torch.optim.Optimizer):
                     t.mul_(scale)
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None):
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         if len(self._sums) > 2:
             raise RuntimeError(f"{self.rule} combines two modalities, got {sorted(self._sums)}")
         if not self._sums:
@@ -365,7 +388,7 @@ class TwoObjective(torch.optim.Optimizer):
         self._losses.clear()
         self._capture.reset()
         if isinstance(self.base, TakesMicrosteps):  # each term is one tagged micro-step; their sum is the update
-            for tag, parts in zip(tags, terms):
+            for tag, parts in zip(tags, terms, strict=True):
                 self._accumulate_grads(parts, present)
                 self.base.end_microstep(tag)
         else:
@@ -376,15 +399,15 @@ class TwoObjective(torch.optim.Optimizer):
     def _accumulate_grads(self, grads: list[torch.Tensor], present: list[bool]) -> None:
         """p.grad += g, as autograd would; p.grad stays None where no rank's backward reached p (so the
         base skips it, as it would without the wrapper)."""
-        for p, g, seen in zip(self._params, grads, present):
+        for p, g, seen in zip(self._params, grads, present, strict=True):
             if seen:
                 g = g.to(p.dtype)
                 p.grad = g.clone() if p.grad is None else p.grad + g
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         return {**self.base.state_dict(), "rule": self.runtime_state()}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """The base loads; torch's loader replaces its param_groups and state, so share them again
         (an LR scheduler on the wrapper must keep reaching the base)."""
         state_dict = dict(state_dict)

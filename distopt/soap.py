@@ -23,13 +23,22 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
+from collections import defaultdict
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
 Basis = list[Optional[torch.Tensor]]  # one orthogonal matrix per dim; None = identity (not rotated)
+Counters = MutableMapping[str, float]  # named counts and seconds (eigh, QR, their failures and time)
+
+
+def new_counters(names: Sequence[str]) -> Counters:
+    """Counters of `names`, all 0 (a name not listed reads 0 too)."""
+    return defaultdict(float, dict.fromkeys(names, 0))
+Group = dict[str, Any]                 # a torch.optim param group: the hyper-parameters
+State = dict[str, Any]                 # one tensor's (or block's) SOAP state
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,10 +93,7 @@ def make_layout(shape: Sequence[int], *, soap_path: bool, max_precond_dim: int, 
         pshape = merged_shape(base, max_precond_dim)
     else:
         pshape = shape if shape else (1,)
-    if len(shape) <= 1:
-        rotated = soap_path and precondition_1d
-    else:
-        rotated = soap_path
+    rotated = soap_path and precondition_1d if len(shape) <= 1 else soap_path  # 1-D: Adam unless precondition_1d
     pre = tuple(rotated and d <= max_precond_dim for d in pshape)
     return Layout(shape, cl, pshape, pre)
 
@@ -113,7 +119,8 @@ def unrotate(y: torch.Tensor, basis: Basis) -> torch.Tensor:
 def mode_gram(g: torch.Tensor, dim: int) -> torch.Tensor:
     """G_(i) G_(i)^T: contract g with itself over every dim but `dim`."""
     other = [i for i in range(g.dim()) if i != dim]
-    return torch.tensordot(g, g, dims=(other, other))
+    gram: torch.Tensor = torch.tensordot(g, g, dims=(other, other))
+    return gram
 
 
 def update_factors(factors: Basis, g: torch.Tensor, shampoo_beta: float) -> None:
@@ -123,7 +130,7 @@ def update_factors(factors: Basis, g: torch.Tensor, shampoo_beta: float) -> None
             gg.lerp_(mode_gram(g, i), 1.0 - shampoo_beta)
 
 
-def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counter) -> torch.Tensor:
+def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counters) -> torch.Tensor:
     """Eigenvectors of GG with descending eigenvalues; fp64 retry, then the previous basis (counted)."""
     counters["eigh"] += 1
     start = time.perf_counter()
@@ -133,7 +140,7 @@ def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Cou
         counters["eigh_seconds"] += time.perf_counter() - start
 
 
-def _eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counter) -> torch.Tensor:
+def _eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counters) -> torch.Tensor:
     eye = torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
     for attempt, dtype in enumerate((gg.dtype, torch.float64)):
         if attempt:
@@ -143,18 +150,19 @@ def _eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Co
         except RuntimeError:
             continue
         if torch.isfinite(vecs).all():
-            return vecs.flip(1).to(gg.dtype)
+            flipped: torch.Tensor = vecs.flip(1).to(gg.dtype)
+            return flipped
     counters["eigh_failed"] += 1
     return previous if previous is not None else eye
 
 
-def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Counter) -> tuple[Basis, torch.Tensor]:
+def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Counters) -> tuple[Basis, torch.Tensor]:
     """One power iteration + QR per dim: order Q's columns by the estimated eigenvalues
     diag(Q^T GG Q) (descending, v permuted along), then Q <- qr(GG Q).Q. A non-finite result keeps Q."""
     start = time.perf_counter()
     new_basis: Basis = []
-    for i, (gg, q) in enumerate(zip(factors, basis)):
-        if gg is None:
+    for i, (gg, q) in enumerate(zip(factors, basis, strict=True)):
+        if gg is None or q is None:
             new_basis.append(None)
             continue
         counters["qr"] += 1
@@ -184,22 +192,22 @@ def state_dtype(param: torch.Tensor) -> torch.dtype:
     return torch.promote_types(param.dtype, torch.float32)
 
 
-def shampoo_beta(group: dict) -> float:
-    return group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1]
+def shampoo_beta(group: Group) -> float:
+    return float(group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1])
 
 
-def soap_init(st: dict, g: torch.Tensor, layout: Layout, group: dict, counters: Counter) -> None:
+def soap_init(st: State, g: torch.Tensor, layout: Layout, group: Group, counters: Counters) -> None:
     """First step of a tensor: statistics only (GG from g, then Q = eigh(GG)); the tensor is not changed."""
     st["step"] = 0
     st["exp_avg"] = torch.zeros_like(g)
     st["exp_avg_sq"] = torch.zeros_like(g)
     st["GG"] = [torch.zeros(d, d, dtype=g.dtype, device=g.device) if pre else None
-                for d, pre in zip(layout.precond_shape, layout.preconditioned)]
+                for d, pre in zip(layout.precond_shape, layout.preconditioned, strict=True)]
     update_factors(st["GG"], g, shampoo_beta(group))
     st["Q"] = [eigenbasis(gg, None, counters) if gg is not None else None for gg in st["GG"]]
 
 
-def soap_update(st: dict, param: torch.Tensor, g: torch.Tensor, layout: Layout, group: dict, counters: Counter,
+def soap_update(st: State, param: torch.Tensor, g: torch.Tensor, layout: Layout, group: Group, counters: Counters,
                 moment_grad_rot: Optional[torch.Tensor] = None, lr_scale: float | torch.Tensor = 1.0,
                 second_moment_rot: Optional[torch.Tensor] = None, extra_rot: Optional[torch.Tensor] = None) -> None:
     """One SOAP step of `param` (a parameter or a view of one block) with gradient g (precond layout).
@@ -224,7 +232,8 @@ def soap_update(st: dict, param: torch.Tensor, g: torch.Tensor, layout: Layout, 
     step_size = group["lr"]
     if group["correct_bias"]:
         step_size *= math.sqrt(1.0 - beta2 ** st["step"]) / (1.0 - beta1 ** st["step"])
-    numerator = m if extra_rot is None else m + extra_rot * ((1.0 - beta1 ** st["step"]) if group["correct_bias"] else 1.0)
+    bias1 = (1.0 - beta1 ** st["step"]) if group["correct_bias"] else 1.0
+    numerator = m if extra_rot is None else m + extra_rot * bias1
     direction = soap_direction(numerator, v, group["eps"], basis, group["normalize_grads"]) * lr_scale
     param.add_(layout.from_precond(direction).to(param.dtype), alpha=-step_size)
     if group["weight_decay"] > 0:

@@ -10,8 +10,8 @@ tensors follow the reference exactly. 1-D parameters take Adam unless preconditi
 from __future__ import annotations
 
 import sys
-from collections import Counter
-from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from distopt.options import SOAPOptions
 from distopt.routing import ParamRoute, route_parameters, routing_summary
-from distopt.soap import Layout, make_layout, soap_update, state_dtype
+from distopt.soap import Counters, Layout, make_layout, new_counters, soap_update, state_dtype
 from distopt.state import tree_to
 
 
@@ -46,7 +46,7 @@ class SOAP(torch.optim.Optimizer):
                              "over the ranks")
         self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
             self.param_groups, adam_patterns=self.options.adam_patterns, soap_patterns=self.options.soap_patterns)
-        self.counters: Counter[str] = Counter(dict.fromkeys(self.COUNTERS, 0))
+        self.counters: Counters = new_counters(self.COUNTERS)
         self._summary_printed = False
 
     # -- layout and routing ------------------------------------------------------------------------
@@ -131,6 +131,6 @@ class SOAP(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        for idx, p in zip(saved_ids, params):
+        for idx, p in zip(saved_ids, params, strict=True):
             if idx in state_dict["state"]:
                 self.state[p] = tree_to(state_dict["state"][idx], p.device)

@@ -14,8 +14,9 @@ so a finished window is freed when step() drops it, without waiting for Python's
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 

@@ -5,13 +5,20 @@
 - distopt never imports model_zoo, launcher or benchmarks; model_zoo never imports launcher or distopt;
 - no import circles inside distopt;
 - every name imported from the project exists (benchmarks and scripts run outside the tests, and a
-  lazy import of a name that moved fails only when its line runs).
+  lazy import of a name that moved fails only when its line runs);
+- interfaces are declared, not guessed: no hasattr() and no getattr(<optimizer-ish>, name, default) in
+  distopt/ or launcher/ outside distopt/protocols.py;
+- the optimizer never looks behind the distributor interface: outside distopt/distributors/, no module
+  imports a concrete distributor (only the package: its factory and its base type);
+- SOAP's math (distopt/soap.py) imports nothing of the project; the rest of the pure math only the math;
+- no class in distopt is longer than 250 lines (a class that does everything is a room to split).
 A violation fails with the file, the line and the import.
 """
 
 import ast
 import importlib
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -112,3 +119,61 @@ def test_every_imported_project_name_exists(monkeypatch):
     files = [p for d in folders for p in sorted((ROOT / d).rglob("*.py"))]
     found = [m for path in files for m in missing_names(path)]
     assert not found, found
+
+
+PROBED = re.compile(r"(opt|optimizer|base|distributor)$")
+
+
+def probes(path: Path, root: Path = ROOT) -> list[str]:
+    """hasattr(...) calls, and getattr(x, name, default) on an optimizer-ish x, with their lines."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("hasattr", "getattr"):
+            target = ast.unparse(node.args[0]) if node.args else ""
+            if node.func.id == "hasattr" or (len(node.args) == 3 and PROBED.search(target)):
+                out.append(f"{path.relative_to(root)}:{node.lineno} {ast.unparse(node)}")
+    return out
+
+
+def test_interfaces_are_declared_not_probed():
+    files = [p for d in ("distopt", "launcher") for p in sorted((ROOT / d).rglob("*.py"))
+             if p != ROOT / "distopt" / "protocols.py"]
+    found = [x for path in files for x in probes(path)]
+    assert not found, found
+
+
+def test_the_probe_checker_sees_a_probe(tmp_path):
+    fake = tmp_path / "launcher" / "loop.py"
+    fake.parent.mkdir()
+    fake.write_text("def f(opt, module):\n    a = hasattr(opt, 'stats')\n    b = getattr(module, 'x', None)\n"
+                    "    return getattr(opt.base, 'counters', {})\n")
+    assert probes(fake, tmp_path) == ["launcher/loop.py:2 hasattr(opt, 'stats')",
+                                      "launcher/loop.py:4 getattr(opt.base, 'counters', {})"]
+
+
+CONCRETE_DISTRIBUTORS = ("distopt.distributors.local", "distopt.distributors.owner", "distopt.distributors.fsdp2")
+
+
+def test_the_optimizer_imports_no_concrete_distributor():
+    files = [p for p in sorted((ROOT / "distopt").rglob("*.py")) if "distributors" not in p.parts]
+    found = violations(files, CONCRETE_DISTRIBUTORS)
+    assert not found, found
+
+
+def test_soap_math_imports_nothing_of_the_project():
+    math_modules = tuple(f"distopt.{name}" for name in PURE_MATH)
+    found = [f"distopt/soap.py:{line} imports {m}" for line, m in imports(ROOT / "distopt" / "soap.py")
+             if m.split(".")[0] in PROJECT]
+    found += [f"distopt/{name}.py:{line} imports {m}" for name in PURE_MATH for line, m in
+              imports(ROOT / "distopt" / f"{name}.py")
+              if m.split(".")[0] in PROJECT and not any(m == x or m.startswith(x + ".") for x in math_modules)]
+    assert not found, found
+
+
+def test_no_class_in_distopt_is_longer_than_250_lines():
+    long = []
+    for path in sorted((ROOT / "distopt").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
+                long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert not long, long

@@ -25,7 +25,8 @@ from __future__ import annotations
 import sys
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,7 +36,7 @@ from distopt.options import MLFOPOptions
 from distopt.plan import Block, Piece, Plan, Precond, make_plan
 from distopt.soap import state_dtype
 
-BlockStates = Mapping[int, dict]  # owned block index -> that block's optimizer state (a mutable dict)
+BlockStates = Mapping[int, dict[str, Any]]  # owned block index -> that block's optimizer state (a mutable dict)
 
 
 class Meter:
@@ -85,7 +86,7 @@ class Distributor(ABC):
     def owned(self) -> list[Block]:
         return self._owned
 
-    def check(self, options: MLFOPOptions) -> None:
+    def check(self, options: MLFOPOptions) -> None:  # noqa: B027 - a hook: most distributors serve every option
         """Refuse options this distributor cannot serve (a ValueError naming the option and the fix)."""
 
     # -- reductions --------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ class Distributor(ABC):
             st = states[b.index]
             if "master" not in st:
                 st["master"] = view.to(state_dtype(p))  # the block's fp32 master copy, on its owner only
-            out[b.index] = st["master"]
+            master: torch.Tensor = st["master"]
+            out[b.index] = master
         return out
 
     def write_back(self, params: Sequence[torch.Tensor], states: BlockStates, blocks: Sequence[Block]) -> None:
@@ -162,7 +164,7 @@ class Distributor(ABC):
     def calls(self) -> Counter[str]:
         return Counter()
 
-    def describe_plan(self) -> None:
+    def describe_plan(self) -> None:  # noqa: B027 - one process has no plan worth printing
         """Print the block plan (rank 0 of a sharded run)."""
 
 
@@ -206,7 +208,8 @@ class CollectiveDistributor(Distributor):
         return out
 
     def all_reduce_sum(self, vector: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_reduce_sum(vector)
+        summed: torch.Tensor = self.comm.all_reduce_sum(vector)
+        return summed
 
     def describe_plan(self) -> None:
         if self.rank != 0 or self.plan is None:

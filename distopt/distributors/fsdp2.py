@@ -22,8 +22,9 @@ Rows follow `torch.chunk` (FSDP2's split): with n rows on S ranks, rank i holds
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Optional
 
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -121,7 +122,7 @@ class FSDP2Distributor(CollectiveDistributor):
 
     def add(self, param: int, grad: Optional[torch.Tensor]) -> None:
         assert self._open is not None, "add() outside a reduction: open() first"
-        self._open.grads[param] = None if grad is None else grad.to_local()
+        self._open.grads[param] = None if grad is None else _local(grad)
 
     def close(self) -> None:
         ex = self._open
