@@ -25,8 +25,9 @@ from typing import Optional
 
 import torch
 
-from distopt.comm import Checks, code, host_values
+from distopt.comm import Checks, code
 from distopt.distributors import Distributor
+from distopt.host import host_values
 from distopt.soap import Counters
 
 KEEP, REDUCE, STASH = "keep", "reduce", "stash"

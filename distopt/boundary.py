@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from distopt.comm import host_values
 from distopt.fop import correction_partials
+from distopt.host import host_values
 from distopt.levels import Bundle, Levels
 from distopt.plan import Plan
 

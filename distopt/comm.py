@@ -12,8 +12,7 @@ reduce-scatter or all-gather puts (world - 1) / world of it on the wire), `calls
 
 Rank agreement: `Checks` carries named values that every rank must hold equal (micro-step counts, a
 code of the modality tags, ...) and named counts to sum, in one small fp64 all-reduce; the result
-says which names disagree. `code` is the one hash of a name into such a value. `host_values` is
-the one place a step reads a device tensor on the host (a synchronisation on a GPU): callers count it.
+says which names disagree. `code` is the one hash of a name into such a value.
 """
 
 from __future__ import annotations
@@ -27,7 +26,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch._subclasses.fake_tensor import FakeTensor
+
+from distopt.host import host_values
 
 
 class CollectiveError(RuntimeError):
@@ -37,15 +37,6 @@ class CollectiveError(RuntimeError):
 def code(text: str) -> int:
     """A small integer for a name: its square stays exact in fp64 sums over any number of ranks."""
     return zlib.crc32(text.encode()) % 2**16
-
-
-def host_values(t: torch.Tensor) -> list[float]:
-    """`t`'s values on the host, flattened (a synchronisation on a GPU: the callers count them). A
-    fake or meta tensor (the dry run, launcher/dryrun.py) has no values: it reads as zeros, which is
-    what a healthy step holds in every flag the step reads (no disagreement, nothing non-finite)."""
-    if isinstance(t, FakeTensor) or t.is_meta:
-        return [0.0] * t.numel()
-    return [float(x) for x in t.detach().reshape(-1).tolist()]
 
 
 @dataclass

@@ -30,8 +30,8 @@ Also here, for the optimizer to call (docs/algorithm.md section 2 derives each):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Optional
+from collections.abc import Callable, Iterator
+from typing import Optional, Union
 
 import torch
 
@@ -131,16 +131,27 @@ class BlockMetric:
     block is split into n equal slices along `dim` of the preconditioning layout (attention heads):
     each slice's inner products use the metric restricted to that slice, <x_h, y_h>_M = pad(x_h)^T M
     pad(y_h), so items stay unrotated and each slice is rotated zero-padded when measured.
+
+    `dvec` is the diagonal sqrt(v) + eps in the eigenbasis, or a function that computes it when a fold
+    asks (the optimizer passes one over SOAP's live v, which changes only after the window's last
+    fold: the window then holds no copy of the metric's size).
     """
 
-    def __init__(self, basis: Basis, dvec: torch.Tensor, segments: Optional[tuple[int, int]] = None,
-                 damping: float = 0.0):
+    def __init__(self, basis: Basis, dvec: Union[torch.Tensor, Callable[[], torch.Tensor]],
+                 segments: Optional[tuple[int, int]] = None, damping: float = 0.0) -> None:
         if not (damping >= 0 and damping < float("inf")):
             raise ValueError(f"fop_damping={damping!r} is invalid: must be a finite number >= 0 (0: undamped)")
         self.basis = basis
-        # sqrt(v) + eps in the eigenbasis, plus lam mean(dvec): M + lam (tr M / n) I, for M and M^-1 alike
-        self.dvec = dvec + damping * dvec.mean() if damping else dvec
+        self._dvec = dvec if callable(dvec) else (lambda: dvec)
+        # plus lam mean(dvec): M + lam (tr M / n) I, for M and M^-1 alike
+        self._shift = damping * self._dvec().mean() if damping else None
         self.segments = segments
+
+    @property
+    def dvec(self) -> torch.Tensor:
+        """The (damped) diagonal of the metric, computed now."""
+        dvec = self._dvec()
+        return dvec + self._shift if self._shift is not None else dvec
 
     @property
     def n_segments(self) -> int:
@@ -167,15 +178,17 @@ class BlockMetric:
         """Fold partials, shape (n_segments, 5)."""
         if self.segments is None:
             return fop_partials(a, d, self.dvec).unsqueeze(0)
+        dvec = self.dvec
         pairs = zip(self._slices(a), self._slices(d), strict=True)
-        return torch.stack([fop_partials(ra, rd, self.dvec) for ra, rd in pairs])
+        return torch.stack([fop_partials(ra, rd, dvec) for ra, rd in pairs])
 
     def eta_partials(self, g: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """eta partials of two fold items (the plain gradient and the combined one); (n_segments, 2)."""
         if self.segments is None:
             return eta_partials(g, c, self.dvec).unsqueeze(0)
+        dvec = self.dvec
         pairs = zip(self._slices(g), self._slices(c), strict=True)
-        return torch.stack([eta_partials(rg, rc, self.dvec) for rg, rc in pairs])
+        return torch.stack([eta_partials(rg, rc, dvec) for rg, rc in pairs])
 
     def expand(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-segment values (n_segments,) as a tensor broadcastable against `like` (layout space)."""

@@ -22,11 +22,11 @@ from typing import Optional
 
 import torch
 
-from distopt.comm import host_values
 from distopt.fop import BlockMetric, cosine_sq, fold_eta, fop_coefficients, fop_combine
+from distopt.host import host_values
 from distopt.options import MLFOPOptions
 from distopt.plan import Block, Plan
-from distopt.soap import Counters, Layout
+from distopt.soap import Counters, Layout, Tally
 
 Bundle = dict[int, torch.Tensor]  # one item per owned block (block index -> tensor)
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
@@ -66,17 +66,16 @@ def head_segments(head_splits: Optional[Mapping[str, tuple[int, int]]], names: S
 class Levels:
     def __init__(self, blocks: dict[int, Block], n_params: int, segments: dict[int, tuple[int, int]],
                  options: MLFOPOptions, *, all_reduce_sum: AllReduce, needs_sums: bool, counters: Counters,
-                 device: torch.device) -> None:
+                 tally: Tally, device: torch.device) -> None:
         self.blocks, self.n_params, self.level = blocks, n_params, options.level
         self.segments = segments
         self.max_segments = max([heads for _, heads in segments.values()] + [1])
         self.tolerance, self.eta_convention = options.fop_tolerance, options.eta_convention
         self.modality_weighting, self.modality_weight_beta = options.modality_weighting, options.modality_weight_beta
-        self.all_reduce_sum, self.needs_sums, self.counters = all_reduce_sum, needs_sums, counters
+        self.all_reduce_sum, self.needs_sums, self.counters, self.tally = all_reduce_sum, needs_sums, counters, tally
         self.device = device
         self.modality_norm_ema: dict[str, float] = {}  # fisher_norm's running natural-gradient norms
         self.top: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block -> (partials, beta*) of its last fold
-        self.guarded = torch.zeros((), dtype=torch.int64, device=device)  # counted on the device: no host sync
 
     def begin_window(self) -> None:
         self.top = {}
@@ -112,7 +111,7 @@ class Levels:
             partials = self.lookup(table, i, metrics[i].n_segments)
             s, beta, guarded = fop_coefficients(partials, self.tolerance)
             self.top[i] = (partials, beta)  # the last fold a block takes part in is the top-level fold
-            self.guarded += guarded.sum()
+            self.tally.add("fop_beta_guarded", guarded.sum())
             out[i] = fop_combine(a[i], d[i], metrics[i].expand(s, a[i]), metrics[i].expand(beta, a[i]))
         self.counters["fop_folds"] += len(b1)
         return out
@@ -147,9 +146,3 @@ class Levels:
         """[|beta*|, eta*, x = D^2 / (A E)] of block i's top fold, averaged over its segments."""
         partials, beta = self.top[i]
         return torch.stack([beta.abs().mean(), self.eta(i, beta.numel()).mean(), cosine_sq(partials).mean()])
-
-    def count_guarded(self) -> None:
-        """The window's guarded folds join the counters (one host sync, at step())."""
-        self.counters["fop_beta_guarded"] += int(host_values(self.guarded)[0])
-        self.counters["host_syncs"] += 1
-        self.guarded.zero_()

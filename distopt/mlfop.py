@@ -23,6 +23,7 @@ Options: distopt.options.MLFOPOptions; docs/algorithm.md lists every interpretat
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, Optional
@@ -84,7 +85,7 @@ class MLFOPSOAP(SOAP):
         self.levels = Levels(self._blocks, len(self._params), segments, o,
                              all_reduce_sum=self.distributor.all_reduce_sum,
                              needs_sums=o.level == "global" or bool(self._plan.split_params()),
-                             counters=self.counters, device=self.distributor.device)
+                             counters=self.counters, tally=self.tally, device=self.distributor.device)
         self.accumulator = Accumulator(self._params, Schedule(o.fop, o.pair_source, o.fold_schedule), self.distributor,
                                        self.counters)
         self.boundary = Boundary(self._plan, len(self._params), self.distributor.device)
@@ -167,7 +168,7 @@ class MLFOPSOAP(SOAP):
             st = self.block_state(b)
             if self.options.fop and st.get("step", 0) >= 1:
                 eps = self._group_of[self._params[b.param]]["eps"]
-                metrics[b.index] = BlockMetric(st["Q"], st["exp_avg_sq"].sqrt() + eps,
+                metrics[b.index] = BlockMetric(st["Q"], functools.partial(_dvec, st, eps),
                                                self.levels.segments.get(b.index), damping=self.options.fop_damping)
             elif self.options.fop:
                 self.counters["fop_metric_not_ready"] += 1
@@ -213,7 +214,8 @@ class MLFOPSOAP(SOAP):
         for b in blocks:
             self._update_block(b, targets[b.index], w, fop_items, scale)
         self.distributor.write_back(self._params, states, blocks)
-        self.levels.count_guarded()
+        if self.tally.flush(self.counters):  # guarded folds, failed eighs and QRs: one host read
+            self.counters["host_syncs"] += 1
 
     def _update_block(self, b: Block, target: torch.Tensor, w: Window, fop_items: Bundle, scale: float) -> None:
         """SOAP on one owned block, fed by FOP as `coupling` says (docs/algorithm.md sections 4, 4a):
@@ -233,7 +235,7 @@ class MLFOPSOAP(SOAP):
                 extra["extra_rot"] = o.fop_gamma * (g_fop - metric.finish(_scaled(w.plain_prepared[b.index], scale)))
         p = self._params[b.param]
         soap_update(self.block_state(b), target, _scaled(w.plain[b.index], scale), self.block_layout(b),
-                    self._group_of[p], self.counters, **extra)
+                    self._group_of[p], self.counters, self.tally, **extra)
 
     # -- what others read (distopt.protocols) ------------------------------------------------------
 
@@ -288,6 +290,12 @@ class MLFOPSOAP(SOAP):
     def close(self) -> None:
         """Remove the gradient hooks."""
         self._capture.remove()
+
+
+def _dvec(state: dict[str, Any], eps: float) -> torch.Tensor:
+    """sqrt(v) + eps of a block's SOAP state as it is now (before this step's update: the window's metric)."""
+    dvec: torch.Tensor = state["exp_avg_sq"].sqrt() + eps
+    return dvec
 
 
 def _scaled(x: torch.Tensor, scale: float) -> torch.Tensor:

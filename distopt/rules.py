@@ -50,7 +50,8 @@ import torch
 
 from distopt.capture import MicrostepCapture
 from distopt.clipping import clip_scale
-from distopt.comm import Checks, Comm, code, host_values
+from distopt.comm import Checks, Comm, code
+from distopt.host import host_values
 from distopt.options import RULES, RuleOptions
 from distopt.protocols import Instrumented, TakesMicrosteps, comm_bytes_of, counters_of, in_window, stats_of
 

@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import torch
 
@@ -37,6 +37,13 @@ Counters = MutableMapping[str, float]  # named counts and seconds (eigh, QR, the
 def new_counters(names: Sequence[str]) -> Counters:
     """Counters of `names`, all 0 (a name not listed reads 0 too)."""
     return defaultdict(float, dict.fromkeys(names, 0))
+
+
+class Tally(Protocol):
+    """Counts that stay on the device (distopt.host.DeviceTally): a failed eigh or QR is found and
+    counted without reading anything on the host, block after block."""
+
+    def add(self, name: str, count: torch.Tensor) -> None: ...
 Group = dict[str, Any]                 # a torch.optim param group: the hyper-parameters
 State = dict[str, Any]                 # one tensor's (or block's) SOAP state
 
@@ -130,35 +137,35 @@ def update_factors(factors: Basis, g: torch.Tensor, shampoo_beta: float) -> None
             gg.lerp_(mode_gram(g, i), 1.0 - shampoo_beta)
 
 
-def eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counters) -> torch.Tensor:
-    """Eigenvectors of GG with descending eigenvalues; fp64 retry, then the previous basis (counted)."""
+def eigenbasis(gg: torch.Tensor, counters: Counters, tally: Tally) -> torch.Tensor:
+    """Eigenvectors of GG with descending eigenvalues. An eigh that raises is retried in fp64 (as the
+    reference does); a non-finite result is replaced by the identity (no rotation on that side until
+    the next refresh) and counted as eigh_failed on the device."""
     counters["eigh"] += 1
     start = time.perf_counter()
-    try:
-        return _eigenbasis(gg, previous, counters)
-    finally:
-        counters["eigh_seconds"] += time.perf_counter() - start
-
-
-def _eigenbasis(gg: torch.Tensor, previous: Optional[torch.Tensor], counters: Counters) -> torch.Tensor:
     eye = torch.eye(gg.shape[0], dtype=gg.dtype, device=gg.device)
+    basis = eye
     for attempt, dtype in enumerate((gg.dtype, torch.float64)):
-        if attempt:
-            counters["eigh_fp64_retry"] += 1
+        counters["eigh_fp64_retry"] += attempt
         try:
             _, vecs = torch.linalg.eigh(gg.to(dtype) + 1e-30 * eye.to(dtype))
         except RuntimeError:
             continue
-        if torch.isfinite(vecs).all():
-            flipped: torch.Tensor = vecs.flip(1).to(gg.dtype)
-            return flipped
-    counters["eigh_failed"] += 1
-    return previous if previous is not None else eye
+        finite = torch.isfinite(vecs).all()
+        tally.add("eigh_failed", (~finite).long())
+        basis = torch.where(finite, vecs.flip(1).to(gg.dtype), eye)
+        break
+    else:
+        counters["eigh_failed"] += 1  # both raised: no rotation on this side until the next refresh
+    counters["eigh_seconds"] += time.perf_counter() - start
+    return basis
 
 
-def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Counters) -> tuple[Basis, torch.Tensor]:
+def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Counters,
+                  tally: Tally) -> tuple[Basis, torch.Tensor]:
     """One power iteration + QR per dim: order Q's columns by the estimated eigenvalues
-    diag(Q^T GG Q) (descending, v permuted along), then Q <- qr(GG Q).Q. A non-finite result keeps Q."""
+    diag(Q^T GG Q) (descending, v permuted along), then Q <- qr(GG Q).Q. A non-finite result keeps Q
+    and v's order, decided on the device (counted as qr_failed there)."""
     start = time.perf_counter()
     new_basis: Basis = []
     for i, (gg, q) in enumerate(zip(factors, basis, strict=True)):
@@ -167,14 +174,11 @@ def refresh_basis(factors: Basis, basis: Basis, v: torch.Tensor, counters: Count
             continue
         counters["qr"] += 1
         order = torch.argsort(torch.diagonal(q.T @ gg @ q), descending=True)
-        q_sorted = q[:, order]
-        q_new, _ = torch.linalg.qr(gg @ q_sorted)
-        if not torch.isfinite(q_new).all():
-            counters["qr_failed"] += 1
-            new_basis.append(q)
-            continue
-        v = v.index_select(i, order)
-        new_basis.append(q_new)
+        q_new, _ = torch.linalg.qr(gg @ q[:, order])
+        finite = torch.isfinite(q_new).all()
+        tally.add("qr_failed", (~finite).long())
+        v = torch.where(finite, v.index_select(i, order), v)
+        new_basis.append(torch.where(finite, q_new, q))
     counters["qr_seconds"] += time.perf_counter() - start
     return new_basis, v
 
@@ -196,7 +200,7 @@ def shampoo_beta(group: Group) -> float:
     return float(group["shampoo_beta"] if group["shampoo_beta"] >= 0 else group["betas"][1])
 
 
-def soap_init(st: State, g: torch.Tensor, layout: Layout, group: Group, counters: Counters) -> None:
+def soap_init(st: State, g: torch.Tensor, layout: Layout, group: Group, counters: Counters, tally: Tally) -> None:
     """First step of a tensor: statistics only (GG from g, then Q = eigh(GG)); the tensor is not changed."""
     st["step"] = 0
     st["exp_avg"] = torch.zeros_like(g)
@@ -204,11 +208,11 @@ def soap_init(st: State, g: torch.Tensor, layout: Layout, group: Group, counters
     st["GG"] = [torch.zeros(d, d, dtype=g.dtype, device=g.device) if pre else None
                 for d, pre in zip(layout.precond_shape, layout.preconditioned, strict=True)]
     update_factors(st["GG"], g, shampoo_beta(group))
-    st["Q"] = [eigenbasis(gg, None, counters) if gg is not None else None for gg in st["GG"]]
+    st["Q"] = [eigenbasis(gg, counters, tally) if gg is not None else None for gg in st["GG"]]
 
 
 def soap_update(st: State, param: torch.Tensor, g: torch.Tensor, layout: Layout, group: Group, counters: Counters,
-                moment_grad_rot: Optional[torch.Tensor] = None, lr_scale: float | torch.Tensor = 1.0,
+                tally: Tally, moment_grad_rot: Optional[torch.Tensor] = None, lr_scale: float | torch.Tensor = 1.0,
                 second_moment_rot: Optional[torch.Tensor] = None, extra_rot: Optional[torch.Tensor] = None) -> None:
     """One SOAP step of `param` (a parameter or a view of one block) with gradient g (precond layout).
 
@@ -219,7 +223,7 @@ def soap_update(st: State, param: torch.Tensor, g: torch.Tensor, layout: Layout,
     The statistics always use g.
     """
     if "step" not in st:
-        soap_init(st, g, layout, group, counters)
+        soap_init(st, g, layout, group, counters, tally)
         return
     basis: Basis = st["Q"]
     g_rot = rotate(g, basis) if moment_grad_rot is None else moment_grad_rot
@@ -241,5 +245,5 @@ def soap_update(st: State, param: torch.Tensor, g: torch.Tensor, layout: Layout,
     update_factors(st["GG"], g, shampoo_beta(group))
     if st["step"] % group["precondition_frequency"] == 0 and any(q is not None for q in basis):
         m_orig = unrotate(st["exp_avg"], basis)
-        st["Q"], st["exp_avg_sq"] = refresh_basis(st["GG"], basis, st["exp_avg_sq"], counters)
+        st["Q"], st["exp_avg_sq"] = refresh_basis(st["GG"], basis, st["exp_avg_sq"], counters, tally)
         st["exp_avg"] = rotate(m_orig, st["Q"])

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from distopt.host import DeviceTally
 from distopt.options import SOAPOptions
 from distopt.routing import ParamRoute, route_parameters, routing_summary
 from distopt.soap import Counters, Layout, make_layout, new_counters, soap_update, state_dtype
@@ -47,6 +48,7 @@ class SOAP(torch.optim.Optimizer):
         self.routes: dict[torch.Tensor, ParamRoute] = route_parameters(
             self.param_groups, adam_patterns=self.options.adam_patterns, soap_patterns=self.options.soap_patterns)
         self.counters: Counters = new_counters(self.COUNTERS)
+        self.tally = DeviceTally()  # failed eighs and QRs, counted on the device and read once per step
         self._summary_printed = False
 
     # -- layout and routing ------------------------------------------------------------------------
@@ -99,7 +101,8 @@ class SOAP(torch.optim.Optimizer):
                 if p.grad is not None:
                     layout = self.layout(p, group)
                     soap_update(self.state[p], p, layout.to_precond(p.grad.to(state_dtype(p))), layout, group,
-                                self.counters)
+                                self.counters, self.tally)
+        self.tally.flush(self.counters)
 
     # -- what a training loop reads (distopt.protocols.Instrumented) ----------------------------------
 

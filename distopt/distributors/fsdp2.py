@@ -157,8 +157,10 @@ class FSDP2Distributor(CollectiveDistributor):
         self._pending = []
         return out
 
-    def _assemble(self, recv: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Every owned block from its rows as the ranks sent them (sources in rank order = row order)."""
+    def _assemble(self, recv: torch.Tensor, own: bool = False) -> dict[int, torch.Tensor]:
+        """Every owned block from its rows as the ranks sent them (sources in rank order = row order).
+        `own`: every block in memory of its own (the masters), not a view that would keep the whole
+        receive buffer alive beside them."""
         parts: dict[int, list[torch.Tensor]] = {b.index: [] for b in self.owned}
         offset = 0
         for r in range(self.world):
@@ -169,8 +171,8 @@ class FSDP2Distributor(CollectiveDistributor):
                     assert rows is not None
                     parts[b.index].append(recv[offset:offset + n].view((rows[1] - rows[0],) + tuple(b.shape[1:])))
                     offset += n
-        return {b.index: torch.cat(parts[b.index]) if len(parts[b.index]) > 1 else parts[b.index][0]
-                for b in self.owned}
+        return {b.index: torch.cat(parts[b.index]) if len(parts[b.index]) > 1 else
+                parts[b.index][0].clone() if own else parts[b.index][0] for b in self.owned}
 
     # -- masters and the update --------------------------------------------------------------------
 
@@ -198,7 +200,7 @@ class FSDP2Distributor(CollectiveDistributor):
         send = torch.cat(send_parts) if send_parts else torch.zeros(0, dtype=dtype, device=self.device)
         recv = torch.empty(sum(self._recv_splits), dtype=dtype, device=self.device)
         self.comm.wait(self.comm.all_to_all(recv, send, self._recv_splits, self._send_splits), "all_to_all")
-        return self._assemble(recv)
+        return self._assemble(recv, own=True)
 
     def write_back(self, params: Sequence[torch.Tensor], states: BlockStates, blocks: Sequence[Block]) -> None:
         """Every owned block's master into every holder's rows, sent in the parameters' dtype when they
