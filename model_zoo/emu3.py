@@ -130,11 +130,11 @@ class Emu3(UnifiedModel):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """dict(loss, text_loss, image_loss, n_text, n_image, text_correct, image_correct) over the
         batch's labels (-100: no loss), position_ids restarting at each packed document."""
-        logits = self.hf(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        logits, targets = logits[:, :-1], batch["labels"][:, 1:]
+        h = self.base().model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                              use_cache=False).last_hidden_state[:, :-1]
+        targets = batch["labels"][:, 1:]
         image = (targets >= self.image_offset) & (targets < self.image_offset + self.codebook_size)
-        text = (targets != -100) & ~image
-        return token_losses(logits[text], targets[text], logits[image], targets[image], self.vision_loss_weight)
+        return token_losses(self.hf.lm_head, h, targets, image, self.vision_loss_weight)
 
     @torch.no_grad()
     def generate_images(self, layout: Emu3Layout, caption: Sequence[int], n: int = 1, temperature: float = 1.0,

@@ -113,32 +113,48 @@ class Janus(UnifiedModel):
         check_overrides(overrides, override_keys(LlamaConfig), path)
         return cls(load_checkpoint(JanusForConditionalGeneration, path, "janus", overrides))
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Text ids through the text embedding, image ids (>= image_offset) through the generation
-        embedding and aligner."""
+    def embed(self, ids: torch.Tensor, images: bool) -> torch.Tensor:
+        """Text ids through the text embedding and, when the ids hold images (`images`: a generation
+        micro-batch, or codes being sampled; known on the host, so nothing waits for the device), image
+        ids (>= image_offset) through the generation embedding and aligner. A micro-batch without images
+        never calls the generation pathway, whose gradient then stays None, not zero."""
         base = self.base()
         image = ids >= self.image_offset
         x = base.get_input_embeddings()(ids.masked_fill(image, 0))
-        if bool(image.any()):
-            codes = base.prepare_embeddings_for_image_generation(ids[image] - self.image_offset)
-            x = x.masked_scatter(image[..., None], codes.to(x.dtype))
+        if images:
+            codes = base.prepare_embeddings_for_image_generation((ids - self.image_offset).clamp_min(0))
+            x = torch.where(image[..., None], codes.to(x.dtype), x)
         return x
 
+    def _place_image_features(self, x: torch.Tensor, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+        """The understanding encoder's features (the class's own get_image_features) at the image
+        placeholders, in order: what JanusModel.forward does, with a gather by running count instead of
+        its masked_scatter and count check, which read the device on the host."""
+        features = self.base().model.get_image_features(pixels, return_dict=True).pooler_output
+        features = features.reshape(-1, x.shape[-1]).to(x.dtype)
+        placeholder = ids == self.base().config.image_token_id
+        index = (placeholder.reshape(-1).cumsum(0) - 1).clamp_min(0).reshape(placeholder.shape)
+        return torch.where(placeholder[..., None], features[index], x)
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """dict(loss, text_loss, image_loss, n_text, n_image, text_correct, image_correct). The class's
-        own forward places the understanding encoder's features at the placeholders (pixel_values in
-        [0, 1], normalised to [-1, 1] here); text targets go through the text head, image targets through
-        the generation head."""
+        """dict(loss, text_loss, image_loss, n_text, n_image, text_correct, image_correct). The
+        understanding encoder's features go to the image placeholders (pixel_values in [0, 1],
+        normalised to [-1, 1] here); text targets go through the text head, image targets through the
+        generation head."""
+        generation = batch["task"] == "generation"  # modality-pure micro-batches: one head each
+        x = self.embed(batch["input_ids"], images=generation)
         pixels = batch.get("pixel_values")
-        pixels = None if pixels is None or len(pixels) == 0 else pixels * 2 - 1
-        h = self.base().model(inputs_embeds=self.embed(batch["input_ids"]), pixel_values=pixels,
-                               position_ids=batch["position_ids"], use_cache=False).last_hidden_state[:, :-1]
+        if pixels is not None and len(pixels):
+            x = self._place_image_features(x, batch["input_ids"], pixels * 2 - 1)
+        h = self.base().model.language_model(inputs_embeds=x, position_ids=batch["position_ids"],
+                                             use_cache=False).last_hidden_state[:, :-1]
         targets = batch["labels"][:, 1:]
         image = targets >= self.image_offset
-        text = (targets != -100) & ~image
-        text_logits = _head(self.hf.lm_head, h[text], self.text_config.vocab_size)
-        image_logits = _head(self.base().model.generation_head, h[image], self.codebook_size)
-        return token_losses(text_logits, targets[text], image_logits, targets[image] - self.image_offset)
+        if generation:
+            head, targets = self.base().model.generation_head, torch.where(image, targets - self.image_offset, -100)
+        else:
+            head, targets = self.hf.lm_head, targets.masked_fill(image, -100)
+        return token_losses(head, h, targets, image & (targets != -100))
 
     @torch.no_grad()
     def generate_images(self, layout: JanusLayout, caption: Sequence[int], n: int = 1, temperature: float = 1.0,
@@ -151,19 +167,14 @@ class Janus(UnifiedModel):
         device = self.hf.lm_head.weight.device
         decoder, head = base.model.language_model, base.model.generation_head
         prompts = [layout.generation_prompt(caption)] + ([layout.generation_prompt([])] if guidance != 1.0 else [])
-        outs = [decoder(inputs_embeds=self.embed(torch.tensor(p, device=device).expand(n, -1)), use_cache=True)
-                for p in prompts]
+        outs = [decoder(inputs_embeds=self.embed(torch.tensor(p, device=device).expand(n, -1), images=False),
+                        use_cache=True) for p in prompts]
         codes, steps = [], layout.grid[0] * layout.grid[1]
         for step in range(steps):
             logits = [head(o.last_hidden_state[:, -1]) for o in outs]
             codes.append(sample(guided(logits[0], logits[1] if len(logits) > 1 else None, guidance), temperature, gen))
             if step + 1 < steps:
-                x = self.embed(codes[-1] + self.image_offset)
+                x = self.embed(codes[-1] + self.image_offset, images=True)
                 outs = [decoder(inputs_embeds=x, past_key_values=o.past_key_values, use_cache=True) for o in outs]
         return torch.cat(codes, 1)
 
-
-def _head(head: torch.nn.Module, h: torch.Tensor, width: int) -> torch.Tensor:
-    """head(h), or with no rows an empty [0, width] still in the graph, without calling the head: a
-    micro-batch of the other task leaves the head's gradient None, not zero."""
-    return head(h) if len(h) else h.new_zeros(0, width) + h.sum()

@@ -16,10 +16,11 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 # the decoder's linear layers (Llama's names, shared by Emu3's text model): LoRA targets
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -28,23 +29,62 @@ SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
                 "num_key_value_heads", "head_dim")
 
 
-def token_losses(text_logits: torch.Tensor, text_targets: torch.Tensor, image_logits: torch.Tensor,
-                 image_targets: torch.Tensor, vision_weight: float = 1.0) -> dict[str, torch.Tensor]:
-    """Losses over the targets of one micro-batch, logits already gathered at the positions that
-    predict them ([n_text, V], [n_image, C]; position t predicts token t + 1).
+LOGIT_BYTES_PER_CHUNK = 2**30  # at most this much of one chunk's logits (bf16 + their fp32 copy) at a time
+
+
+def token_losses(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, targets: torch.Tensor,
+                 image: torch.Tensor, vision_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Losses over one micro-batch from the hidden states h [..., H] and the targets they predict
+    (-100: none; position t predicts token t + 1), `image` marking the image targets.
 
     loss = (sum_text CE + w * sum_image CE) / (n_text + w * n_image), w = vision_weight: a weighted
     per-token mean, so w is a relative weight and the loss stays on the scale of one token's CE.
     text_loss and image_loss are the plain per-token means of each kind (0 when there is none),
-    differentiable, for logging and for per-modality backward passes; *_correct count argmax hits."""
-    text_ce = F.cross_entropy(text_logits.float(), text_targets, reduction="sum")
-    image_ce = F.cross_entropy(image_logits.float(), image_targets, reduction="sum")
-    n_text = torch.tensor(len(text_targets), device=text_logits.device)
-    n_image = torch.tensor(len(image_targets), device=image_logits.device)
+    differentiable, for logging and for per-modality backward passes; *_correct count argmax hits.
+
+    The head's logits are never whole: `chunked_cross_entropy` forms them for a chunk of tokens at a
+    time, and masks (not gathers) pick the targets, so nothing here waits for the device."""
+    ce, hit = chunked_cross_entropy(head, h.reshape(-1, h.shape[-1]), targets.reshape(-1))
+    image, valid = image.reshape(-1), targets.reshape(-1) != -100
+    text = valid & ~image
+    n_text, n_image = text.sum(), image.sum()
+    text_ce, image_ce = (ce * text).sum(), (ce * image).sum()
     return dict(loss=(text_ce + vision_weight * image_ce) / (n_text + vision_weight * n_image).clamp_min(1e-8),
                 text_loss=text_ce / n_text.clamp_min(1), image_loss=image_ce / n_image.clamp_min(1),
-                n_text=n_text, n_image=n_image, text_correct=(text_logits.argmax(-1) == text_targets).sum(),
-                image_correct=(image_logits.argmax(-1) == image_targets).sum())
+                n_text=n_text, n_image=n_image, text_correct=(hit & text).sum(), image_correct=(hit & image).sum())
+
+
+def chunked_cross_entropy(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,
+                          targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token fp32 cross-entropy of head(h) against targets (0 where the target is -100) and the
+    argmax hits, for h [N, H], in chunks of tokens small enough that one chunk's logits stay under
+    LOGIT_BYTES_PER_CHUNK. With more than one chunk each is checkpointed (its logits recomputed in
+    backward), so the full [N, V] logits never exist: for Emu3-8B's 8,191 x 184,622 they would be
+    16.9 GiB in the three copies cross-entropy keeps."""
+    width = _out_features(head)
+    chunk = max(1, LOGIT_BYTES_PER_CHUNK // (6 * width))
+    if chunk >= len(h):
+        return _ce_chunk(head, h, targets)
+    parts = [checkpoint(_ce_chunk, head, h[i:i + chunk], targets[i:i + chunk], use_reentrant=False)
+             for i in range(0, len(h), chunk)]
+    return torch.cat([ce for ce, _ in parts]), torch.cat([hit for _, hit in parts])
+
+
+def _ce_chunk(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor,
+              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(h).float()
+    ce = F.cross_entropy(logits, targets, reduction="none", ignore_index=-100)
+    return ce, logits.argmax(-1) == targets
+
+
+def _out_features(head: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """The head's output width (its vocabulary): a Linear's out_features, or the last Linear inside it."""
+    if isinstance(head, torch.nn.Linear):
+        return head.out_features
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)] if isinstance(head, torch.nn.Module) else []
+    if not linears:
+        raise ValueError(f"token_losses: cannot tell the output width of head {type(head).__name__}")
+    return linears[-1].out_features
 
 
 def sample(logits: torch.Tensor, temperature: float, gen: Optional[torch.Generator]) -> torch.Tensor:
