@@ -88,6 +88,7 @@ class Accumulator:
         self.stash_microsteps: dict[str, int] = {}
         self.action, self.tag = KEEP, ""
         self._taken: set[int] = set()
+        self._arrived: dict[int, torch.Tensor] = {}  # this micro-step's gradients, stashed at its end
 
     # -- one micro-step ----------------------------------------------------------------------------
 
@@ -98,7 +99,9 @@ class Accumulator:
             self._open("chunk", k, k - self.last_reduced, self.distributor.world)
 
     def add(self, index: int, p: torch.Tensor) -> None:
-        """A parameter's gradient of this micro-step is complete: keep it, send it, or stash it."""
+        """A parameter's gradient of this micro-step is complete: keep it, send it, or stash it. Called
+        from autograd's hooks, where FSDP2 runs on its reduce-scatter stream: only references are
+        taken here (the distributor's `add` and the stash hold the tensor); arithmetic waits for `end`."""
         assert p.grad is not None
         self.present.add(index)
         self._taken.add(index)
@@ -106,8 +109,7 @@ class Accumulator:
             self.distributor.add(index, p.grad)
             p.grad = None
         elif self.action == STASH:
-            stash = self.stash.setdefault(self.tag, {})
-            stash[index] = p.grad if index not in stash else stash[index].add_(p.grad)
+            self._arrived[index] = p.grad
             p.grad = None
 
     def end(self) -> None:
@@ -115,7 +117,10 @@ class Accumulator:
         self.microsteps += 1
         self.counters["microsteps"] += 1
         if self.action == STASH:
-            self.stash.setdefault(self.tag, {})
+            stash = self.stash.setdefault(self.tag, {})
+            for index, grad in self._arrived.items():
+                stash[index] = grad if index not in stash else stash[index].add_(grad)
+            self._arrived = {}
             self.stash_microsteps[self.tag] = self.stash_microsteps.get(self.tag, 0) + 1
         if self.action == REDUCE:
             for i, p in enumerate(self.params):  # earlier kept micro-steps of parameters unused in this one

@@ -140,8 +140,6 @@ class MLFOPSOAP(SOAP):
     def microstep_begins(self, tag: Optional[str]) -> None:
         if self.options.pair_source == "modality" and self.options.fop and tag is None:
             raise RuntimeError("pair_source='modality': run each backward inside `with optimizer.modality(tag):`")
-        if self._window is None:
-            self._window = self._open_window()
         self.accumulator.begin(tag)
 
     def grad_ready(self, index: int, p: torch.Tensor) -> None:
@@ -152,7 +150,8 @@ class MLFOPSOAP(SOAP):
     def microstep_ends(self, tag: Optional[str]) -> None:
         """The backward ended: the reductions that arrived go to the window, then the rest of this one leaves."""
         start = time.perf_counter()
-        assert self._window is not None
+        if self._window is None:  # opened here, on the default stream, not in a gradient hook
+            self._window = self._open_window()
         self._receive(self._window)
         self.accumulator.end()
         self.counters["microstep_seconds"] += time.perf_counter() - start

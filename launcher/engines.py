@@ -4,12 +4,15 @@ boundary) and `engine.device`.
 
     deepspeed  DeepSpeed at ZeRO stage 0 with the distopt optimizer (distopt.deepspeed_glue): every rank
                holds the whole model; block owners hold the optimizer state.
-    fsdp2      PyTorch FSDP2: `fully_shard` on every decoder layer (the classes transformers marks as
-               never split), then the root, with a MixedPrecisionPolicy (bf16 compute when model.dtype is
-               bfloat16, fp32 reduce-scatter); parameters, gradients and optimizer state all sharded. The
-               plain accumulation loop: FSDP2 reduce-scatters every backward and the optimizer
-               redistributes the shards to block owners where its fold needs them (distopt.fsdp2). HSDP
-               with `fsdp.replicate` > 1: shard within groups of world / replicate ranks, replicate across.
+    fsdp2      PyTorch FSDP2: `fully_shard` on the input embedding and every decoder layer (the classes
+               transformers marks as never split), then the root, with a MixedPrecisionPolicy (fp32
+               reduce-scatter); parameters, gradients and optimizer state all sharded. The model arrives
+               on the meta device and is sharded before it holds any memory; the shards then receive
+               rank 0's weights (`weights`). Parameters are in model.dtype (bf16: the block owners'
+               masters are the only fp32 copy). The plain accumulation loop: FSDP2 reduce-scatters every
+               backward and the optimizer redistributes the shards to block owners where its fold needs
+               them (distopt.distributors.fsdp2). HSDP with `fsdp.replicate` > 1: shard within groups of
+               world / replicate ranks, replicate across.
 
 Activation checkpointing (`model.activation_checkpointing`) wraps each decoder layer's forward in
 torch.utils.checkpoint with use_reentrant=False, which keeps one backward = one micro-step (a
@@ -19,6 +22,7 @@ reentrant checkpoint would run nested backward passes, and the optimizer would s
 from __future__ import annotations
 
 import functools
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from distopt import build_optimizer, deepspeed_glue
 from distopt.registry import split_clipping
+from model_zoo.unified import UnifiedModel
 
 ENGINES = ("deepspeed", "fsdp2")
 
@@ -81,8 +86,10 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def shard(model: torch.nn.Module, world: int, replicate: int, bf16: bool, device: torch.device) -> None:
-    """fully_shard every decoder layer, then the root, on a 1-D mesh or HSDP's (replicate, shard) mesh."""
+def shard(model: UnifiedModel, world: int, replicate: int, device: torch.device) -> None:
+    """fully_shard the input embedding (its own unit: gathered once at the start of forward and freed,
+    rather than held with the root through every layer), every decoder layer, then the root, on a 1-D
+    mesh or HSDP's (replicate, shard) mesh. Reductions in fp32 whatever the parameters' dtype."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -90,10 +97,18 @@ def shard(model: torch.nn.Module, world: int, replicate: int, bf16: bool, device
         mesh = init_device_mesh(device.type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
     else:
         mesh = init_device_mesh(device.type, (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for unit in input_embeddings(model) + decoder_layers(model):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def input_embeddings(model: UnifiedModel) -> list[torch.nn.Module]:
+    """The decoder's input embedding, unless the output head shares its weight (one unit must hold both)."""
+    base = model.base()
+    embedding = base.get_input_embeddings()
+    head = base.get_output_embeddings()
+    return [] if head is not None and head.weight is embedding.weight else [embedding]
 
 
 def resolve(engine: str, spec: dict) -> dict:
@@ -106,10 +121,16 @@ def resolve(engine: str, spec: dict) -> dict:
     return spec
 
 
+Weights = Optional[Callable[[torch.nn.Module], None]]  # fills a sharded model's parameters (None: leave them)
+
+
 def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
                  grad_accum: int, max_grad_norm, bf16: bool, replicate: int = 1, deepspeed: dict | None = None,
-                 activation_checkpointing: bool = False):
-    """(engine, optimizer) for the model; the optimizer is built once parameters sit on their device."""
+                 activation_checkpointing: bool = False, weights: Weights = None,
+                 device: Optional[torch.device] = None):
+    """(engine, optimizer) for the model; the optimizer is built once parameters sit on their device.
+    deepspeed: `model` holds its weights. fsdp2: `model` is on the meta device; it is sharded, its
+    shards are made on `device` (default: this rank's GPU, else the CPU) and `weights` fills them."""
     world = dist.get_world_size()
     if activation_checkpointing:
         checkpoint_layers(model)
@@ -118,9 +139,13 @@ def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, m
             model.to(torch.bfloat16)  # bf16 parameters and compute; the owners keep fp32 masters
         ds_config = deepspeed_glue.engine_config(micro_batch_size, grad_accum, world, max_grad_norm, deepspeed)
         return deepspeed_glue.initialize(model, optimizer_spec, ds_config)
-    device = local_device()
-    model.to(device)  # fp32: FSDP2's sharded parameters are the masters, bf16 only in compute
-    shard(model, world, replicate, bf16, device)
+    device = device or local_device()
+    if bf16:
+        model.to(torch.bfloat16)  # on meta: the shards are bf16; the owners' fp32 masters are the only fp32 copy
+    shard(model, world, replicate, device)
+    model.to_empty(device=device)
+    if weights is not None:
+        weights(model)
     spec = resolve(engine, optimizer_spec)
     optimizer_clip, engine_clip = split_clipping(spec["name"], max_grad_norm or None)
     if optimizer_clip:

@@ -25,7 +25,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
 from distopt import comm, deepspeed_glue
@@ -33,7 +33,7 @@ from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from distopt.protocols import RecordsLosses, TakesMicrosteps, comm_bytes_of, counters_of, stats_of
 from launcher.cluster import srun_env
 from launcher.config import Config, ConfigError, load_config
-from launcher.engines import build_engine, local_device
+from launcher.engines import Weights, build_engine, local_device
 from launcher.memory import check_fits
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
@@ -57,22 +57,49 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.Module, object, object, Data]:
-    """(model, layout, image tokenizer, data). Rank 0 first fits and caches the project's tokenizers
-    (WordPiece, digits VQ) when they are not cached yet; the other ranks then load them."""
+def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.Module, object, object, Data, Weights]:
+    """(model, layout, image tokenizer, data, weights). Rank 0 first fits and caches the project's
+    tokenizers (WordPiece, digits VQ) when they are not cached yet; the other ranks then load them.
+    Under fsdp2 the model is built on the meta device (no rank holds it whole) and `weights` fills its
+    shards from rank 0 once it is sharded; under deepspeed every rank builds it with its weights."""
     if rank == 0:
         build_vocab(cfg.data, cfg.model)
         if cfg.data.image_tokenizer == "digits_vq":
             build_image_tokenizer(cfg.data, cfg.model)
     dist.barrier()
     vocab = build_vocab(cfg.data, cfg.model)
-    model = build_model(cfg.model, vocab)
-    images = build_image_tokenizer(cfg.data, cfg.model, model)
+    sharded = cfg.engine == "fsdp2"
+    model = build_model(cfg.model, vocab, meta=sharded)
+    images = build_image_tokenizer(cfg.data, cfg.model, None if sharded else model)
     layout = layout_for(cfg.model, vocab, images.grid, model)
     data = build_data(cfg.data, layout, images, micro_batch_size=cfg.batch.micro_batch_size,
                       grad_accum=cfg.batch.grad_accum, rank=rank, world_size=world, seed=cfg.run.seed,
                       eval_batches=cfg.eval.batches)
-    return model, layout, images, data
+    return model, layout, images, data, rank0_weights(cfg, vocab) if sharded else None
+
+
+def rank0_weights(cfg: Config, vocab: Any) -> Weights:
+    """Fills a sharded model from rank 0: rank 0 builds the model with its weights (a new one from the
+    run's seed, or the checkpoint, in model.dtype), and every rank's shards receive their rows by
+    broadcast (torch.distributed.checkpoint's set_model_state_dict). Only rank 0 ever holds the whole
+    model, once, on the host: for a bf16 checkpoint, one bf16 copy per node."""
+    def load(model: torch.nn.Module) -> None:
+        state: dict = {}
+        buffers: dict = {}
+        if dist.get_rank() == 0:
+            torch.manual_seed(cfg.run.seed)
+            full = build_model(cfg.model, vocab)
+            state = {k: v.to(DTYPES[cfg.model.dtype]) if v.is_floating_point() else v
+                     for k, v in full.state_dict().items()}
+            buffers = dict(full.named_buffers())
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        # every buffer too: the state dict leaves out the non-persistent ones (rotary frequencies,
+        # position ids), which to_empty left as garbage
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])
+            dist.broadcast(buffer, src=0)
+    return load
 
 
 def sample_grid(model: torch.nn.Module, layout, images, cfg: Config, step: int, out: Path,
@@ -192,14 +219,14 @@ def set_up(cfg: Config) -> Run:
     the optimizer, the LR schedule, resumption, logging and the evaluation set."""
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.run.seed)
-    model, layout, images, data = build_model_and_data(cfg, rank, world)
+    model, layout, images, data, weights = build_model_and_data(cfg, rank, world)
     if cfg.lora.enabled:
         add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules, cfg.lora.adapter)
     engine, opt = build_engine(model, {"name": cfg.optimizer.name, "params": cfg.optimizer.params}, engine=cfg.engine,
                                micro_batch_size=cfg.batch.micro_batch_size, grad_accum=cfg.batch.grad_accum,
                                max_grad_norm=cfg.optimizer.max_grad_norm, bf16=cfg.model.dtype == "bfloat16",
                                replicate=cfg.fsdp.replicate, deepspeed=cfg.deepspeed,
-                               activation_checkpointing=cfg.model.activation_checkpointing)
+                               activation_checkpointing=cfg.model.activation_checkpointing, weights=weights)
     judge = DigitJudge(*data.digits, images) if cfg.eval.generated_digits and rank == 0 else None
     logger = Logger(cfg.run.out_dir, cfg.logging.tensorboard and rank == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 import datasets
+import torch
+from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
 from model_zoo import digits as digit_data
 from model_zoo import emu3, janus
-from model_zoo.config import DataConfig, ModelConfig
+from model_zoo.config import DTYPES, DataConfig, ModelConfig
 from model_zoo.data import DigitsSource, MicroBatchSampler, TokenizedSource, open_tokenized
 from model_zoo.emu3 import Emu3, Emu3Layout
 from model_zoo.janus import Janus, JanusLayout
@@ -25,6 +27,7 @@ from model_zoo.vq import CheckpointVQ, VQTokenizer
 
 FAMILIES = {"emu3": Emu3, "janus": Janus}
 CONFIGS = {"emu3": emu3.config, "janus": janus.config}
+HF_CLASSES = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}
 
 
 def checkpoint_config(path: str):
@@ -46,14 +49,27 @@ def build_vocab(d: DataConfig, m: ModelConfig) -> Vocab:
     return Vocab.from_wordpiece(load_or_train_wordpiece(d.cache_dir, digit_data.caption_corpus()), codebook)
 
 
-def build_model(m: ModelConfig, vocab: Vocab) -> UnifiedModel:
+def build_model(m: ModelConfig, vocab: Vocab, meta: bool = False) -> UnifiedModel:
     """A new model of `size` (unset: tiny) sized to `vocab`, or the local checkpoint `pretrained` with
     `overrides` applied to its text config (shape fields refused). With both, the checkpoint must have
-    the decoder shape `size` names. The checkpoint must use `vocab`'s ids."""
+    the decoder shape `size` names. The checkpoint must use `vocab`'s ids. `meta`: the same model with
+    no weights (on the meta device, nothing read but the checkpoint's config), for a launcher that
+    shards it first and loads the weights into the shards."""
     cls = FAMILIES[m.family]
-    if m.pretrained is None:
+    if meta:
+        config = CONFIGS[m.family](m.size or "tiny", vocab, m.overrides) if m.pretrained is None else \
+            checkpoint_config(m.pretrained)
+        if m.pretrained is not None:
+            for key, value in m.overrides.items():
+                setattr(config if key == "vision_loss_weight" else config.text_config, key, value)
+        with torch.device("meta"):
+            model = cls(HF_CLASSES[m.family](config))
+    elif m.pretrained is None:
         return cls.build(m.size or "tiny", vocab, m.overrides)
-    model = cls.from_pretrained(m.pretrained, m.overrides)
+    else:
+        model = cls.from_pretrained(m.pretrained, m.overrides, dtype=DTYPES[m.dtype])
+    if m.pretrained is None:
+        return model
     if m.size is not None:
         want = CONFIGS[m.family](m.size, vocab).text_config
         wrong = {k: (getattr(model.text_config, k, None), getattr(want, k, None)) for k in SHAPE_FIELDS

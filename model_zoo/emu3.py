@@ -121,11 +121,12 @@ class Emu3(UnifiedModel):
         return cls(Emu3ForConditionalGeneration(config(size, vocab, overrides)))
 
     @classmethod
-    def from_pretrained(cls, path: str, overrides: Optional[dict] = None) -> "Emu3":
+    def from_pretrained(cls, path: str, overrides: Optional[dict] = None,
+                        dtype: torch.dtype = torch.float32) -> "Emu3":
         """A local checkpoint directory in transformers' Emu3 layout; nothing is downloaded."""
         overrides = dict(overrides or {})
         check_overrides(overrides, override_keys(Emu3TextConfig, ("vision_loss_weight",)), path)
-        return cls(load_checkpoint(Emu3ForConditionalGeneration, path, "emu3", overrides))
+        return cls(load_checkpoint(Emu3ForConditionalGeneration, path, "emu3", overrides, dtype))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """dict(loss, text_loss, image_loss, n_text, n_image, text_correct, image_correct) over the

@@ -107,11 +107,12 @@ class Janus(UnifiedModel):
         return cls(JanusForConditionalGeneration(config(size, vocab, overrides)))
 
     @classmethod
-    def from_pretrained(cls, path: str, overrides: Optional[dict] = None) -> "Janus":
+    def from_pretrained(cls, path: str, overrides: Optional[dict] = None,
+                        dtype: torch.dtype = torch.float32) -> "Janus":
         """A local checkpoint directory in transformers' Janus layout; nothing is downloaded."""
         overrides = dict(overrides or {})
         check_overrides(overrides, override_keys(LlamaConfig), path)
-        return cls(load_checkpoint(JanusForConditionalGeneration, path, "janus", overrides))
+        return cls(load_checkpoint(JanusForConditionalGeneration, path, "janus", overrides, dtype))
 
     def embed(self, ids: torch.Tensor, images: bool) -> torch.Tensor:
         """Text ids through the text embedding and, when the ids hold images (`images`: a generation

@@ -123,10 +123,10 @@ def check_overrides(overrides: dict, valid: list[str], pretrained: Optional[str]
                              "model.pretrained to train a new model of that shape")
 
 
-def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict,
+def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict, dtype: torch.dtype = torch.float32,
                     text_config_of=lambda c: c.text_config) -> torch.nn.Module:
-    """`cls.from_pretrained(path)` from the local directory only, in float32 (training keeps fp32
-    parameters), `overrides` applied to the text config, and every weight required: a checkpoint of
+    """`cls.from_pretrained(path)` from the local directory only, in `dtype` (the run's parameter dtype),
+    `overrides` applied to the text config, and every weight required: a checkpoint of
     another architecture is an error, not a silent random initialisation."""
     from transformers import AutoConfig
 
@@ -141,7 +141,7 @@ def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict,
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for key, value in overrides.items():
         setattr(config if key == "vision_loss_weight" else text_config_of(config), key, value)
-    model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=torch.float32,
+    model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
                                       output_loading_info=True)
     missing = [k for k in info["missing_keys"] if "rotary" not in k]
     if missing or info["unexpected_keys"] or info["mismatched_keys"]:

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from distopt.comm import Checks
@@ -57,6 +59,7 @@ class _Exchange:
     """One redistribution in flight: the all-to-all's buffers and work handle."""
 
     piece: Piece
+    check: Checks
     grads: dict[int, Optional[torch.Tensor]] = field(default_factory=dict)  # param -> local rows of p.grad
     recv: Optional[torch.Tensor] = None
     send: Optional[torch.Tensor] = None
@@ -73,7 +76,7 @@ class FSDP2Distributor(CollectiveDistributor):
             raise ValueError("the FSDP2 distributor needs every parameter on one device mesh with one sharded "
                              "dimension (shard the whole model with the same mesh)")
         self.mesh_dim = dims.pop()
-        super().__init__(mesh.get_group(self.mesh_dim))
+        super().__init__(own_group(mesh, self.mesh_dim))
         self.replicas = math.prod(mesh.size(i) for i in range(mesh.ndim) if i != self.mesh_dim)
         self.comm_dtype = comm_dtype
         self.master_dtype = torch.float64 if comm_dtype == torch.float64 else torch.float32
@@ -117,8 +120,9 @@ class FSDP2Distributor(CollectiveDistributor):
     # -- redistribution of gradients ---------------------------------------------------------------
 
     def open(self, group: str, microsteps: int, ranks: int, check: Checks) -> None:
-        self._send_check(check)
-        self._open = _Exchange(Piece(group, microsteps, 1, 1, {}))
+        """Nothing is allocated or sent here: under FSDP2 `open` and `add` run in gradient hooks, on
+        FSDP2's reduce-scatter stream; `close` (at the end of backward) does the work."""
+        self._open = _Exchange(Piece(group, microsteps, 1, 1, {}), check)
 
     def add(self, param: int, grad: Optional[torch.Tensor]) -> None:
         assert self._open is not None, "add() outside a reduction: open() first"
@@ -127,6 +131,7 @@ class FSDP2Distributor(CollectiveDistributor):
     def close(self) -> None:
         ex = self._open
         assert ex is not None, "close() outside a reduction: open() first"
+        self._send_check(ex.check)
         pieces = []
         for r in range(self.world):
             for b in self._by_owner[r]:
@@ -226,6 +231,16 @@ class FSDP2Distributor(CollectiveDistributor):
                     target = self._local_rows(_local(params[b.param]), b, self.rank)
                     target.copy_(recv[offset:offset + n].view(target.shape))
                     offset += n
+
+
+def own_group(mesh: DeviceMesh, dim: int) -> dist.ProcessGroup:
+    """A process group of the ranks of this rank's slice along the mesh's dimension `dim` (the shard
+    group), separate from FSDP2's: distopt's all-to-alls then travel on their own communicator instead
+    of queueing behind FSDP2's all-gathers and reduce-scatters. Every rank calls it (a collective)."""
+    groups = mesh.mesh.movedim(dim, -1).reshape(-1, mesh.size(dim)).tolist()
+    mine, _ = dist.new_subgroups_by_enumeration(groups)  # type: ignore[no-untyped-call]
+    assert isinstance(mine, dist.ProcessGroup)
+    return mine
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
