@@ -5,7 +5,7 @@
 2. A ~1B-parameter Llama-shaped model, K = 8 micro-steps of 4,096 tokens each, bf16 parameters and
    compute, for AdamW, SOAP (ML-FOP-SOAP with fop off and the same blocks, so the difference is FOP
    alone) and ML-FOP-SOAP side by side: median step time, peak allocated and reserved memory, the
-   memory tool's estimate (distopt.memory) for the same run, and the loss at the first and last step
+   memory tool's estimate (launcher.memory) for the same run, and the loss at the first and last step
    on a synthetic Zipf-distributed token stream (whose loss falls as soon as the unigram statistics
    are learnt), checking that ML-FOP-SOAP's falls.
 
@@ -33,7 +33,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distopt import build_optimizer, comm  # noqa: E402
-from distopt.memory import GiB, Activations, estimate  # noqa: E402
+from launcher.memory import GiB, Activations, estimate  # noqa: E402
 from distopt.options import MLFOPOptions  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, tokens per micro-step, micro-steps, steps

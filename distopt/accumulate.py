@@ -175,7 +175,8 @@ class Accumulator:
         checks = self.distributor.checks()
         if not checks:
             return
-        summed = host_values(torch.stack([vector for _, vector in checks]))
+        summed = host_values(torch.stack([vector for _, vector in checks]),
+                             stand_in=[v for check, _ in checks for v in check.values()])
         self.counters["host_syncs"] += 1
         width = len(summed) // len(checks)
         for j, (check, _) in enumerate(checks):

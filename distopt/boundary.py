@@ -54,7 +54,7 @@ class Boundary:
                 diagnostics[b.param, 3] += share
                 diagnostics[b.param, 4:] += correction_partials(plain_prepared[i], fop_items[i])
         vec = all_reduce_sum(vec)
-        head = host_values(vec[:2 + n])
+        head = host_values(vec[:2 + n], stand_in=[0.0, 0.0] + [float(i in present) for i in range(n)])
         self.diagnostics = vec[2 + n:].view(n, 6)
         return Outcome(head[0] == 0, head[1], {i for i in range(n) if head[2 + i] > 0})
 

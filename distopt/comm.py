@@ -49,14 +49,14 @@ class Checks:
     equal: dict[str, float] = field(default_factory=dict)
     counts: dict[str, float] = field(default_factory=dict)
 
-    def vector(self, device: torch.device) -> torch.Tensor:
-        """[1, (x, x^2) per equal value, counts...], filled element by element: on a GPU, no host sync."""
+    def values(self) -> list[float]:
+        """[1, (x, x^2) per equal value, counts...]: this rank's vector, on the host."""
         values = [1.0] + [v for x in self.equal.values() for v in (float(x), float(x) * float(x))]
-        values += [float(c) for c in self.counts.values()]
-        vector = torch.zeros(len(values), dtype=torch.float64, device=device)
-        for i, v in enumerate(values):
-            vector[i] = v
-        return vector
+        return values + [float(c) for c in self.counts.values()]
+
+    def vector(self, device: torch.device) -> torch.Tensor:
+        """`values()` on the device, each a fill on the device (no copy from the host: no host sync)."""
+        return torch.stack([torch.full((), v, dtype=torch.float64, device=device) for v in self.values()])
 
     def read(self, summed: list[float]) -> Agreed:
         """What the all-reduced vector says: the names that differ, and the summed counts."""
@@ -67,7 +67,7 @@ class Checks:
 
     def agree(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> Agreed:
         """One blocking all-reduce and one host read."""
-        return self.read(host_values(all_reduce_sum(self.vector(device))))
+        return self.read(host_values(all_reduce_sum(self.vector(device)), stand_in=self.values()))
 
 
 @dataclass(frozen=True)

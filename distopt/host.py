@@ -2,24 +2,36 @@
 GPU; its callers count them) and `DeviceTally` (counts that stay on the device, block after block,
 and are read once per step).
 
-A fake or meta tensor (the dry run, launcher/dryrun.py) has no values: `host_values` reads it as
-zeros, which is what a healthy step holds in every flag and count the step reads (no disagreement,
-nothing non-finite, no failure). Any other read of a device value on the step path (`.item()`,
-`.tolist()`, `bool(t)`) fails under the dry run's FakeTensorMode, which is how the dry run finds them.
+A fake or meta tensor (the dry run, launcher/dryrun.py) has no values: `host_values` reads a stand-in
+the caller gives (what this rank knows on the host: its own check values, its own presence), or
+zeros, which is what a healthy step holds in every flag the step reads (no disagreement, nothing
+non-finite, no failure). Any other read of a device value on the step path (`.item()`,
+`.tolist()`, `bool(t)`) fails under the dry run's FakeTensorMode, which is how the dry run finds them;
+the reads through `host_values` are tallied per calling function in READS.
 """
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+import sys
+from collections import Counter
+from collections.abc import MutableMapping, Sequence
+from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
 
-def host_values(t: torch.Tensor) -> list[float]:
-    """`t`'s values on the host, flattened (one synchronisation on a GPU)."""
+READS: Counter[str] = Counter()  # host reads per calling function, for the dry run's count (a process-wide tally)
+
+
+def host_values(t: torch.Tensor, stand_in: Optional[Sequence[float]] = None) -> list[float]:
+    """`t`'s values on the host, flattened (one synchronisation on a GPU). A fake or meta tensor (the
+    dry run) has none: `stand_in` is read instead, what this rank knows on the host of the same values
+    (the dry run's one rank standing for every rank), or zeros."""
+    caller = sys._getframe(1).f_code
+    READS[f"{caller.co_filename.rsplit('/', 2)[-2]}/{caller.co_filename.rsplit('/', 1)[-1]}:{caller.co_name}"] += 1
     if isinstance(t, FakeTensor) or t.is_meta:
-        return [0.0] * t.numel()
+        return [float(x) for x in stand_in] if stand_in is not None else [0.0] * t.numel()
     return [float(x) for x in t.detach().reshape(-1).tolist()]
 
 

@@ -21,8 +21,9 @@ reentrant checkpoint would run nested backward passes, and the optimizer would s
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,11 +37,14 @@ ENGINES = ("deepspeed", "fsdp2")
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The model's repeated blocks: modules of the classes its transformers models list in _no_split_modules."""
+    """The model's repeated trainable blocks: modules of the classes its transformers models list in
+    _no_split_modules, leaving out frozen ones (the VQ-VAE's blocks never run in training: as FSDP units
+    or checkpointed regions they would only cost)."""
     names = set()
     for module in model.modules():
         names |= set(getattr(module, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
+    return [m for m in model.modules()
+            if type(m).__name__ in names and any(p.requires_grad for p in m.parameters())]
 
 
 def checkpoint_layers(model: torch.nn.Module) -> int:
@@ -51,7 +55,7 @@ def checkpoint_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-class FSDP2Engine:
+class AccumulationLoop:
     """The plain accumulation loop over an FSDP2-sharded model."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, grad_accum: int,
@@ -127,10 +131,11 @@ Weights = Optional[Callable[[torch.nn.Module], None]]  # fills a sharded model's
 def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
                  grad_accum: int, max_grad_norm, bf16: bool, replicate: int = 1, deepspeed: dict | None = None,
                  activation_checkpointing: bool = False, weights: Weights = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, materialize: ContextManager[Any] = contextlib.nullcontext()):
     """(engine, optimizer) for the model; the optimizer is built once parameters sit on their device.
-    deepspeed: `model` holds its weights. fsdp2: `model` is on the meta device; it is sharded, its
-    shards are made on `device` (default: this rank's GPU, else the CPU) and `weights` fills them."""
+    deepspeed: `model` holds its weights. fsdp2: `model` is on the meta device; it is sharded, then,
+    inside `materialize` (the dry run's FakeTensorMode), its shards are made on `device` (default: this
+    rank's GPU, else the CPU) and `weights` fills them."""
     world = dist.get_world_size()
     if activation_checkpointing:
         checkpoint_layers(model)
@@ -143,12 +148,13 @@ def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, m
     if bf16:
         model.to(torch.bfloat16)  # on meta: the shards are bf16; the owners' fp32 masters are the only fp32 copy
     shard(model, world, replicate, device)
-    model.to_empty(device=device)
-    if weights is not None:
-        weights(model)
+    with materialize:
+        model.to_empty(device=device)
+        if weights is not None:
+            weights(model)
     spec = resolve(engine, optimizer_spec)
     optimizer_clip, engine_clip = split_clipping(spec["name"], max_grad_norm or None)
     if optimizer_clip:
         spec["params"]["max_grad_norm"] = optimizer_clip
     optimizer = build_optimizer(spec, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-    return FSDP2Engine(model, optimizer, grad_accum, device, engine_clip), optimizer
+    return AccumulationLoop(model, optimizer, grad_accum, device, engine_clip), optimizer

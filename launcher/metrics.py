@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from typing import Iterable, Iterator, Optional
 
 import psutil
@@ -146,6 +147,41 @@ def evaluate(model: torch.nn.Module, batches: Iterable[dict]) -> dict[str, float
             result[f"val/{kind}_loss"] = totals[f"{kind}_loss"] / n
             result[f"val/{name}_accuracy"] = totals[f"{kind}_correct"] / n
     return result
+
+
+class PhaseTimer:
+    """Seconds per phase of one step (phases may repeat: their times add up). On a GPU each phase is
+    timed by CUDA events on the current stream, read once at the end of the step (`seconds()`: one
+    synchronisation), so the split measures the device's work, not the time to launch it; on the CPU
+    by perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda" and torch.cuda.is_available()  # (a fake CUDA device: the dry run)
+        self.spans: list[tuple[str, object, object]] = []
+
+    def _now(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = self._now()
+        try:
+            yield
+        finally:
+            self.spans.append((name, start, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.cuda and self.spans:
+            self.spans[-1][2].synchronize()
+        for name, start, end in self.spans:
+            took = start.elapsed_time(end) / 1000 if self.cuda else end - start
+            out[name] = out.get(name, 0.0) + took
+        return out
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -30,12 +30,13 @@ from torch.distributed.tensor import DTensor
 
 from distopt import comm, deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
+from distopt.host import host_values
 from distopt.protocols import RecordsLosses, TakesMicrosteps, comm_bytes_of, counters_of, stats_of
 from launcher.cluster import srun_env
 from launcher.config import Config, ConfigError, load_config
 from launcher.engines import Weights, build_engine, local_device
 from launcher.memory import check_fits
-from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
+from launcher.metrics import Logger, ModalityGradProbe, PhaseTimer, evaluate, memory_stats
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
 from model_zoo.config import DTYPES
 from model_zoo.data import MicroBatchSampler
@@ -261,47 +262,52 @@ def run_step(run: Run, probe_geometry: bool) -> StepResult:
     stay on the device until the step is done: no host synchronisation between micro-steps."""
     engine, opt = run.engine, run.opt
     probe = ModalityGradProbe(run.model) if probe_geometry else None
-    sums = {kind: torch.zeros(2, dtype=torch.float64, device=engine.device) for kind in ("text", "image")}
-    seconds = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
+    sums = torch.zeros(2, 2, dtype=torch.float64, device=engine.device)  # per kind: (sum of losses, micro-steps)
+    timer = PhaseTimer(engine.device)
     in_backward = _optimizer_seconds(opt)
-    t0 = time.perf_counter()
     tokens = 0
-    for batch in run.sampler.next_step():
-        batch = to_device(batch, engine.device, DTYPES[run.cfg.model.dtype])
-        tokens = batch["input_ids"].numel()
-        t = time.perf_counter()
-        result = engine(batch)
-        seconds["forward"] += time.perf_counter() - t
-        t = time.perf_counter()
-        with contextlib.ExitStack() as tagged:
-            if isinstance(opt, TakesMicrosteps):
-                tagged.enter_context(opt.modality(batch["modality"]))
-            if probe is not None:
-                tagged.enter_context(probe.modality(batch["modality"]))
-            engine.backward(result["loss"])
-        seconds["backward"] += time.perf_counter() - t
-        if isinstance(opt, RecordsLosses):  # GradNorm balances the modalities by their losses
-            opt.record_loss(batch["modality"], result["loss"])
-        for kind in ("text", "image"):  # (sum of micro-step losses, micro-steps) of the kind
-            seen = result[f"n_{kind}"] > 0
-            sums[kind] += torch.stack([torch.where(seen, result[f"{kind}_loss"].detach(), 0.0).double(), seen.double()])
-        t = time.perf_counter()
-        engine.step()
-        seconds["optimizer"] += time.perf_counter() - t
-    run.scheduler.step()
+    with timer.phase("step"):
+        for batch in run.sampler.next_step():
+            batch = to_device(batch, engine.device, DTYPES[run.cfg.model.dtype])
+            tokens = batch["input_ids"].numel()
+            with timer.phase("forward"):
+                result = engine(batch)
+            with timer.phase("backward"), contextlib.ExitStack() as tagged:
+                if isinstance(opt, TakesMicrosteps):
+                    tagged.enter_context(opt.modality(batch["modality"]))
+                if probe is not None:
+                    tagged.enter_context(probe.modality(batch["modality"]))
+                engine.backward(result["loss"])
+            if isinstance(opt, RecordsLosses):  # GradNorm balances the modalities by their losses
+                opt.record_loss(batch["modality"], result["loss"])
+            for row, kind in enumerate(("text", "image")):
+                seen = result[f"n_{kind}"] > 0
+                sums[row] += torch.stack([torch.where(seen, result[f"{kind}_loss"].detach(), 0.0).double(),
+                                          seen.double()])
+            with timer.phase("optimizer"):
+                engine.step()
+        run.scheduler.step()
+    seconds = timer.seconds()  # on a GPU: one synchronisation, at the end of the step
     # the optimizer's micro-step work (folds, reduce waits) runs inside backward: count it as optimizer time
     folded = _optimizer_seconds(opt) - in_backward
     seconds["backward"] -= folded
     seconds["optimizer"] += folded
-    seconds["step"] = time.perf_counter() - t0
-    host = {kind: v.tolist() for kind, v in sums.items()}
-    return StepResult({k: total / n for k, (total, n) in host.items() if n}, seconds, tokens, probe)
+    (text, n_text, image, n_image) = host_values(sums)  # the step's one read of its losses
+    losses = {kind: total / n for kind, total, n in (("text", text, n_text), ("image", image, n_image)) if n}
+    return StepResult(losses, seconds, tokens, probe)
 
 
 def to_device(batch: dict, device: torch.device, dtype: torch.dtype) -> dict:
-    """A collated batch on the engine's device; floating inputs (pixels) in the model's dtype."""
-    return {k: (v.to(device, dtype=dtype if v.is_floating_point() else v.dtype, non_blocking=True)
-                if torch.is_tensor(v) else v) for k, v in batch.items()}
+    """A collated batch on the engine's device (tensors already there stay as they are); floating
+    inputs (pixels) in the model's dtype."""
+    def move(v: Any) -> Any:
+        if not torch.is_tensor(v):
+            return v
+        if v.device != device:
+            v = v.to(device, non_blocking=True)
+        return v.to(dtype) if v.is_floating_point() and v.dtype != dtype else v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def _optimizer_seconds(opt: torch.optim.Optimizer) -> float:
@@ -310,9 +316,9 @@ def _optimizer_seconds(opt: torch.optim.Optimizer) -> float:
 
 def all_ranks_finite(losses: dict[str, float], device: torch.device) -> bool:
     """Every rank stops together on a non-finite loss (no rank is left waiting in a collective)."""
-    finite = torch.full((1,), float(all(math.isfinite(v) for v in losses.values())), device=device)
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    bad = torch.full((1,), float(not all(math.isfinite(v) for v in losses.values())), device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return host_values(bad)[0] == 0
 
 
 def log_step(run: Run, step: int, result: StepResult) -> None:

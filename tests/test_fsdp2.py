@@ -59,8 +59,8 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
 
 
 def planned(config, world, rank, engine):
-    """distopt.memory's estimate for the worker's model (built on the meta device) and options."""
-    from distopt.memory import Activations, estimate
+    """launcher.memory's estimate for the worker's model (built on the meta device) and options."""
+    from launcher.memory import Activations, estimate
     from distopt.options import MLFOPOptions
     from sharded_worker import Net
 

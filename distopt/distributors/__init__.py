@@ -11,14 +11,14 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from distopt.distributors.base import BlockStates, Distributor, Meter
-from distopt.distributors.fsdp2 import FSDP2Distributor
+from distopt.distributors.fsdp2 import FSDP2Distributor, rows_of
 from distopt.distributors.local import LocalDistributor
 from distopt.distributors.owner import OwnerDistributor
 from distopt.options import COMM_DTYPES, MLFOPOptions
 from distopt.soap import state_dtype
 
 __all__ = ["BlockStates", "Distributor", "FSDP2Distributor", "LocalDistributor", "Meter", "OwnerDistributor",
-           "make_distributor"]
+           "make_distributor", "rows_of"]
 
 
 def make_distributor(params: Sequence[torch.Tensor], options: MLFOPOptions,
