@@ -191,10 +191,11 @@ class Accumulator:
         if s.fop and s.pair_source == "modality":
             for tag in sorted(self.stash):
                 self._open(tag, k, self.stash_microsteps[tag], world)
+                stash = self.stash.pop(tag)  # each tag's stash is let go once it is packed to leave
                 for i in range(len(self.params)):
-                    self.distributor.add(i, self.stash[tag].get(i))
+                    self.distributor.add(i, stash.get(i))
+                del stash
                 self.distributor.close()
-            self.stash.clear()
         elif s.fop and s.pair_source == "ranks":
             for parity, name in ((0, "even"), (1, "odd")):
                 self._open(name, k, k, (world + 1 - parity) // 2)

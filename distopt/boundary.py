@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from distopt.fop import correction_partials
+from distopt.fop import BlockMetric, correction_partials
 from distopt.host import host_values
 from distopt.levels import Bundle, Levels
 from distopt.plan import Plan
@@ -34,8 +34,8 @@ class Boundary:
         self.blocks_per_param = [len(plan.of_param(i)) for i in range(n_params)]
         self.diagnostics: Optional[torch.Tensor] = None  # (params, 6) of the last step, summed over ranks
 
-    def reduce(self, plain: Bundle, plain_prepared: Bundle, fop_items: Bundle, present: set[int], levels: Levels,
-               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> Outcome:
+    def reduce(self, plain: Bundle, metrics: dict[int, BlockMetric], fop_items: Bundle, present: set[int],
+               levels: Levels, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> Outcome:
         """The all-reduce (module docstring) and its head, read on the host (one synchronisation)."""
         n = self.n_params
         vec = torch.zeros(2 + n + 6 * n, dtype=torch.float64, device=self.device)
@@ -52,7 +52,7 @@ class Boundary:
                 share = 1.0 / self.blocks_per_param[b.param]
                 diagnostics[b.param, :3] += levels.diagnostics(i) * share
                 diagnostics[b.param, 3] += share
-                diagnostics[b.param, 4:] += correction_partials(plain_prepared[i], fop_items[i])
+                diagnostics[b.param, 4:] += correction_partials(metrics[i].prepare(g), fop_items[i])
         vec = all_reduce_sum(vec)
         head = host_values(vec[:2 + n], stand_in=[0.0, 0.0] + [float(i in present) for i in range(n)])
         self.diagnostics = vec[2 + n:].view(n, 6)

@@ -1,18 +1,18 @@
 """Hierarchical folding of the K micro-step gradients of one optimizer step.
 
-A fold merges two equal-count gradient sets with FOP (`combine(x1, n1, x2, n2)`), the older first.
-Items are opaque to this module (one tensor per block, a dict of them, ...); `prepare(mean, count)`
-turns the raw mean of `count` micro-steps into the form folds work on (for SOAP's metric: a rotation
-into the eigenbasis), and is called once per item that takes part in a fold.
+A fold merges two equal-count gradient means with FOP (`combine(x1, n1, x2, n2)`), the older first.
+Items are opaque to this module (one tensor per block, a dict of them, ...): each is the mean per
+micro-step of `count` micro-steps, already in the form folds work on (for SOAP's metric: rotated into
+the eigenbasis, once, when it arrives); `average(x1, n1, x2, n2)` is their plain count-weighted mean.
 
 `streaming` (canonical): z folds with the plain mean of the next equal-count chunk,
 z_j = FOP(z_{j-1}, mean(g_{2^(j-1)+1 .. 2^j})), the MLMC-style telescoping. Level 1 is micro-step 1
 against 2 (with modality-pure interleaved micro-batches: text against image), higher levels fold
 sampling variance. ceil(log2 K) folds; a chunk is summed raw (by autograd, in p.grad, before it is
-reduced at all) and prepared once, so K = 8 costs four rotations, not eight; two buffers.
+reduced at all) and rotated once, so K = 8 costs four rotations, not eight; two buffers.
 
 `tree`: a binary counter. Micro-step 1 folds with 2, 3 with 4, the pairs with each other, and so
-on: every level-1 fold pairs two single micro-steps. K - 1 folds, every micro-step prepared, at
+on: every level-1 fold pairs two single micro-steps. K - 1 folds, every micro-step rotated, at
 most floor(log2 K) + 1 items held.
 
 K not a power of two: the leftovers at the boundary are folded count-weighted, newest first.
@@ -23,10 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional, Protocol, Union
 
-Combine = Callable[[Any, int, Any, int], Any]
-Add = Callable[[Any, Any], Any]
-Scale = Callable[[Any, float], Any]
-Prepare = Callable[[Any, float], Any]  # prepare(mean of `count` micro-steps, count)
+Combine = Callable[[Any, int, Any, int], Any]  # FOP of two count-weighted means
+Average = Callable[[Any, int, Any, int], Any]  # their plain count-weighted mean
 
 
 class Fold(Protocol):
@@ -38,15 +36,15 @@ class Fold(Protocol):
 
 
 class TreeFold:
-    def __init__(self, combine: Combine, prepare: Prepare) -> None:
-        self.combine, self.prepare = combine, prepare
+    def __init__(self, combine: Combine) -> None:
+        self.combine = combine
         self.stack: list[tuple[Any, int]] = []
 
     def push(self, item: Any, count: int = 1) -> None:
         """One micro-step's gradient (count = 1: every level-1 fold pairs single micro-steps)."""
         if count != 1:
             raise ValueError(f"the tree schedule folds single micro-steps, got a sum of {count}")
-        node = (self.prepare(item, 1), 1)
+        node = (item, 1)
         while self.stack and self.stack[-1][1] == node[1]:
             older, n = self.stack.pop()
             node = (self.combine(older, n, node[0], node[1]), n + node[1])
@@ -66,25 +64,26 @@ class TreeFold:
 
 
 class StreamingFold:
-    def __init__(self, combine: Combine, add: Add, scale: Scale, prepare: Prepare) -> None:
-        self.combine, self.add, self.scale, self.prepare = combine, add, scale, prepare
+    def __init__(self, combine: Combine, average: Average) -> None:
+        self.combine, self.average = combine, average
         self.z: Optional[tuple[Any, int]] = None
-        self.chunk: Optional[tuple[Any, int]] = None  # raw running sum of the current chunk, and its count
+        self.chunk: Optional[tuple[Any, int]] = None  # the current chunk's mean, and its count
 
     def push(self, item: Any, count: int = 1) -> None:
-        """The raw sum of `count` micro-steps' gradients (one micro-step, or a whole chunk reduced at once)."""
+        """The mean of `count` micro-steps (one micro-step, or a whole chunk reduced at once)."""
         if self.z is None:
-            self.z = (self.prepare(item if count == 1 else self.scale(item, 1.0 / count), count), count)
+            self.z = (item, count)
             return
-        chunk = (item, count) if self.chunk is None else (self.add(self.chunk[0], item), self.chunk[1] + count)
+        chunk = (item, count) if self.chunk is None else \
+            (self.average(self.chunk[0], self.chunk[1], item, count), self.chunk[1] + count)
         self.chunk = chunk
         if chunk[1] >= self.z[1]:
             self._fold_chunk()
 
     def _fold_chunk(self) -> None:
         assert self.z is not None and self.chunk is not None
-        (z, nz), (total, nc) = self.z, self.chunk
-        self.z = (self.combine(z, nz, self.prepare(self.scale(total, 1.0 / nc), nc), nc), nz + nc)
+        (z, nz), (mean, nc) = self.z, self.chunk
+        self.z = (self.combine(z, nz, mean, nc), nz + nc)
         self.chunk = None
 
     def result(self) -> Optional[tuple[Any, int]]:
@@ -97,9 +96,8 @@ class StreamingFold:
         return [x[0] for x in (self.z, self.chunk) if x is not None]
 
 
-def make_fold(schedule: str, combine: Combine, add: Add, scale: Scale, prepare: Prepare) -> Union[TreeFold,
-                                                                                                StreamingFold]:
+def make_fold(schedule: str, combine: Combine, average: Average) -> Union[TreeFold, StreamingFold]:
     """schedule: 'tree' or 'streaming' (validated by distopt.options.MLFOPOptions)."""
     if schedule == "tree":
-        return TreeFold(combine, prepare)
-    return StreamingFold(combine, add, scale, prepare)
+        return TreeFold(combine)
+    return StreamingFold(combine, average)

@@ -102,19 +102,20 @@ class Levels:
     # -- folds -------------------------------------------------------------------------------------
 
     def combine(self, metrics: dict[int, BlockMetric], b1: Bundle, n1: int, b2: Bundle, n2: int) -> Bundle:
-        """One FOP fold of two equal-count bundles: c = a + beta* (d - s a) with the level's scalars."""
-        a = {i: (n1 * b1[i] + n2 * b2[i]) / (n1 + n2) for i in b1}
-        d = {i: b1[i] - b2[i] for i in b1}
-        table = self.table({i: metrics[i].partials(a[i], d[i]) for i in b1}, 5)
-        out = {}
+        """One FOP fold of two equal-count bundles: c = a + beta* (d - s a) with the level's scalars.
+
+        Block by block, in two passes (the partials, summed at the level; then c): a and d exist for one
+        block at a time, and c is written into b1's tensors, which the folds own (b1 is returned)."""
+        table = self.table({i: metrics[i].partials(*_average_and_difference(b1[i], n1, b2[i], n2)) for i in b1}, 5)
         for i in b1:
+            a, d = _average_and_difference(b1[i], n1, b2[i], n2)
             partials = self.lookup(table, i, metrics[i].n_segments)
             s, beta, guarded = fop_coefficients(partials, self.tolerance)
             self.top[i] = (partials, beta)  # the last fold a block takes part in is the top-level fold
             self.tally.add("fop_beta_guarded", guarded.sum())
-            out[i] = fop_combine(a[i], d[i], metrics[i].expand(s, a[i]), metrics[i].expand(beta, a[i]))
+            b1[i].copy_(fop_combine(a, d, metrics[i].expand(s, a), metrics[i].expand(beta, a)))
         self.counters["fop_folds"] += len(b1)
-        return out
+        return b1
 
     def modality_weights(self, metrics: dict[int, BlockMetric], means: dict[str, Bundle]) -> list[float]:
         """fisher_norm: w_m proportional to 1 / EMA(||g_m||_{M^-1}), normalised so that w_text + w_image = 2."""
@@ -146,3 +147,8 @@ class Levels:
         """[|beta*|, eta*, x = D^2 / (A E)] of block i's top fold, averaged over its segments."""
         partials, beta = self.top[i]
         return torch.stack([beta.abs().mean(), self.eta(i, beta.numel()).mean(), cosine_sq(partials).mean()])
+
+
+def _average_and_difference(x1: torch.Tensor, n1: int, x2: torch.Tensor, n2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = (n1 x1 + n2 x2) / (n1 + n2) and d = x1 - x2."""
+    return (n1 * x1 + n2 * x2) / (n1 + n2), x1 - x2

@@ -158,7 +158,7 @@ class MLFOPSOAP(SOAP):
 
     def _receive(self, window: Window) -> None:
         window.receive(self.distributor.take())
-        self.window_peak_bytes = max(self.window_peak_bytes, window.held_bytes() + self.accumulator.held_bytes())
+        self.window_peak_bytes = max(self.window_peak_bytes, window.peak_bytes + self.accumulator.held_bytes())
 
     def _open_window(self) -> Window:
         """The metric of every owned block whose SOAP state has a second moment (frozen for the window)."""
@@ -197,11 +197,11 @@ class MLFOPSOAP(SOAP):
     def _step(self, w: Window, states: dict[int, dict[str, Any]], counts: dict[str, float]) -> None:
         k = self.accumulator.microsteps
         folded = w.folded() if self.options.fop else None
-        self.window_peak_bytes = max(self.window_peak_bytes, w.held_bytes())
+        self.window_peak_bytes = max(self.window_peak_bytes, w.peak_bytes)
         if self.options.fop and folded is None:
             self.counters["fop_unpaired_steps"] += 1
-        fop_items = {i: x * k for i, x in folded.items()} if folded else {}
-        outcome = self.boundary.reduce(w.plain, w.plain_prepared, fop_items, self.accumulator.present, self.levels,
+        fop_items = {i: x.mul_(k) for i, x in folded.items()} if folded else {}  # the fold's own tensors
+        outcome = self.boundary.reduce(w.plain, w.metrics, fop_items, self.accumulator.present, self.levels,
                                        self.distributor.all_reduce_sum)
         self.counters["host_syncs"] += 1
         if not outcome.finite:
@@ -221,6 +221,7 @@ class MLFOPSOAP(SOAP):
         moments  m from rot(G_fop), v from rot(G_fop) ('folded') or rot(G) ('plain'), step x eta*
         update   m, v from G (SOAP's own state), plus gamma unrot(rot(G_fop - G) / (sqrt(v) + eps))."""
         o = self.options
+        g = _scaled(w.plain[b.index], scale)
         extra: dict[str, Any] = {}
         if b.index in fop_items:
             metric = w.metrics[b.index]
@@ -229,11 +230,11 @@ class MLFOPSOAP(SOAP):
                 extra["moment_grad_rot"] = g_fop
                 extra["lr_scale"] = metric.expand(self.levels.eta(b.index, metric.n_segments), fop_items[b.index])
                 if o.second_moment == "plain":
-                    extra["second_moment_rot"] = metric.finish(_scaled(w.plain_prepared[b.index], scale))
+                    extra["second_moment_rot"] = metric.finish(metric.prepare(g))
             elif o.fop_gamma:
-                extra["extra_rot"] = o.fop_gamma * (g_fop - metric.finish(_scaled(w.plain_prepared[b.index], scale)))
+                extra["extra_rot"] = o.fop_gamma * (g_fop - metric.finish(metric.prepare(g)))
         p = self._params[b.param]
-        soap_update(self.block_state(b), target, _scaled(w.plain[b.index], scale), self.block_layout(b),
+        soap_update(self.block_state(b), target, g, self.block_layout(b),
                     self._group_of[p], self.counters, self.tally, **extra)
 
     # -- what others read (distopt.protocols) ------------------------------------------------------

@@ -24,7 +24,7 @@ element size (4; 8 for fp64 parameters), s_c the reduction dtype's and K micro-s
                                                             in compute dtype, twice while prefetching)
     masters        4 S (bf16 parameters only)               e S (the owner's copy of its blocks)
     SOAP state     e Sigma_owned (2 n + 2 Sigma_rotated d^2) the same
-    fold window    e S (3 + [K not a power of two])         the same (G, the fold's z, rot(G), a waiting tail)
+    fold window    e S 3 (FOP on, K > 1; 2 for K = 1; 1 off) the same (G, the fold's z, the chunk arriving)
     communication  s_c (R W + min(B, 4) world c)             s_c (rows + S)  (one all-to-all's buffers)
     activations    the estimate below                       the same
 
@@ -143,12 +143,12 @@ def estimate(named: Iterable[tuple[str, torch.Tensor]], options: MLFOPOptions, w
     s_p = max(p.element_size() for p in params)
     e = max(state_dtype(p).itemsize for p in params)
     s_c = 8 if e == 8 else (2 if options.comm_dtype == "bf16" else 4)
-    tail = micro_steps & (micro_steps - 1) != 0
     best = None
     for r in range(world) if rank is None else [rank]:
         owned = plan.owned(r)
         share = sum(b.numel for b in owned)
-        common = dict(state=e * sum(b.state_numel for b in owned), window=e * share * (3 + tail) if options.fop else
+        folding = 3 if micro_steps > 1 else 2  # G, the fold's z, the chunk arriving (K = 1: nothing arrives)
+        common = dict(state=e * sum(b.state_numel for b in owned), window=e * share * folding if options.fop else
                       e * share, activations=activations.bytes())
         if engine == "deepspeed":
             total = sum(p.numel() for p in params)

@@ -177,9 +177,9 @@ def _distopt_fold(gs, q, dvec, schedule):
         last["beta"] = beta
         return fop_combine(a, d, s, beta)
 
-    fold = make_fold(schedule, combine_items, lambda x, y: x + y, lambda x, c: x * c, lambda x, _: metric.prepare(x))
+    fold = make_fold(schedule, combine_items, lambda x1, n1, x2, n2: (n1 * x1 + n2 * x2) / (n1 + n2))
     for g in gs:
-        fold.push(g)
+        fold.push(metric.prepare(g))
     return q @ fold.result()[0], last["partials"], last["beta"]
 
 

@@ -36,7 +36,11 @@ def make_distributor(params: Sequence[torch.Tensor], options: MLFOPOptions,
         if not all(sharded):
             raise ValueError("some parameters are FSDP2-sharded (DTensor) and some are not: apply fully_shard to the "
                              "root module too, so that every parameter the optimizer gets is sharded")
-        distributor = FSDP2Distributor([p for p in params if isinstance(p, DTensor)], comm_dtype)
+        # FSDP2 has reduced already (in its reduce_dtype) and hands over gradients in the parameters'
+        # dtype: the all-to-all only moves them, so a wider wire would carry nothing more
+        narrowest = min((p.dtype for p in params), key=lambda d: d.itemsize)
+        wire = narrowest if narrowest.itemsize < comm_dtype.itemsize else comm_dtype
+        distributor = FSDP2Distributor([p for p in params if isinstance(p, DTensor)], wire)
     elif dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
         distributor = OwnerDistributor(process_group, options.bucket_mb, comm_dtype)
     else:

@@ -129,33 +129,46 @@ class FSDP2Distributor(CollectiveDistributor):
         self._open.grads[param] = None if grad is None else _local(grad)
 
     def close(self) -> None:
+        """Every owned block's rows of this rank, packed by destination into one send buffer (copied in
+        place, cast to the wire's dtype on the way), then one all-to-all. The previous exchange's send
+        buffer is let go first (its all-to-all had a micro-step to finish): at most one is held."""
         ex = self._open
         assert ex is not None, "close() outside a reduction: open() first"
+        for pending in self._pending:
+            self._release_send(pending)
         self._send_check(ex.check)
-        pieces = []
+        send = self.meter.hold("send", torch.empty(sum(self._send_splits), dtype=self.comm_dtype, device=self.device))
+        offset = 0
         for r in range(self.world):
             for b in self._by_owner[r]:
-                if self._rows[(b.index, self.rank)] is None:
+                n = self._numel(b, self.rank)
+                if not n:
                     continue
                 local = ex.grads.get(b.param)
-                n = self._numel(b, self.rank)
-                pieces.append(self._local_rows(local, b, self.rank).reshape(-1).to(self.comm_dtype)
-                              if local is not None else torch.zeros(n, dtype=self.comm_dtype, device=self.device))
-        ex.grads = {}
-        ex.send = self.meter.hold("send", torch.cat(pieces) if pieces else
-                                  torch.zeros(0, dtype=self.comm_dtype, device=self.device))
+                if local is None:
+                    send[offset:offset + n].zero_()
+                else:
+                    rows = self._local_rows(local, b, self.rank)
+                    send[offset:offset + n].view(rows.shape).copy_(rows)
+                offset += n
+        ex.grads, ex.send = {}, send
         ex.recv = self.meter.hold("recv", torch.empty(sum(self._recv_splits), dtype=self.comm_dtype,
                                                       device=self.device))
         ex.work = self.comm.all_to_all(ex.recv, ex.send, self._recv_splits, self._send_splits)
         self._pending.append(ex)
         self._open = None
 
+    def _release_send(self, ex: _Exchange) -> None:
+        if ex.send is not None:
+            self.comm.wait(ex.work, "all_to_all")
+            self.meter.release("send", ex.send)
+            ex.send = None
+
     def take(self) -> list[Piece]:
         out = []
         for ex in self._pending:
-            assert ex.send is not None and ex.recv is not None
-            self.comm.wait(ex.work, "all_to_all")
-            self.meter.release("send", ex.send)
+            assert ex.recv is not None
+            self._release_send(ex)
             ex.piece.grads = self._assemble(ex.recv)
             self.meter.release("recv", ex.recv)
             out.append(ex.piece)
