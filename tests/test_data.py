@@ -181,8 +181,8 @@ def write_tokenized(path, docs_by_split, with_images=False):
         for task, doc in docs:
             row = dict(input_ids=doc.ids, loss_mask=doc.loss_mask, task=task)
             if with_images:
-                from model_zoo.prepare import png
-                row["image"] = {"bytes": png(doc.pixels), "path": None} if doc.pixels is not None else None
+                from model_zoo.images import png_bytes, to_uint8
+                row["image"] = {"bytes": png_bytes(to_uint8(doc.pixels)), "path": None} if doc.pixels is not None else None
             rows.append(row)
         features = {"input_ids": datasets.Sequence(datasets.Value("int32")),
                     "loss_mask": datasets.Sequence(datasets.Value("int8")), "task": datasets.Value("string")}

@@ -78,7 +78,7 @@ def test_bad_pairs_are_named_or_counted(tmp_path, digits_cache, capsys):
                                 False)
     assert record["input_ids"] == ids and record["loss_mask"] == mask
 
-    data = build_data(d, layout, images, micro_batch_size=2, grad_accum=2, eval_batches=1)  # read back as batches
+    data = build_data(d, layout, images, micro_batch_size=2, grad_accum=2, eval_batches=1, model=m)  # as batches
     batches = data.sampler.next_step()
     assert [b["task"] for b in batches] == list(TASKS) and len(data.validation) == 2
     assert all(int((b["labels"] != -100).sum()) > 0 for b in batches)
@@ -91,7 +91,7 @@ def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path,
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     m, d = config(tmp_path, digits_cache, family="janus")
     d.path = str(tmp_path / "pairs.jsonl")
-    with pytest.raises(ValueError, match=rf"pairs.jsonl row {N}: .*missing.png, field 'image': unreadable"):
+    with pytest.raises(ValueError, match=rf"pairs.jsonl row {N} \(line {N + 1}\): .*missing.png, field 'image': unreadable"):
         prepare(m, d, progress=False)
     d.on_bad_record = "skip"
     prepare(m, d, progress=False)
