@@ -99,7 +99,7 @@ def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path,
     for record in corpus["train"]:
         assert (record["image"] is not None) == (record["task"] == "understanding")
     understanding = next(r for r in corpus["train"] if r["task"] == "understanding")
-    row = int(understanding["source"].rsplit("row ", 1)[1])
+    row = int(understanding["source"].rsplit("row ", 1)[1].split()[0])
     assert np.array_equal(np.asarray(understanding["image"]), np.asarray(Image.open(tmp_path / "files" / f"{row:03d}.png")))
 
 
