@@ -163,8 +163,9 @@ class Preparer:
                        f"{self.d.image_fit}; crop | squash | pad)")
         if self.unknown:
             examples = ", ".join(repr(w) for w, _ in self.unknown.most_common(5))
-            out.append(f"{sum(self.unknown.values())} words in {self.counts['captions_with_unknown']} captions became "
-                       f"[UNK], the text tokenizer does not know them (most frequent: {examples}); use "
+            out.append(f"{sum(self.unknown.values())} words in {self.counts['captions_with_unknown']} of "
+                       f"{self.counts['pairs']} captions became [UNK], the text tokenizer does not know them (most "
+                       f"frequent: {examples}); use "
                        "data.text_tokenizer: pretrained with a checkpoint whose tokenizer knows your words")
         return out
 
