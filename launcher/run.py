@@ -87,6 +87,8 @@ def sample_grid(run: "Run", step: int, write: bool) -> Optional[torch.Tensor]:
         pictures, digits = generate_digits(run.model, run.layout, run.images, PER_PROMPT, cfg.data.text_format,
                                            temperature=e.temperature, guidance=e.guidance)
         return render_grid(pictures, path, nrow=PER_PROMPT, labels=[str(int(d)) for d in digits]) if write else None
+    if not run.captions:  # a corpus without caption text and no eval.captions: nothing to draw
+        return None
     pictures = generate_captioned(run.model, run.layout, run.images, run.captions, PER_PROMPT,
                                   temperature=e.temperature, guidance=e.guidance)
     return caption_grid(pictures, run.captions, PER_PROMPT, path) if write else None

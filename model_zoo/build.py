@@ -167,7 +167,7 @@ def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_acc
         train, val = (_tokenized(path, split, d, layout, images) for split in ("train", "validation"))
         if train is None:
             raise ValueError(f"data.path: {path} has no training split")
-        found = (val or train).captions(captions)
+        found = (val.captions(captions) if val is not None else []) or train.captions(captions)
     common = dict(seq_len=d.seq_len, pad=layout.vocab.pad, on_bad_record=d.on_bad_record)
     sampler = MicroBatchSampler(train, micro_batch_size, rank=rank, world_size=world_size, seed=seed,
                                 augment=d.augment and d.source == "digits", grad_accum=grad_accum, **common)

@@ -139,3 +139,14 @@ def test_unparsable_values_are_config_errors(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="--config: .*does not exist"):
         load_config(ROOT / "configs" / "nope.yaml")
+
+
+def test_the_world_size_is_read_from_the_environment_before_any_process_group():
+    """The launcher validates before DeepSpeed starts the process group, with the world size each
+    launcher tells its processes."""
+    from launcher.cluster import launch_world_size
+
+    assert launch_world_size({"WORLD_SIZE": "8", "OMPI_COMM_WORLD_SIZE": "2"}) == 8   # deepspeed, torchrun, srun
+    assert launch_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4                        # Open MPI
+    assert launch_world_size({"PMI_SIZE": "3"}) == 3                                    # MPICH / Hydra
+    assert launch_world_size({}) == 1                                                   # python alone

@@ -6,6 +6,7 @@ the training layout predicts)."""
 
 import ast
 import dataclasses
+import json
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -235,6 +236,46 @@ def test_a_padded_embedding_is_accepted_and_only_a_true_mismatch_refused_with_fi
     with pytest.raises(ValueError, match=r"does not use this run's token ids .*; use data.text_tokenizer: pretrained "
                                          r"\(the tokenizer saved with the checkpoint\)"):
         build_model(m, words)
+
+
+def test_caption_samples_are_the_models_guided_generations():
+    """The sample grid's images for a corpus: each caption tokenized as training tokenizes it, generated
+    with classifier-free guidance (greedy here: every code the argmax of u + g (c - u), from the class's
+    own forward of the caption's prompt and of the empty caption's), decoded by the image tokenizer."""
+    from model_zoo.quality import generate_captioned
+    from model_zoo.vq import VQTokenizer, digits
+
+    model, layout = emu3(), LAYOUTS["emu3"]
+    vq = VQTokenizer.fit(digits()[0][:100], VOCAB.codebook_size, 0, iters=3)
+    captions, g = ["abc", "a longer one"], 3.0
+    pictures = generate_captioned(model, layout, vq, captions, 2, temperature=0.0, guidance=g)
+    assert pictures.shape == (4, 1, 8, 8)
+    lo, hi = VOCAB.image_offset, VOCAB.size
+    for k, text in enumerate(captions):
+        codes, ids = [], {c: layout.generation_prompt(VOCAB.text(c)) for c in (text, "")}
+        for step in range(16):   # each stream re-run whole: no cache, the class's plain forward
+            c, u = (model.hf(input_ids=torch.tensor([ids[x] + [lo + i for i in codes]])).logits[0, -1, lo:hi]
+                    for x in (text, ""))
+            codes.append(int((u + g * (c - u)).argmax()))
+        assert torch.equal(pictures[2 * k], vq.decode(torch.tensor([codes]))[0]), text
+        assert torch.equal(pictures[2 * k + 1], pictures[2 * k]), "greedy: both images alike"
+    unguided = generate_captioned(model, layout, vq, captions, 2, temperature=0.0, guidance=1.0)
+    assert not torch.equal(unguided, pictures), "guidance changes what is drawn"
+
+
+def test_an_exported_tokenizer_does_not_forbid_downloads(tmp_path):
+    """A checkpoint's tokenizer is loaded offline (local_files_only); the exported copy must not carry that
+    loading argument into its tokenizer_config.json, where it would bind every later user."""
+    from own_data import emu3_checkpoint
+
+    from model_zoo.build import build_vocab
+    from model_zoo.config import DataConfig
+
+    m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
+    vocab = build_vocab(DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8), m)
+    vocab.save(str(tmp_path / "export"), "emu3")
+    saved = json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and saved["bos_token"] == "<|extra_203|>"
 
 
 def test_greedy_generation_samples_what_training_predicts():
