@@ -275,7 +275,8 @@ def _validate_model_and_data(cfg: Config) -> None:
         _check(not cfg.eval.captions, "eval.captions", "the digits' sample grid prompts each digit; remove it")
         return
     _check(not cfg.eval.generated_digits, "eval.generated_digits",
-           f"{cfg.eval.generated_digits!r}, but it prompts for digits and data.source is {cfg.data.source!r}; set it to 0")
+           f"{cfg.eval.generated_digits!r}, but it prompts for digits and data.source is {cfg.data.source!r}; "
+           "set it to 0")
     if cfg.eval.samples_png and not cfg.eval.captions:
         has_text = cfg.data.source == "pairs" or (read_meta(Path(cfg.data.path)) or {}).get("format") == FORMAT
         _check(has_text and cfg.eval.validation_captions > 0, "eval.samples_png",

@@ -64,7 +64,7 @@ class DataConfig:
     codebook_size: int = 64
     val_fraction: float = 0.1
     augment: bool = True
-    caption_dropout: float = 0.0  # share of generation documents with an empty caption (for guidance); pairs: at prepare
+    caption_dropout: float = 0.0  # share of generation documents with an empty caption (guidance); pairs: by prepare
     text_format: str = "plain"  # instruct: instructions and answers, loss on the response only
 
     def prepared_dir(self) -> Path:

@@ -164,8 +164,8 @@ def _csv(path: Path, image_column: str, text_column: str) -> Iterator[Record]:
             image, text = cells.get(image_column), cells.get(text_column)
             if image is None or text is None:  # the row is shorter than the header
                 column = image_column if image is None else text_column
-                yield BadRecord(where, column, f"no cell: the row has {sum(v is not None for k, v in cells.items() if k)}"
-                                               f" of the header's {len(header)} columns")
+                found = sum(v is not None for k, v in cells.items() if k)
+                yield BadRecord(where, column, f"no cell: the row has {found} of the header's {len(header)} columns")
                 continue
             yield _pair(where, path.parent, image, text, image_column, text_column, cell=True)
 
@@ -233,8 +233,9 @@ def _arrow_tables(path: Path, kind: str) -> list[_Table]:
 def _require_columns(name: Union[str, Path], columns: list, image_column: str, text_column: str) -> None:
     for column, key in ((image_column, "image_column"), (text_column, "text_column")):
         if column not in columns:
+            what = "image" if key == "image_column" else "caption"
             raise ValueError(f"data.{key}: {name} has no column {column!r} (its columns: {list(columns)}); set "
-                             f"data.{key} to the column that holds the {'image' if key == 'image_column' else 'caption'}")
+                             f"data.{key} to the column that holds the {what}")
 
 
 def _check_types(name: str, schema, image_column: str, text_column: str) -> None:

@@ -112,10 +112,15 @@ def test_digit_evaluations_need_the_digits_and_a_corpus_grid_needs_captions(tmp_
     with pytest.raises(ConfigError, match=r"eval.generated_digits: 2, but it prompts for digits and data.source is "
                                           r"'tokenized'; set it to 0"):
         load_config(TINY, overrides=[*corpus, "eval.generated_digits=2"])
-    with pytest.raises(ConfigError, match=r"eval.samples_png: true, but there is no caption to draw: .* is not a "
-                                          r"corpus prepared by model_zoo.prepare.*; list your prompts in eval.captions"):
+    with pytest.raises(ConfigError, match=r"eval.samples_png: true, but there is no caption to draw: .* is not "
+                                          r"a corpus prepared by model_zoo.prepare.*; list your prompts in "
+                                          r"eval.captions"):
         load_config(TINY, overrides=corpus)
     assert load_config(TINY, overrides=[*corpus, "eval.captions=[a red square]"]).eval.captions == ["a red square"]
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "a.png").write_bytes(b"")
+    pairs = ["data.source=pairs", f"data.path={tmp_path / 'pairs'}", "data.prepare=auto"]
+    assert load_config(TINY, overrides=pairs).eval.samples_png, "a grid of the validation captions"
     with pytest.raises(ConfigError, match=r"eval.captions: the digits' sample grid prompts each digit; remove it"):
         load_config(TINY, overrides=["eval.captions=[a red square]"])
 

@@ -182,7 +182,7 @@ def write_tokenized(path, docs_by_split, with_images=False):
             row = dict(input_ids=doc.ids, loss_mask=doc.loss_mask, task=task)
             if with_images:
                 from model_zoo.images import png_bytes, to_uint8
-                row["image"] = {"bytes": png_bytes(to_uint8(doc.pixels)), "path": None} if doc.pixels is not None else None
+                row["image"] = None if doc.pixels is None else {"bytes": png_bytes(to_uint8(doc.pixels)), "path": None}
             rows.append(row)
         features = {"input_ids": datasets.Sequence(datasets.Value("int32")),
                     "loss_mask": datasets.Sequence(datasets.Value("int8")), "task": datasets.Value("string")}

@@ -73,7 +73,8 @@ def test_each_tile_is_under_its_label(images):
         label = grid[top:top + LINE_H, left:left + 32]
         assert label.min() < 0.5 and (grid[top + LINE_H:top + strip, left:left + 32] == 1).all()  # ink, then a gap
         label_ink.append(label)
-    assert torch.equal(label_ink[0], label_ink[10]) and not torch.equal(label_ink[0], label_ink[1]), "same label, same ink"
+    assert torch.equal(label_ink[0], label_ink[10]), "the same label, the same ink"
+    assert not torch.equal(label_ink[0], label_ink[1])
     with pytest.raises(ValueError, match="labels has 2 entries for 12 images"):
         grid_image(images[:12, 0], 4, ["1", "2"])
 

@@ -107,7 +107,8 @@ def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path,
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     m, d = config(tmp_path, digits_cache, family="janus")
     d.path = str(tmp_path / "pairs.jsonl")
-    with pytest.raises(ValueError, match=rf"pairs.jsonl row {N} \(line {N + 1}\): .*missing.png, field 'image': unreadable"):
+    with pytest.raises(ValueError, match=rf"pairs.jsonl row {N} \(line {N + 1}\): .*missing.png, field 'image': "
+                                         r"unreadable"):
         prepare(m, d, progress=False)
     d.on_bad_record = "skip"
     prepare(m, d, progress=False)
@@ -198,7 +199,8 @@ def test_an_edited_corpus_is_refused_with_both_descriptions_or_prepared_again_wi
     assert message.startswith(f"data.prepared: {tmp_path / 'prepared'} was prepared from other data or settings")
     source = str((tmp_path / "pairs").resolve())
     old, new = [line for line in message.splitlines() if line.strip().startswith("source:")][0].split(", this config")
-    assert source in old and source in new and f"{2 * N} files" in old and old.split("digest")[1] != new.split("digest")[1]
+    assert source in old and source in new and f"{2 * N} files" in old
+    assert old.split("digest")[1] != new.split("digest")[1]
     assert "seq_len: prepared from 64, this config has 48" in message
     assert "python -m model_zoo.prepare --config <your run config> (or set data.prepare: auto" in message
     run_yaml = tmp_path / "run.yaml"   # the launcher refuses it with its config, before building anything
@@ -279,6 +281,37 @@ def test_captions_that_are_not_utf8_are_named_in_every_format_and_skipped(kind, 
     assert "field 'text': not UTF-8 text: byte 0xe9" in capsys.readouterr().err
 
 
+def test_every_kind_of_bad_row_in_a_table_is_named_by_file_row_and_field(tmp_path):
+    from model_zoo.data import BadRecord
+    from model_zoo.pairs import Pair, read_pairs
+
+    lines = ['{"image": "a.png", "text": "fine"}', '{"image": "a.png"', "[1, 2]", '{"image": "a.png"}',
+             '{"image": "a.png", "text": null}', '{"image": null, "text": "a"}', '{"image": "a.png", "text": 5}']
+    (tmp_path / "t.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "t.csv").write_text("image,text\na.png,fine\na.png\n,a caption\na.png,\n")
+    (tmp_path / "t.json").write_text('[{"image": "a.png", "text": "fine"}, 3]')
+    expected = {
+        "t.jsonl": [None, ("line", "not valid JSON"), ("line", "a JSON list, not an object"),
+                    ("text", "absent (the record has ['image'])"), ("text", "null: no caption"),
+                    ("image", "null: no image"), ("text", "a int, not text")],
+        "t.csv": [None, ("text", "no cell: the row has 1 of the header's 2 columns"),
+                  ("image", "empty cell: no image path"), ("text", "empty cell: no caption")],
+        "t.json": [None, ("line", "a JSON int, not an object")]}
+    for name, wanted in expected.items():
+        total, records = read_pairs(tmp_path / name)
+        records = list(records)
+        assert total in (None, len(wanted)) and len(records) == len(wanted), name
+        for row, (record, want) in enumerate(zip(records, wanted)):
+            if want is None:
+                assert isinstance(record, Pair) and record.image == tmp_path / "a.png" and record.text == "fine"
+                continue
+            assert isinstance(record, BadRecord) and (record.field, record.problem[:len(want[1])]) == want, record
+            line = f" (line {row + 2 if name == 't.csv' else row + 1})" if name != "t.json" else ""
+            assert record.where == f"{tmp_path / name} row {row}{line}", record.where
+    absent = [r for r in read_pairs(tmp_path / "t.jsonl")[1] if isinstance(r, BadRecord) and "absent" in r.problem]
+    assert "set data.text_column to the key that holds it" in absent[0].message()
+
+
 def test_hugging_face_datasets_folders_and_parquet_with_an_image_feature(tmp_path, digits_cache):
     """The digits as Hugging Face users keep them: a `datasets` Dataset with an Image feature column and a
     caption column, saved with save_to_disk, as one Parquet file and as a Hub-style folder of Parquet
@@ -292,7 +325,8 @@ def test_hugging_face_datasets_folders_and_parquet_with_an_image_feature(tmp_pat
     table.to_parquet(str(tmp_path / "one.parquet"))
     (tmp_path / "hub" / "data").mkdir(parents=True)
     for k in range(2):
-        table.shard(2, k, contiguous=True).to_parquet(str(tmp_path / "hub" / "data" / f"train-0000{k}-of-00002.parquet"))
+        shard = tmp_path / "hub" / "data" / f"train-0000{k}-of-00002.parquet"
+        table.shard(2, k, contiguous=True).to_parquet(str(shard))
     m, d = config(tmp_path, digits_cache)
     d.path = str(folder)
     prepare(m, d, progress=False)
@@ -345,24 +379,26 @@ def test_friction_of_a_first_corpus(tmp_path, digits_cache, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.md").write_text("my captions")
     m, d = config(tmp_path, digits_cache)
-    d.path = str(tmp_path / "empty")
-    with pytest.raises(ValueError, match=r"data.path: the folder .*empty holds no images \(.png .jpg.*\), no "
-                                         r"`datasets` folder \(save_to_disk\) and no .parquet files; point data.path"):
-        prepare(m, d, progress=False)
-
     folder = write_pairs(tmp_path / "files", corrupt=None, empty=None)
     upper = jsonl_of(folder, tmp_path / "PAIRS.JSONL", range(N))
+    d.path = str(upper)
+    prepare(m, d, progress=False)   # a corpus already prepared, which no failure below may touch
+    before = folder_digest(tmp_path / "prepared")
+    with pytest.raises(ValueError, match=r"data.path: the folder .*empty holds no images \(.png .jpg.*\), no "
+                                         r"`datasets` folder \(save_to_disk\) and no .parquet files; point data.path"):
+        prepare(m, DataConfig(**{**d.__dict__, "path": str(tmp_path / "empty")}), progress=False)
+
     rows = Path(upper).read_text().splitlines()
     rows[4] = json.dumps({"image": "files/004.png", "text": "the digit four " * 12})
     rows[9] = json.dumps({"image": "files/009.png", "text": "a quokka jumps over a nine"})
     upper.write_text("\n".join(rows))
-    d.path = str(upper)
     with pytest.raises(ValueError, match=r"PAIRS.JSONL row 4 \(line 5\), field 'text': a 36-token caption makes a "
                                          r"(\d+)-token document, more than data.seq_len=48; raise data.seq_len to at "
                                          r"least (\d+), or shorten the caption, or set data.on_bad_record: skip") as e:
         prepare(m, DataConfig(**{**d.__dict__, "seq_len": 48}), progress=False)
     document, needed = re.search(r"makes a (\d+)-token.*at least (\d+)", str(e.value)).groups()
     assert document == needed and int(needed) > 48
+    assert folder_digest(tmp_path / "prepared") == before and not list(tmp_path.glob(".prepared.*"))
     prepare(m, d, progress=False)
     err = capsys.readouterr().err
     assert f"[prepare] 2 words in 1 of {N} captions became [UNK], the text tokenizer does not know them (most " \

@@ -205,7 +205,8 @@ def test_a_config_error_comes_before_deepspeed_builds_its_op_and_without_a_trace
                           env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"config error: data.prepared: {tmp_path / 'prepared'} holds no prepared dataset" in proc.stderr
-    assert "Prepare it: python -m model_zoo.prepare --config <your run config> (or set data.prepare: auto" in proc.stderr
+    assert "Prepare it: python -m model_zoo.prepare --config <your run config> (or set data.prepare: auto" \
+        in proc.stderr
     assert not any(ext.iterdir()), "DeepSpeed built its op before the config was checked"
     assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
 
