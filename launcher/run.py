@@ -122,21 +122,17 @@ def main(argv: list[str] | None = None) -> None:
         # checked before the process group starts: DeepSpeed builds its communication op there (minutes on
         # a first launch), and a mistake must not wait for it
         world = launch_world_size(os.environ)
-        cfg = checked_config(args, world)
+        cfg = load_config(args.config, world, args.set)
         deepspeed_glue.init_distributed()
         if dist.get_world_size() != world:  # a launcher whose world size the environment did not tell
-            cfg = checked_config(args, dist.get_world_size())
+            cfg = load_config(args.config, dist.get_world_size(), args.set)
+        # the memory check asks the local device (a CUDA context), so only once the ranks know theirs
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
+        check_fits(cfg, dist.get_world_size(), local_device(), local_ranks)  # refuse before building anything
     except ConfigError as e:
         sys.exit(f"config error: {e}")
     train(cfg)
     comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
-
-
-def checked_config(args: argparse.Namespace, world: int) -> Config:
-    """The validated config, refused before anything is built when the run cannot fit in memory."""
-    cfg = load_config(args.config, world, args.set)
-    check_fits(cfg, world, local_device(), int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    return cfg
 
 
 @dataclass
