@@ -69,7 +69,8 @@ def corpus_kind(path: Path) -> str:
 def read_pairs(path: Path, image_column: str = "image", text_column: str = "text") -> tuple[Optional[int],
                                                                                              Iterator[Record]]:
     """(number of records, or None when unknown before reading; the records in order, each a Pair or a
-    BadRecord). A table without the named columns is an error up front."""
+    BadRecord). A CSV, Parquet or `datasets` table without the named columns is an error up front; a
+    JSON record without one is a bad record (JSON has no header)."""
     kind = corpus_kind(path)
     if kind == "images":
         return _folder(path)
