@@ -763,7 +763,7 @@ def _eval_cost(family: str, mode: Mode, cache: str) -> float:
     data["batch"] = {"micro_batch_size": mode.micro, "grad_accum": 2}
     data["eval"] = {"batches": mode.eval_batches}
     cfg = validate(_build(Config, data, ""), 1)
-    model, _, _, loaded = build_model_and_data(cfg, 0, 1)
+    model, _, _, loaded, _ = build_model_and_data(cfg, 0, 1)
     evaluate(model, loaded.validation)  # warm-up
     start = time.process_time()
     evaluate(model, loaded.validation)

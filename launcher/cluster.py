@@ -66,6 +66,15 @@ def srun_env(env: Mapping[str, str]) -> dict[str, str]:
             "WORLD_SIZE": _need(env, "SLURM_STEP_NUM_TASKS"), "MASTER_ADDR": addr, "MASTER_PORT": str(port)}
 
 
+def launch_world_size(env: Mapping[str, str]) -> int:
+    """The number of processes the launcher started, from the environment alone (before the process
+    group): WORLD_SIZE (deepspeed, torchrun, srun_env), MPI's (Open MPI, MPICH / Hydra, PMIx), else 1."""
+    for name in ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        if str(env.get(name, "")).isdigit():
+            return int(env[name])
+    return 1
+
+
 if __name__ == "__main__":
     host, port = rendezvous(os.environ)
     print(f"{host}:{port}")

@@ -3,15 +3,17 @@
     run:        name, out_dir, seed (initialisation, batch order, augmentation)
     model:      family (emu3 | janus), size, pretrained, overrides, dtype, activation_checkpointing
                 (model_zoo/config.py)
-    data:       source (digits | pairs | tokenized), path, prepared, streaming, seq_len, on_bad_record,
-                image_tokenizer, text_tokenizer, image_size, cache_dir, seed, codebook_size, val_fraction,
-                augment, caption_dropout, text_format (model_zoo/config.py)
+    data:       source (digits | pairs | tokenized), path, prepared, prepare, image_column, text_column,
+                streaming, seq_len, on_bad_record, image_tokenizer, text_tokenizer, image_size, image_fit,
+                cache_dir, seed, codebook_size, val_fraction, augment, caption_dropout, text_format
+                (model_zoo/config.py)
     lora:       enabled, r, alpha, dropout, target_modules, adapter (peft LoRA on the decoder)
     batch:      micro_batch_size, grad_accum, global_batch_size (= micro x accum x world)
     optimizer:  name, params (distopt.build_optimizer), max_grad_norm
     schedule:   steps, warmup_steps, lr_schedule (constant | cosine)
     logging:    every, tensorboard, progress, grad_geometry (text-vs-image gradient cosine on log steps)
-    eval:       every, batches, samples_png, generated_digits, temperature, guidance
+    eval:       every, batches, samples_png, captions, validation_captions, generated_digits, temperature,
+                guidance
     checkpoint: every, resume (auto | none | <path>), keep_last
     engine:     deepspeed (ZeRO stage 0, replicated parameters) | fsdp2 (PyTorch FSDP2, all sharded)
     fsdp:       replicate (HSDP groups; engine fsdp2)
@@ -32,6 +34,7 @@ from distopt.registry import OPTIMIZERS, TWO_OBJECTIVE, parse_options, valid_arg
 from launcher.engines import ENGINES
 from model_zoo.config import DataConfig, ModelConfig, validate_data, validate_model
 from model_zoo.lora import LLAMA_LINEARS
+from model_zoo.prepared import FORMAT, check_prepared_corpus, check_target, read_meta
 
 
 class ConfigError(ValueError):
@@ -91,7 +94,9 @@ class LoggingConfig:
 class EvalConfig:
     every: int = 50
     batches: int = 4
-    samples_png: bool = True
+    samples_png: bool = True   # a grid of generated images: per digit, or per caption of a corpus
+    captions: list = field(default_factory=list)  # your prompts for the grid (pairs, tokenized), before...
+    validation_captions: int = 4  # ...this many captions of the validation split (a prepared corpus's text)
     generated_digits: int = 0  # images generated per digit and scored by the digit classifier (0: off)
     temperature: float = 1.0   # sampling of generated images (samples_png, generated_digits)
     guidance: float = 1.0      # classifier-free guidance scale (1: none; needs data.caption_dropout > 0)
@@ -223,6 +228,10 @@ def _validate_eval(e: EvalConfig) -> None:
            f"{e.temperature!r} must be >= 0 (0: greedy)")
     _check(isinstance(e.guidance, (int, float)) and e.guidance >= 1, "eval.guidance",
            f"{e.guidance!r} must be >= 1 (1: no guidance)")
+    _check(isinstance(e.captions, list) and all(isinstance(c, str) and c.strip() for c in e.captions),
+           "eval.captions", f"{e.captions!r} must be a list of non-empty captions")
+    _check(isinstance(e.validation_captions, int) and e.validation_captions >= 0, "eval.validation_captions",
+           f"{e.validation_captions!r} must be an integer >= 0")
 
 
 def _validate_checkpoint(c: CheckpointConfig) -> None:
@@ -250,17 +259,30 @@ def _validate_engine(cfg: Config, world_size: int) -> None:
 
 
 def _validate_model_and_data(cfg: Config) -> None:
-    """model_zoo's own field checks, as config errors; the sample grid and the digit judge prompt digits."""
+    """model_zoo's own field checks, as config errors, and the prepared corpus a `pairs` run reads
+    (before anything is built: a stale or missing one is refused here, with the command that prepares
+    it). The digit judge prompts digits; the sample grid prompts digits, or a corpus's captions."""
     try:
         validate_model(cfg.model)
         validate_data(cfg.data, cfg.model)
+        if cfg.data.source == "pairs" and cfg.data.prepare == "manual":
+            check_prepared_corpus(cfg.model, cfg.data)
+        elif cfg.data.source == "pairs":
+            check_target(cfg.data.prepared_dir(), Path(cfg.data.path))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    if cfg.data.source != "digits":
-        for name in ("samples_png", "generated_digits"):
-            _check(not getattr(cfg.eval, name), f"eval.{name}",
-                   f"{getattr(cfg.eval, name)!r}, but it prompts for digits and data.source is "
-                   f"{cfg.data.source!r}; set it to false / 0")
+    if cfg.data.source == "digits":
+        _check(not cfg.eval.captions, "eval.captions", "the digits' sample grid prompts each digit; remove it")
+        return
+    _check(not cfg.eval.generated_digits, "eval.generated_digits",
+           f"{cfg.eval.generated_digits!r}, but it prompts for digits and data.source is {cfg.data.source!r}; "
+           "set it to 0")
+    if cfg.eval.samples_png and not cfg.eval.captions:
+        has_text = cfg.data.source == "pairs" or (read_meta(Path(cfg.data.path)) or {}).get("format") == FORMAT
+        _check(has_text and cfg.eval.validation_captions > 0, "eval.samples_png",
+               "true, but there is no caption to draw: "
+               + ("eval.validation_captions is 0" if has_text else f"{cfg.data.path} is not a corpus prepared by "
+                  "model_zoo.prepare, so it has no caption text") + "; list your prompts in eval.captions")
 
 
 def _validate_lora(lora: LoraSection) -> None:

@@ -33,9 +33,9 @@ class Logger:
                 self.writer.add_scalar(key, value, step)
 
     def image(self, tag: str, step: int, image: torch.Tensor) -> None:
-        """image: FloatTensor[H, W] in [0, 1]."""
+        """image: FloatTensor[H, W] or [C, H, W] (C 1 or 3) in [0, 1]."""
         if self.writer is not None:
-            self.writer.add_image(tag, image.unsqueeze(0), step)
+            self.writer.add_image(tag, image if image.dim() == 3 else image.unsqueeze(0), step)
 
     def close(self) -> None:
         if self.writer is not None:

@@ -32,7 +32,7 @@ from distopt import comm, deepspeed_glue
 from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
 from distopt.host import host_values
 from distopt.protocols import RecordsLosses, TakesMicrosteps, comm_bytes_of, counters_of, stats_of
-from launcher.cluster import srun_env
+from launcher.cluster import launch_world_size, srun_env
 from launcher.config import Config, ConfigError, load_config
 from launcher.engines import Weights, build_engine, local_device
 from launcher.memory import check_fits
@@ -40,9 +40,10 @@ from launcher.metrics import Logger, ModalityGradProbe, PhaseTimer, evaluate, me
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
 from model_zoo.config import DTYPES
 from model_zoo.data import MicroBatchSampler
-from model_zoo.images import render_grid
+from model_zoo.images import caption_grid, render_grid
 from model_zoo.lora import add_lora, has_lora, merged, save_adapter
-from model_zoo.quality import DigitJudge, generate_digits
+from model_zoo.prepare import prepare_if_needed
+from model_zoo.quality import PER_PROMPT, DigitJudge, generate_captioned, generate_digits
 
 
 def lr_lambda(cfg: Config):
@@ -60,13 +61,15 @@ def lr_lambda(cfg: Config):
 
 def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.Module, object, object, Data, Weights]:
     """(model, layout, image tokenizer, data, weights). Rank 0 first fits and caches the project's
-    tokenizers (WordPiece, digits VQ) when they are not cached yet; the other ranks then load them.
-    Under fsdp2 the model is built on the meta device (no rank holds it whole) and `weights` fills its
-    shards from rank 0 once it is sharded; under deepspeed every rank builds it with its weights."""
+    tokenizers (WordPiece, digits VQ) when they are not cached yet, and with data.prepare: auto prepares
+    a pairs corpus that is missing or stale; the other ranks then load them. Under fsdp2 the model is
+    built on the meta device (no rank holds it whole) and `weights` fills its shards from rank 0 once
+    it is sharded; under deepspeed every rank builds it with its weights."""
     if rank == 0:
         build_vocab(cfg.data, cfg.model)
         if cfg.data.image_tokenizer == "digits_vq":
             build_image_tokenizer(cfg.data, cfg.model)
+        prepare_if_needed(cfg.model, cfg.data)
     dist.barrier()
     vocab = build_vocab(cfg.data, cfg.model)
     sharded = cfg.engine == "fsdp2"
@@ -75,7 +78,7 @@ def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.M
     layout = layout_for(cfg.model, vocab, images.grid, model)
     data = build_data(cfg.data, layout, images, micro_batch_size=cfg.batch.micro_batch_size,
                       grad_accum=cfg.batch.grad_accum, rank=rank, world_size=world, seed=cfg.run.seed,
-                      eval_batches=cfg.eval.batches)
+                      eval_batches=cfg.eval.batches, model=cfg.model, captions=cfg.eval.validation_captions)
     return model, layout, images, data, rank0_weights(cfg, vocab) if sharded else None
 
 
@@ -103,15 +106,21 @@ def rank0_weights(cfg: Config, vocab: Any) -> Weights:
     return load
 
 
-def sample_grid(model: torch.nn.Module, layout, images, cfg: Config, step: int, out: Path,
-                write: bool) -> Optional[torch.Tensor]:
-    """Four generated images per digit, one row per digit, each labelled with the digit asked for."""
-    pictures, digits = generate_digits(model, layout, images, 4, cfg.data.text_format,
-                                       temperature=cfg.eval.temperature, guidance=cfg.eval.guidance)
-    if not write:
+def sample_grid(run: "Run", step: int, write: bool) -> Optional[torch.Tensor]:
+    """Generated images, PER_PROMPT per prompt, one row per prompt, each under its prompt: the digits,
+    or eval.captions and the validation captions of a corpus (with classifier-free guidance when
+    eval.guidance > 1)."""
+    cfg, path = run.cfg, run.out / "samples" / f"step-{step + 1}.png"
+    e = cfg.eval
+    if cfg.data.source == "digits":
+        pictures, digits = generate_digits(run.model, run.layout, run.images, PER_PROMPT, cfg.data.text_format,
+                                           temperature=e.temperature, guidance=e.guidance)
+        return render_grid(pictures, path, nrow=PER_PROMPT, labels=[str(int(d)) for d in digits]) if write else None
+    if not run.captions:  # a corpus without caption text and no eval.captions: nothing to draw
         return None
-    labels = [str(int(d)) for d in digits]
-    return render_grid(pictures, out / "samples" / f"step-{step + 1}.png", nrow=4, labels=labels)
+    pictures = generate_captioned(run.model, run.layout, run.images, run.captions, PER_PROMPT,
+                                  temperature=e.temperature, guidance=e.guidance)
+    return caption_grid(pictures, run.captions, PER_PROMPT, path) if write else None
 
 
 def export(model: torch.nn.Module, out: Path, layout, family: str, rank: int) -> None:
@@ -139,8 +148,14 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         os.environ.update(srun_env(os.environ))  # tasks srun starts directly: ranks from Slurm (docs/cluster.md)
+        # checked before the process group starts: DeepSpeed builds its communication op there (minutes on
+        # a first launch), and a mistake must not wait for it
+        world = launch_world_size(os.environ)
+        cfg = load_config(args.config, world, args.set)
         deepspeed_glue.init_distributed()
-        cfg = load_config(args.config, dist.get_world_size(), args.set)
+        if dist.get_world_size() != world:  # a launcher whose world size the environment did not tell
+            cfg = load_config(args.config, dist.get_world_size(), args.set)
+        # the memory check asks the local device (a CUDA context), so only once the ranks know theirs
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", dist.get_world_size()))
         check_fits(cfg, dist.get_world_size(), local_device(), local_ranks)  # refuse before building anything
     except ConfigError as e:
@@ -167,6 +182,7 @@ class Run:
     layout: Any
     images: Any
     judge: Optional[DigitJudge]
+    captions: list[str] = field(default_factory=list)  # the sample grid's prompts (a corpus of pairs)
     start: int = 0
     progress: Any = None
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad": [], "fop": [], "diverged": False})
@@ -232,7 +248,7 @@ def set_up(cfg: Config) -> Run:
     logger = Logger(cfg.run.out_dir, cfg.logging.tensorboard and rank == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     run = Run(cfg, rank, world, Path(cfg.run.out_dir), data.sampler, model, engine, opt, scheduler, logger,
-              data.validation, layout, images, judge)
+              data.validation, layout, images, judge, captions=[*cfg.eval.captions, *data.captions])
     resume(run)
     if rank == 0 and cfg.logging.progress and sys.stderr.isatty():
         from tqdm import tqdm
@@ -360,7 +376,7 @@ def evaluate_and_sample(run: Run, step: int) -> None:
     run.history["val"].append({"step": step, "seconds": time.perf_counter() - run.t_start, **results})
     run.logger.scalars(step, results)
     if cfg.eval.samples_png and samples_here:
-        grid = sample_grid(run.model, run.layout, run.images, cfg, step, run.out, write=run.rank == 0)
+        grid = sample_grid(run, step, write=run.rank == 0)
         if grid is not None:
             run.logger.image("samples", step, grid)
 

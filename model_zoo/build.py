@@ -6,8 +6,7 @@ the layout without building the model."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -21,6 +20,7 @@ from model_zoo.config import DTYPES, DataConfig, ModelConfig
 from model_zoo.data import DigitsSource, MicroBatchSampler, TokenizedSource, open_tokenized
 from model_zoo.emu3 import Emu3, Emu3Layout
 from model_zoo.janus import Janus, JanusLayout
+from model_zoo.prepared import check_layout, check_prepared_corpus, check_tokenized
 from model_zoo.unified import SHAPE_FIELDS, UnifiedModel, load_submodule
 from model_zoo.vocab import Vocab, load_or_train_wordpiece
 from model_zoo.vq import CheckpointVQ, VQTokenizer
@@ -83,19 +83,31 @@ def build_model(m: ModelConfig, vocab: Vocab, meta: bool = False) -> UnifiedMode
 
 
 def check_vocab(model: UnifiedModel, vocab: Vocab, where: str) -> None:
-    """The model's embedding size, special ids and image-code range are those of `vocab`."""
+    """The model uses the run's ids: the same special ids and image-code range, and an embedding row for
+    every id the run writes. An Emu3 embedding with more rows than the vocabulary has ids is accepted
+    (checkpoints padded by `resize_token_embeddings(pad_to_multiple_of=...)`): no document holds those
+    ids, so they are never targets. Janus places image ids right after its text embedding, whose size
+    is therefore image_offset itself (its checkpoint tokenizer reads image_offset from the config)."""
     c = model.text_config
-    found = dict(vocab_size=c.vocab_size, pad=c.pad_token_id, bos=c.bos_token_id, eos=c.eos_token_id,
-                 image_offset=model.image_offset, codebook_size=model.codebook_size)
-    expected = dict(vocab_size=vocab.size if isinstance(model, Emu3) else vocab.image_offset, pad=vocab.pad,
-                    bos=vocab.bos, eos=vocab.eos, image_offset=vocab.image_offset, codebook_size=vocab.codebook_size)
-    wrong = {k: (found[k], expected[k]) for k in found
+    found = dict(pad=c.pad_token_id, bos=c.bos_token_id, eos=c.eos_token_id, image_offset=model.image_offset,
+                 codebook_size=model.codebook_size)
+    expected = dict(pad=vocab.pad, bos=vocab.bos, eos=vocab.eos, image_offset=vocab.image_offset,
+                    codebook_size=vocab.codebook_size)
+    wrong = {k: f"{k} {found[k]}, here {expected[k]}" for k in found
              if found[k] != expected[k] and not (k == "pad" and found[k] is None)}
-    if wrong:
-        raise ValueError(f"model.pretrained: {where} was trained with another vocabulary ("
-                         + ", ".join(f"{k} {a}, here {b}" for k, (a, b) in wrong.items())
-                         + "); use data.text_tokenizer: pretrained with the checkpoint's own tokenizer, or the "
-                         "data settings (codebook_size, tokenizer) it was trained with")
+    if isinstance(model, Emu3) and c.vocab_size < vocab.size:
+        wrong["rows"] = f"{c.vocab_size} embedding rows, here ids up to {vocab.size - 1}"
+    if not wrong:
+        return
+    if vocab.origin == "pretrained":
+        fix = (f"the tokenizer saved in {where} is not the one this checkpoint was trained with; save the model's "
+               "own tokenizer there (tokenizer.save_pretrained)")
+    else:
+        fix = "use data.text_tokenizer: pretrained (the tokenizer saved with the checkpoint)"
+        if "codebook_size" in wrong:
+            fix += f", and data.codebook_size: {found['codebook_size']} or data.image_tokenizer: pretrained"
+    raise ValueError(f"model.pretrained: {where} does not use this run's token ids ({', '.join(wrong.values())}); "
+                     f"{fix}")
 
 
 def build_image_tokenizer(d: DataConfig, m: ModelConfig,
@@ -138,17 +150,21 @@ def layout_for(m: ModelConfig, vocab: Vocab, grid: tuple[int, int],
 @dataclass
 class Data:
     """What a run reads: its sampler, evaluation micro-batches (the first `eval_batches` of each task of
-    the validation split, the same on every rank), and for the digits the (train, validation) rows."""
+    the validation split, the same on every rank), for the digits the (train, validation) rows, and
+    for a corpus with captions the first validation captions (the sample grid's prompts)."""
 
     sampler: MicroBatchSampler
     validation: list[dict]
     digits: Optional[tuple[datasets.Dataset, datasets.Dataset]] = None
+    captions: list[str] = field(default_factory=list)
 
 
 def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_accum: int, rank: int = 0,
-               world_size: int = 1, seed: int = 0, eval_batches: int = 0) -> Data:
-    """Sources for the training and validation splits, the training sampler and the validation batches."""
-    splits = None
+               world_size: int = 1, seed: int = 0, eval_batches: int = 0, model: Optional[ModelConfig] = None,
+               captions: int = 0) -> Data:
+    """Sources for the training and validation splits, the training sampler and the validation batches.
+    A prepared corpus is checked against `model` and `d` (prepared.py); `pairs` needs `model`."""
+    splits, found = None, []
     if d.source == "digits":
         splits = digit_data.split(d.seed, d.val_fraction)
         train = DigitsSource(splits[0], layout, images, d.text_format, seed, shuffle=True,
@@ -156,13 +172,18 @@ def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_acc
         val = DigitsSource(splits[1], layout, images, d.text_format, seed, shuffle=False)
     else:
         path = d.prepared_dir() if d.source == "pairs" else Path(d.path)
-        if d.source == "pairs" and not (path / "dataset_dict.json").is_file():
-            raise ValueError(f"data.prepared: {path} holds no prepared dataset; run `python -m model_zoo.prepare "
-                             "--config <this config>` first")
-        check_prepared(path, layout)
+        if d.source == "pairs":
+            if model is None:
+                raise ValueError("build_data: data.source 'pairs' needs model= (its prepared corpus is keyed by the "
+                                 "model family and tokenizers)")
+            check_prepared_corpus(model, d)
+        elif model is not None:
+            check_tokenized(path, model, d)
+        check_layout(path, layout)
         train, val = (_tokenized(path, split, d, layout, images) for split in ("train", "validation"))
         if train is None:
             raise ValueError(f"data.path: {path} has no training split")
+        found = (val.captions(captions) if val is not None else []) or train.captions(captions)
     common = dict(seq_len=d.seq_len, pad=layout.vocab.pad, on_bad_record=d.on_bad_record)
     sampler = MicroBatchSampler(train, micro_batch_size, rank=rank, world_size=world_size, seed=seed,
                                 augment=d.augment and d.source == "digits", grad_accum=grad_accum, **common)
@@ -170,36 +191,11 @@ def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_acc
     if val is not None and eval_batches:
         reader = MicroBatchSampler(val, micro_batch_size, augment=False, log=False, **common)
         batches = [reader.next_micro_batch() for _ in range(2 * eval_batches)]
-    return Data(sampler, batches, splits)
+    return Data(sampler, batches, splits, found)
 
 
 def _tokenized(path: Path, split: str, d: DataConfig, layout, images) -> Optional[TokenizedSource]:
     ds = open_tokenized(path, split, d.streaming, d.cache_dir)
     if ds is None:
         return None
-    return TokenizedSource(ds, f"{path} ({split})", layout, images, d.seq_len, layout.vocab.size)
-
-
-PREPARED_META = "distopt_prepare.json"
-
-
-def check_prepared(path: Path, layout) -> None:
-    """A dataset written by `prepare` records the vocabulary and layout it was made for; a run with
-    another one would read wrong ids."""
-    meta_file = path / PREPARED_META
-    if not meta_file.is_file():
-        return  # a user's own tokenized dataset: its ids are checked record by record
-    meta = json.loads(meta_file.read_text())["layout"]
-    mine = layout_fingerprint(layout)
-    wrong = {k: (meta.get(k), v) for k, v in mine.items() if meta.get(k) != v}
-    if wrong:
-        raise ValueError(f"data.path: {path} was prepared for another model or tokenizer ("
-                         + ", ".join(f"{k} {a}, here {b}" for k, (a, b) in wrong.items())
-                         + "); prepare it again with this config")
-
-
-def layout_fingerprint(layout) -> dict:
-    v = layout.vocab
-    return dict(family="emu3" if isinstance(layout, Emu3Layout) else "janus", image_offset=v.image_offset,
-                codebook_size=v.codebook_size, bos=v.bos, eos=v.eos, sov=v.sov, eov=v.eov, grid=list(layout.grid),
-                n_visual=getattr(layout, "n_visual", 0))
+    return TokenizedSource(ds, f"{path} ({split})", layout, images, d.seq_len, layout.vocab.size, d.image_fit)

@@ -72,12 +72,16 @@ class Item:
 
 @dataclass(frozen=True)
 class BadRecord:
+    """A record that cannot be used: where it is (file and row), which field, what is wrong, and the
+    fix for this kind of problem."""
+
     where: str
     field: str
     problem: str
+    fix: str = "fix or drop the record"
 
     def message(self) -> str:
-        return (f"{self.where}, field {self.field!r}: {self.problem}; fix or drop the record, or set "
+        return (f"{self.where}, field {self.field!r}: {self.problem}; {self.fix}, or set "
                 "data.on_bad_record: skip to count and skip such records")
 
 
@@ -90,13 +94,32 @@ def mixed_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
-def fit_images(images: torch.Tensor, channels: int, size: int) -> torch.Tensor:
-    """[N, C, H, W] in [0, 1] to the tokenizer's channels and square size (bilinear resize; grey
-    repeated to RGB, RGB averaged to grey)."""
+IMAGE_FITS = ("crop", "squash", "pad")
+PAD_VALUE = 0.5  # mid-grey, the colour Janus' image processor pads with (its image mean)
+
+
+def fit_images(images: torch.Tensor, channels: int, size: int, fit: str = "crop") -> torch.Tensor:
+    """[N, C, H, W] in [0, 1] to the tokenizer's channels (grey repeated to RGB, RGB averaged to grey)
+    and square side `size`. A non-square image is first made square by `fit`: `crop` (the centre
+    square, as the models' own processors crop), `pad` (centred on mid-grey) or `squash` (nothing:
+    the resize changes its aspect). The resize is bilinear and antialiased, so downscaling averages
+    every source pixel (fine stripes become their mean, not a moire)."""
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"data.image_fit: {fit!r}; choose one of {IMAGE_FITS}")
     if images.shape[1] != channels:
         images = images.mean(1, keepdim=True) if channels == 1 else images[:, :1].expand(-1, channels, -1, -1)
+    h, w = images.shape[-2:]
+    if h != w and fit == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        images = images[..., top:top + side, left:left + side]
+    elif h != w and fit == "pad":
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        images = torch.nn.functional.pad(images, (left, side - w - left, top, side - h - top), value=PAD_VALUE)
     if images.shape[-2:] != (size, size):
-        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                                 antialias=True)
     return images.clamp(0, 1)
 
 
@@ -172,13 +195,13 @@ class TokenizedSource:
     """Records with input_ids, loss_mask, task (and image) from a tokenized dataset, checked one by one."""
 
     def __init__(self, ds: Union[datasets.Dataset, datasets.IterableDataset], name: str, layout, images,
-                 seq_len: int, vocab_size: int):
+                 seq_len: int, vocab_size: int, image_fit: str = "crop"):
         missing = {"input_ids", "loss_mask", "task"} - set(ds.column_names or ())
         if missing:
             raise ValueError(f"data.path: {name} lacks the columns {sorted(missing)}; a tokenized dataset needs "
                              "input_ids, loss_mask and task (prepare writes them)")
         self.ds, self.name, self.layout, self.images = ds, name, layout, images
-        self.seq_len, self.vocab_size = seq_len, vocab_size
+        self.seq_len, self.vocab_size, self.image_fit = seq_len, vocab_size, image_fit
         self.streaming = isinstance(ds, datasets.IterableDataset)
         self.has_image = "image" in ds.column_names
         if not self.streaming:
@@ -212,16 +235,16 @@ class TokenizedSource:
         where = f"{self.name} row {row}"
         ids, mask, task = record["input_ids"], record["loss_mask"], record["task"]
 
-        def bad(name: str, problem: str) -> BadRecord:
-            return BadRecord(where, name, problem)
+        def bad(name: str, problem: str, fix: str = BadRecord.fix) -> BadRecord:
+            return BadRecord(where, name, problem, fix)
 
         if task not in TASKS:
             return bad("task", f"{task!r} is not one of {TASKS}")
         if not ids:
             return bad("input_ids", "empty")
         if len(ids) > self.seq_len:
-            return bad("input_ids", f"{len(ids)} tokens, more than data.seq_len={self.seq_len} (raise data.seq_len "
-                                    "or shorten the record)")
+            return bad("input_ids", f"{len(ids)} tokens, more than data.seq_len={self.seq_len}",
+                       f"raise data.seq_len to at least {len(ids)}, or shorten the record")
         if min(ids) < 0 or max(ids) >= self.vocab_size:
             return bad("input_ids", f"ids in [{min(ids)}, {max(ids)}], outside the vocabulary [0, {self.vocab_size})")
         if len(mask) != len(ids) or not set(mask) <= {0, 1}:
@@ -255,7 +278,22 @@ class TokenizedSource:
         mode = "L" if self.images.channels == 1 else "RGB"
         x = torch.from_numpy(np.asarray(pil.convert(mode), dtype=np.float32) / 255.0)
         x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        return fit_images(x[None], self.images.channels, self.images.image_size)[0]
+        return fit_images(x[None], self.images.channels, self.images.image_size, self.image_fit)[0]
+
+    def captions(self, limit: int) -> list[str]:
+        """Up to `limit` distinct captions of the generation records, in stored order (the `text` column
+        prepare writes; none when the corpus has no such column): the prompts of the sample grid."""
+        if limit <= 0 or "text" not in (self.ds.column_names or ()):
+            return []
+        found: list[str] = []
+        records = self.ds if self.streaming else self.ds.select_columns(["task", "text"])
+        for record in records:
+            text = record["text"]
+            if record["task"] == "generation" and text and text not in found:
+                found.append(text)
+                if len(found) == limit:
+                    break
+        return found
 
 
 def collate(rows: list[list[Doc]], seq_len: int, pad: int, task: str) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""Image quality of a model's generations, measured: prompt it for each digit, decode the sampled
-codes with the image tokenizer, and let a digit classifier say which digit each image shows.
+"""A model's generations, to look at and to measure: images for captions (a user's corpus: the sample
+grid), and for each digit, judged by a digit classifier that says which digit each image shows.
 
 The judge is a multinomial logistic regression (scikit-learn) fitted on the image tokenizer's
 reconstructions of the training digits, the same kind of picture the model can produce; its
@@ -14,6 +14,8 @@ from sklearn.linear_model import LogisticRegression
 
 from model_zoo.data import fit_images
 from model_zoo.digits import caption
+
+PER_PROMPT = 4  # images per prompt in a sample grid: one row per digit or caption
 
 
 class DigitJudge:
@@ -50,3 +52,18 @@ def generate_digits(model: torch.nn.Module, layout, images, per_digit: int, text
                                    temperature, gen, guidance) for d in range(10) for j in range(per_digit)]
     model.train(was_training)
     return images.decode(torch.cat(codes)), torch.arange(10).repeat_interleave(per_digit)
+
+
+@torch.no_grad()
+def generate_captioned(model: torch.nn.Module, layout, images, captions: list[str], per_caption: int,
+                       seed: int = 0, temperature: float = 1.0, guidance: float = 1.0) -> torch.Tensor:
+    """Images [len(captions) * per_caption, C, S, S], caption by caption: each caption tokenized as
+    training tokenizes it, sampled at `temperature` with classifier-free `guidance` (> 1: an
+    unconditioned stream beside, model.generate_images), decoded by the image tokenizer."""
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    codes = [model.generate_images(layout, layout.vocab.text(c), per_caption, temperature, gen, guidance)
+             for c in captions]
+    model.train(was_training)
+    return images.decode(torch.cat(codes))

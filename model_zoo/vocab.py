@@ -30,13 +30,19 @@ SPECIALS = ("pad", "bos", "eos", "sov", "sot", "eov", "img")
 WORDPIECE_SIZE = 192  # the trainer's target; a small corpus caps the learnt vocabulary a little below it
 
 
+def wordpiece_name(corpus: Sequence[str]) -> str:
+    """The name of the WordPiece trained on `corpus`: the trainer's version, its size and a hash of the
+    corpus, which fix its content (model_zoo/wordpiece.py is deterministic)."""
+    digest = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
+    return f"text-wordpiece-v2-{WORDPIECE_SIZE}-{digest}"
+
+
 def load_or_train_wordpiece(cache_dir: str | os.PathLike, corpus: Sequence[str]) -> Tokenizer:
     """A WordPiece tokenizer trained on `corpus` (model_zoo/wordpiece.py: its content is a function of
     the corpus alone), cached as JSON (atomic write). The file name carries a hash of the corpus, so a
     changed corpus never reuses a stale tokenizer, and the trainer's version, so a cache left by
     Hugging Face's nondeterministic trainer (v1) is never read."""
-    digest = hashlib.sha1("\n".join(corpus).encode()).hexdigest()[:10]
-    path = writable_dir(cache_dir) / f"text-wordpiece-v2-{WORDPIECE_SIZE}-{digest}.json"
+    path = writable_dir(cache_dir) / f"{wordpiece_name(corpus)}.json"
     if path.exists():
         try:
             return Tokenizer.from_file(str(path))
@@ -69,6 +75,7 @@ class Vocab:
     codebook_size: int
     eol: Optional[int] = None
     eof: Optional[int] = None
+    origin: str = "wordpiece"  # data.text_tokenizer: wordpiece, or pretrained (the checkpoint's own)
 
     @property
     def size(self) -> int:
@@ -77,6 +84,19 @@ class Vocab:
     def text(self, s: str) -> list[int]:
         """Text-token ids of `s` (no special tokens)."""
         return list(self.encode(s))
+
+    def unknown_words(self, s: str) -> list[str]:
+        """The pieces of `s` the tokenizer maps to its unknown token ([UNK]); none for a byte-level
+        tokenizer, which has no unknown token."""
+        if self.origin == "wordpiece":
+            enc = self.tokenizer.encode(s, add_special_tokens=False)
+            unk = self.tokenizer.token_to_id("[UNK]")
+            return [s[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+        unk = self.tokenizer.unk_token_id
+        if unk is None:
+            return []
+        enc = self.tokenizer(s, add_special_tokens=False, return_offsets_mapping=True)
+        return [s[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
 
     @classmethod
     def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> "Vocab":
@@ -97,6 +117,9 @@ class Vocab:
         except Exception as e:
             raise ValueError(f"data.text_tokenizer: 'pretrained' found no tokenizer in {path} ({type(e).__name__}: "
                              f"{e}); save the checkpoint's tokenizer there or use 'wordpiece'") from e
+        # transformers keeps loading arguments in init_kwargs and writes them back on save_pretrained: an
+        # exported tokenizer must not tell its later users never to download
+        tok.init_kwargs.pop("local_files_only", None)
 
         def special(attr: str, default: str, required: bool = True) -> Optional[int]:
             name = getattr(tok, attr, None) or default
@@ -110,7 +133,7 @@ class Vocab:
 
         base = dict(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], tokenizer=tok,
                     pad=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-                    bos=tok.bos_token_id, eos=tok.eos_token_id)
+                    bos=tok.bos_token_id, eos=tok.eos_token_id, origin="pretrained")
         if family == "emu3":
             visual = sorted(v for k, v in (config.vocabulary_map or {}).items() if k.startswith("<|visual token"))
             if not visual or visual != list(range(visual[0], visual[0] + len(visual))):
@@ -129,7 +152,7 @@ class Vocab:
         pretrained` (and plain transformers) reads this vocabulary back: a checkpoint's own tokenizer as
         it is; the project's WordPiece with the special tokens (and Emu3's visual tokens) appended at
         their ids, named as transformers' Emu3 and Janus processors look them up."""
-        if hasattr(self.tokenizer, "save_pretrained"):
+        if self.origin == "pretrained":
             self.tokenizer.save_pretrained(path)
             return
         from tokenizers import AddedToken

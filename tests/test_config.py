@@ -13,10 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "emu3_tiny_mlfop.yaml"
 
 
+def checkpoint_files(folder):
+    """A folder with the files validation looks for in a checkpoint (their content is not read)."""
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    return folder
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_validate(path, tmp_path):
     """Paths a config names (a LoRA run's pretraining output, a cluster run's checkpoint and corpus) are
     filled in with a folder; a cluster config's `<...>` placeholders are refused until then."""
+    checkpoint_files(tmp_path)
     data = yaml.safe_load(path.read_text())
     named = {"model.pretrained": data["model"].get("pretrained"), "data.path": data.get("data", {}).get("path")}
     placeholders = [k for k, v in named.items() if is_placeholder(v)]
@@ -96,13 +104,25 @@ def test_mistakes_name_their_field(override, match):
 def test_lora_mistakes_name_their_field(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         load_config(ROOT / "configs" / "emu3_tiny_lora.yaml", world_size=1,
-                    overrides=[f"model.pretrained={tmp_path}", *override])
+                    overrides=[f"model.pretrained={checkpoint_files(tmp_path)}", *override])
 
 
-def test_digit_evaluations_need_the_digits(tmp_path):
-    with pytest.raises(ConfigError, match=r"eval.samples_png: True, but it prompts for digits and data.source is "
-                                          r"'tokenized'; set it to false / 0"):
-        load_config(TINY, overrides=["data.source=tokenized", f"data.path={tmp_path}"])
+def test_digit_evaluations_need_the_digits_and_a_corpus_grid_needs_captions(tmp_path):
+    corpus = ["data.source=tokenized", f"data.path={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"eval.generated_digits: 2, but it prompts for digits and data.source is "
+                                          r"'tokenized'; set it to 0"):
+        load_config(TINY, overrides=[*corpus, "eval.generated_digits=2"])
+    with pytest.raises(ConfigError, match=r"eval.samples_png: true, but there is no caption to draw: .* is not "
+                                          r"a corpus prepared by model_zoo.prepare.*; list your prompts in "
+                                          r"eval.captions"):
+        load_config(TINY, overrides=corpus)
+    assert load_config(TINY, overrides=[*corpus, "eval.captions=[a red square]"]).eval.captions == ["a red square"]
+    (tmp_path / "pairs").mkdir()
+    (tmp_path / "pairs" / "a.png").write_bytes(b"")
+    pairs = ["data.source=pairs", f"data.path={tmp_path / 'pairs'}", "data.prepare=auto"]
+    assert load_config(TINY, overrides=pairs).eval.samples_png, "a grid of the validation captions"
+    with pytest.raises(ConfigError, match=r"eval.captions: the digits' sample grid prompts each digit; remove it"):
+        load_config(TINY, overrides=["eval.captions=[a red square]"])
 
 
 def test_a_section_that_is_not_a_mapping(tmp_path):
@@ -124,3 +144,14 @@ def test_unparsable_values_are_config_errors(tmp_path):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="--config: .*does not exist"):
         load_config(ROOT / "configs" / "nope.yaml")
+
+
+def test_the_world_size_is_read_from_the_environment_before_any_process_group():
+    """The launcher validates before DeepSpeed starts the process group, with the world size each
+    launcher tells its processes."""
+    from launcher.cluster import launch_world_size
+
+    assert launch_world_size({"WORLD_SIZE": "8", "OMPI_COMM_WORLD_SIZE": "2"}) == 8   # deepspeed, torchrun, srun
+    assert launch_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4                        # Open MPI
+    assert launch_world_size({"PMI_SIZE": "3"}) == 3                                    # MPICH / Hydra
+    assert launch_world_size({}) == 1                                                   # python alone

@@ -181,8 +181,8 @@ def write_tokenized(path, docs_by_split, with_images=False):
         for task, doc in docs:
             row = dict(input_ids=doc.ids, loss_mask=doc.loss_mask, task=task)
             if with_images:
-                from model_zoo.prepare import png
-                row["image"] = {"bytes": png(doc.pixels), "path": None} if doc.pixels is not None else None
+                from model_zoo.images import png_bytes, to_uint8
+                row["image"] = None if doc.pixels is None else {"bytes": png_bytes(to_uint8(doc.pixels)), "path": None}
             rows.append(row)
         features = {"input_ids": datasets.Sequence(datasets.Value("int32")),
                     "loss_mask": datasets.Sequence(datasets.Value("int8")), "task": datasets.Value("string")}
@@ -243,6 +243,10 @@ def test_bad_records_name_file_row_and_field_or_are_counted(built, tmp_path):
         with pytest.raises(BadRecordError, match=rf"{tmp_path} row [357], field '(input_ids|task)': .*on_bad_record"):
             for _ in range(4):
                 strict.next_micro_batch()
+        too_long = source._check({"input_ids": [1] * 70, "loss_mask": [0] + [1] * 69, "task": "generation"}, 9)
+        assert too_long.message().startswith(f"{tmp_path} row 9, field 'input_ids': 70 tokens, more than "
+                                             "data.seq_len=64; raise data.seq_len to at least 70, or shorten the "
+                                             "record, or set data.on_bad_record: skip"), "the fix, not 'drop it'"
         lenient = MicroBatchSampler(source, 4, 64, built["vocab"].pad, augment=False, on_bad_record="skip")
         batches = [lenient.next_micro_batch() for _ in range(2)]  # one per task, within the first epoch
         assert lenient.skipped == 3 and lenient.state_dict()["skipped"] == 3, "none is silently dropped"

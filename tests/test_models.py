@@ -6,6 +6,7 @@ the training layout predicts)."""
 
 import ast
 import dataclasses
+import json
 from fnmatch import fnmatchcase
 from pathlib import Path
 
@@ -186,12 +187,95 @@ def test_checkpoint_mistakes_name_their_field(tmp_path):
         with pytest.raises(ValueError, match=match):
             build_model(cfg, VOCAB)
     other = dataclasses.replace(VOCAB, codebook_size=16)
-    with pytest.raises(ValueError, match=r"model.pretrained: .* another vocabulary \(vocab_size 59, here 43"):
+    with pytest.raises(ValueError, match=r"model.pretrained: .* does not use this run's token ids \(codebook_size 32, "
+                                         r"here 16\); .*data.codebook_size: 32"):
         build_model(ModelConfig(family="emu3", pretrained=str(tmp_path / "emu3")), other)
     # a non-shape override is applied to the checkpoint's config, not ignored
     tuned = build_model(ModelConfig(family="emu3", pretrained=str(tmp_path / "emu3"),
                                     overrides={"rms_norm_eps": 1e-3, "vision_loss_weight": 0.25}), VOCAB)
     assert tuned.text_config.rms_norm_eps == 1e-3 and tuned.vision_loss_weight == 0.25
+
+
+def test_a_padded_embedding_is_accepted_and_only_a_true_mismatch_refused_with_fitting_advice(tmp_path):
+    """A checkpoint built the transformers way, its embedding padded by resize_token_embeddings(
+    pad_to_multiple_of=64) to 384 rows for a 371-id tokenizer, loads with its own tokenizer and trains:
+    no document holds the padding ids, so they are never targets. Refused, with the advice that fits:
+    another tokenizer saved beside the checkpoint (other special ids), an embedding smaller than the
+    ids, and the project's WordPiece."""
+    from own_data import bpe_tokenizer, emu3_checkpoint
+
+    from model_zoo.build import build_vocab
+    from model_zoo.config import DataConfig
+
+    m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
+    d = DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8, cache_dir=str(tmp_path))
+    vocab = build_vocab(d, m)
+    model = build_model(m, vocab)
+    assert (model.text_config.vocab_size, vocab.size) == (384, 371)
+    layout = Emu3Layout(vocab, (4, 4))
+    docs = [Doc(*layout.document(t, vocab.text("a red square"), list(range(16)), False)) for t in ("generation",) * 2]
+    batch = collate([docs], 64, vocab.pad, "generation")
+    targets = batch["labels"][batch["labels"] != -100]
+    assert int(targets.max()) < vocab.size <= model.text_config.vocab_size, "padding rows are never targets"
+    model(batch)["loss"].backward()
+    assert torch.isfinite(model.hf.lm_head.weight.grad).all()
+
+    bpe_tokenizer(merges=320).save_pretrained(str(tmp_path / "ckpt"))  # another tokenizer: its specials moved
+    with pytest.raises(ValueError, match=r"does not use this run's token ids \(bos 300, here 304, eos 301, here 305"
+                                         r"\); the tokenizer saved in .*ckpt is not the one this checkpoint was "
+                                         r"trained with; save the model's own tokenizer there") as info:
+        build_model(m, build_vocab(d, m))
+    assert "data.text_tokenizer: pretrained" not in str(info.value), "it is already set: not the advice"
+    emu3_checkpoint(tmp_path / "ckpt")
+    hf = Emu3ForConditionalGeneration.from_pretrained(str(tmp_path / "ckpt"))
+    hf.resize_token_embeddings(320, mean_resizing=False)   # fewer rows than the tokenizer's ids
+    hf.save_pretrained(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match=r"\(320 embedding rows, here ids up to 370\); the tokenizer saved in"):
+        build_model(m, build_vocab(d, m))
+    words = build_vocab(DataConfig(cache_dir=str(tmp_path), image_tokenizer="pretrained", image_size=8), m)
+    with pytest.raises(ValueError, match=r"does not use this run's token ids .*; use data.text_tokenizer: pretrained "
+                                         r"\(the tokenizer saved with the checkpoint\)"):
+        build_model(m, words)
+
+
+def test_caption_samples_are_the_models_guided_generations():
+    """The sample grid's images for a corpus: each caption tokenized as training tokenizes it, generated
+    with classifier-free guidance (greedy here: every code the argmax of u + g (c - u), from the class's
+    own forward of the caption's prompt and of the empty caption's), decoded by the image tokenizer."""
+    from model_zoo.quality import generate_captioned
+    from model_zoo.vq import VQTokenizer, digits
+
+    model, layout = emu3(), LAYOUTS["emu3"]
+    vq = VQTokenizer.fit(digits()[0][:100], VOCAB.codebook_size, 0, iters=3)
+    captions, g = ["abc", "a longer one"], 3.0
+    pictures = generate_captioned(model, layout, vq, captions, 2, temperature=0.0, guidance=g)
+    assert pictures.shape == (4, 1, 8, 8)
+    lo, hi = VOCAB.image_offset, VOCAB.size
+    for k, text in enumerate(captions):
+        codes, ids = [], {c: layout.generation_prompt(VOCAB.text(c)) for c in (text, "")}
+        for step in range(16):   # each stream re-run whole: no cache, the class's plain forward
+            c, u = (model.hf(input_ids=torch.tensor([ids[x] + [lo + i for i in codes]])).logits[0, -1, lo:hi]
+                    for x in (text, ""))
+            codes.append(int((u + g * (c - u)).argmax()))
+        assert torch.equal(pictures[2 * k], vq.decode(torch.tensor([codes]))[0]), text
+        assert torch.equal(pictures[2 * k + 1], pictures[2 * k]), "greedy: both images alike"
+    unguided = generate_captioned(model, layout, vq, captions, 2, temperature=0.0, guidance=1.0)
+    assert not torch.equal(unguided, pictures), "guidance changes what is drawn"
+
+
+def test_an_exported_tokenizer_does_not_forbid_downloads(tmp_path):
+    """A checkpoint's tokenizer is loaded offline (local_files_only); the exported copy must not carry that
+    loading argument into its tokenizer_config.json, where it would bind every later user."""
+    from own_data import emu3_checkpoint
+
+    from model_zoo.build import build_vocab
+    from model_zoo.config import DataConfig
+
+    m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
+    vocab = build_vocab(DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8), m)
+    vocab.save(str(tmp_path / "export"), "emu3")
+    saved = json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved and saved["bos_token"] == "<|extra_203|>"
 
 
 def test_greedy_generation_samples_what_training_predicts():

@@ -4,6 +4,7 @@ checkpoints, and exports a model that plain transformers opens with exactly the 
 run trains from image-caption pairs prepared by model_zoo.prepare; a resumed run continues the loss
 curve exactly; bad configs stop before work; the Slurm batch script starts its ranks with srun under a real local Slurm."""
 
+import json
 import os
 import random
 import socket
@@ -12,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -22,9 +24,11 @@ from launcher.cluster import PORT_BASE, PORT_SPAN, job_port
 from model_zoo.build import build_model
 from model_zoo.config import DataConfig, ModelConfig
 from model_zoo.digits import caption_corpus
+from model_zoo.images import GAP, LINE_H, wrap
 from model_zoo.lora import LLAMA_LINEARS
 from model_zoo.prepare import prepare
 from model_zoo.vocab import Vocab, load_or_train_wordpiece
+from own_data import emu3_checkpoint, shapes_folder
 from slurm_cluster import SlurmCluster
 from test_launchers import free_port
 from test_prepare import write_pairs
@@ -107,7 +111,9 @@ def test_each_launcher_trains_a_checkpoint_and_exports_what_it_trained(kind, fam
     assert "samples" in acc.Tags()["images"]
     png = (tmp_path / "samples" / "step-3.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    assert struct.unpack(">II", png[16:24]) == (4 * 35, 4 * 149), "4 columns x 10 digits of labelled 8x8 tiles, x4"
+    tile_w, tile_h = 4 * 8 + GAP, LINE_H + GAP + 4 * 8 + GAP
+    assert struct.unpack(">II", png[16:24]) == (4 * tile_w - GAP, 10 * tile_h - GAP), \
+        "4 columns x 10 digits of 8x8 tiles scaled 4 times, each under its one-line label"
     assert [e.value for e in acc.Scalars("optimizer/fop_folds")][-1] > 0
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-2"
     trained = trained_weights(tmp_path / "checkpoints" / "step-2", tmp_path / "dcp.pt")
@@ -134,7 +140,7 @@ def prepared_pairs(cache, tmp_path_factory):
                    val_fraction=0.25)
     prepare(ModelConfig(family="janus"), d, progress=False)
     return ["data.source=pairs", f"data.path={root / 'pairs'}", f"data.prepared={root / 'prepared'}",
-            "eval.samples_png=false"]
+            "data.val_fraction=0.25", "eval.samples_png=false"]
 
 
 @pytest.mark.parametrize("config,engine", [("emu3_tiny_adamw.yaml", "deepspeed"), ("janus_tiny_soap.yaml", "deepspeed"),
@@ -183,6 +189,62 @@ def test_bad_configs_stop_before_any_work(extra, message, tmp_path, cache):
     proc = launch("python", "emu3_tiny_mlfop.yaml", tmp_path / "out", cache, extra=extra, check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "out").exists(), "nothing may be written before the config is valid"
+
+
+def test_a_config_error_comes_before_deepspeed_builds_its_op_and_without_a_traceback(tmp_path, cache):
+    """A pairs corpus that was never prepared: the launcher says so as a config error, with the command
+    that prepares it, before the process group starts (DeepSpeed builds its communication op there, in an
+    empty TORCH_EXTENSIONS_DIR minutes on a first launch) and before anything is written."""
+    write_pairs(tmp_path / "pairs", corrupt=None, empty=None)
+    ext = tmp_path / "torch_extensions"
+    ext.mkdir()
+    cmd = [sys.executable, RUN, "--config", str(ROOT / "configs" / "emu3_tiny_mlfop.yaml"),
+           *settings(tmp_path / "out", cache, extra=["data.source=pairs", f"data.path={tmp_path / 'pairs'}",
+                                                     f"data.prepared={tmp_path / 'prepared'}"])]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext)})
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"config error: data.prepared: {tmp_path / 'prepared'} holds no prepared dataset" in proc.stderr
+    assert "Prepare it: python -m model_zoo.prepare --config <your run config> (or set data.prepare: auto" \
+        in proc.stderr
+    assert not any(ext.iterdir()), "DeepSpeed built its op before the config was checked"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "prepared").exists()
+
+
+def test_bring_your_own_checkpoint_and_corpus(tmp_path, cache):
+    """docs/models_and_data.md's walk-through: a tiny Emu3 checkpoint made the transformers way (its own
+    byte-level BPE tokenizer, the embedding padded to a multiple of 64 rows) and a folder of non-square
+    RGB pictures with .txt captions. One launch prepares the corpus (data.prepare: auto), trains, draws
+    the sample grid for a caption of the config and two validation captions with classifier-free
+    guidance, and exports a model plain transformers opens, with a tokenizer that may be downloaded."""
+    from transformers import AutoTokenizer
+
+    checkpoint = emu3_checkpoint(tmp_path / "checkpoint")
+    shapes_folder(tmp_path / "shapes")
+    ours = "a red square on white"
+    proc = launch("python", "emu3_tiny_adamw.yaml", tmp_path / "run", cache, steps=2, extra=[
+        f"model.pretrained={checkpoint}", "data.source=pairs", f"data.path={tmp_path / 'shapes'}", "data.prepare=auto",
+        "data.text_tokenizer=pretrained", "data.image_tokenizer=pretrained", "data.image_size=8",
+        "data.caption_dropout=0.1", "data.val_fraction=0.25", f"eval.captions=[{ours}]", "eval.validation_captions=2",
+        "eval.guidance=2.0"])
+    assert "[prepare] data.prepare: auto;" in proc.stderr and "[prepare] 24 pairs ->" in proc.stderr
+    assert "[prepare] 24 images were not square: centre-cropped to a square (data.image_fit: crop" in proc.stderr
+    out = tmp_path / "run"
+    png = (out / "samples" / "step-2.png").read_bytes()
+    prepared = datasets.load_from_disk(str(DataConfig(path=str(tmp_path / "shapes"), cache_dir=str(cache))
+                                           .prepared_dir() / "validation"))
+    drawn = [ours] + list(dict.fromkeys(r["text"] for r in prepared if r["task"] == "generation" and r["text"]))[:2]
+    lines = max(len(wrap(c, 128)) for c in drawn)
+    tile_w, tile_h = 8 * 16 + GAP, lines * LINE_H + GAP + 8 * 16 + GAP
+    assert struct.unpack(">IIBB", png[16:26]) == (4 * tile_w - GAP, 3 * tile_h - GAP, 8, 2), \
+        "3 captions (the config's and 2 of the validation split) x 4 RGB images scaled to 128 px, under their captions"
+    assert "samples" in scalars(out).Tags()["images"]
+    exported = Emu3ForConditionalGeneration.from_pretrained(str(out / "model"))
+    assert exported.get_input_embeddings().weight.shape[0] == 384, "the padded embedding, trained and exported"
+    assert "local_files_only" not in json.loads((out / "model" / "tokenizer_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
+    assert tokenizer.convert_tokens_to_ids("<|visual token000063|>") == exported.config.vocabulary_map[
+        "<|visual token000063|>"]
 
 
 def free_job_port() -> int:
