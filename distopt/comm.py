@@ -17,6 +17,7 @@ says which names disagree. `code` is the one hash of a name into such a value.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import zlib
 from collections import Counter
@@ -77,15 +78,29 @@ class Agreed:
 
 
 def destroy_process_group() -> None:
-    """`dist.destroy_process_group()`, after dropping what keeps the groups alive past it.
+    """`dist.destroy_process_group()`, after dropping what keeps the groups alive past it
+    (`release_destroyed_groups`). Runs and tests call it; programs that call torch's own are covered by
+    the same release at interpreter exit (registered below)."""
+    _clear_dtensor_caches()
+    dist.destroy_process_group()
+    gc.collect()  # the meshes sit in reference cycles
 
-    A gloo group's worker threads stop only when the group is freed. torch 2.13's DTensor caches
-    (sharding propagation, its C++ fast path, the redistribute planners) hold every device mesh they
-    saw, and a mesh holds its groups, so after an FSDP2 run the threads outlive destroy_process_group.
-    One of them may still be releasing a finished collective's tensors when the interpreter shuts
-    down; it then needs the GIL, cannot take it, and the process aborts ("terminate called without an
-    active exception") after the run has finished. The caches are only caches: emptying them is safe.
-    """
+
+def release_destroyed_groups() -> None:
+    """Let destroyed process groups go: a gloo group's worker threads stop only when the group is freed.
+
+    torch 2.13's DTensor caches (sharding propagation, its C++ fast path, the redistribute planners)
+    hold every device mesh they saw, and a mesh holds its groups, so after an FSDP2 run the threads
+    outlive destroy_process_group. One of them may still be releasing a finished collective's tensors
+    when the interpreter shuts down; it then needs the GIL, cannot take it, and the process aborts
+    ("terminate called without an active exception") after the run has finished. The caches are only
+    caches: emptying them is safe. Registered with atexit when distopt is imported, so that a program
+    that calls torch's own destroy_process_group exits cleanly too (atexit runs before finalisation)."""
+    _clear_dtensor_caches()
+    gc.collect()  # the meshes sit in reference cycles
+
+
+def _clear_dtensor_caches() -> None:
     from torch.distributed.tensor import _redistribute, debug
 
     for clear in (getattr(debug, "_clear_sharding_prop_cache", None),
@@ -93,8 +108,9 @@ def destroy_process_group() -> None:
                   getattr(getattr(_redistribute, "_gen_transform_infos", None), "cache_clear", None)):
         if clear is not None:  # torch 2.13 has all three; older releases have fewer of these caches
             clear()
-    dist.destroy_process_group()
-    gc.collect()  # the meshes sit in reference cycles
+
+
+atexit.register(release_destroyed_groups)
 
 
 class Comm:

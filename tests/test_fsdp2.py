@@ -144,12 +144,14 @@ def test_plain_soap_refuses_fsdp2_shards_and_names_the_sharded_soap(tmp_path):
 
 
 TEARDOWN = """
-import os, sys, torch, torch.distributed as dist
+import atexit, os, sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
+threads = lambda: len(os.listdir("/proc/self/task"))
+# registered before distopt's own handler, so it runs after it (atexit is last in, first out)
+atexit.register(lambda: print("at exit", before, threads(), flush=True))
 from distopt import comm
 
-threads = lambda: len(os.listdir("/proc/self/task"))
 torch.set_num_threads(1)
 before = threads()
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
@@ -167,14 +169,19 @@ print("threads", before, threads())
 def test_destroy_process_group_stops_gloo_threads_after_fsdp2(destroy, tmp_path):
     """After an FSDP2 run, comm.destroy_process_group leaves no gloo thread behind. torch's own
     destroy_process_group leaves them (DTensor's caches hold the device mesh, the mesh its group): that
-    arm shows the test can see the threads. A live gloo thread releasing a collective's tensors at
+    arm shows the test can see the threads, and that distopt's exit handler, which importing distopt
+    registers, lets them go before the interpreter shuts down (a library user's program exits cleanly
+    without calling any distopt helper). A live gloo thread releasing a collective's tensors at
     interpreter shutdown aborted ~1 in 10 FSDP2 worker processes after their run had finished."""
     proc = subprocess.run([sys.executable, "-c", TEARDOWN, str(tmp_path / "rdv"), destroy], capture_output=True,
                           text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before, after = map(int, proc.stdout.split("threads")[1].split())
+    before, after = map(int, proc.stdout.split("threads")[1].split("at exit")[0].split())
+    before_exit, at_exit = map(int, proc.stdout.split("at exit")[1].split())
     if destroy == "distopt":
         assert after == before, f"{after - before} threads outlive comm.destroy_process_group"
     else:
         assert after > before, "torch's destroy_process_group now frees the group: comm.destroy_process_group " \
                                "may go back to calling it directly"
+    assert at_exit == before_exit, f"{at_exit - before_exit} gloo threads alive at interpreter exit, after " \
+                                   "distopt's exit handler (a program calling torch's destroy_process_group)"
