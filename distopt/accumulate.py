@@ -29,6 +29,7 @@ from distopt.comm import Checks, code
 from distopt.distributors import Distributor
 from distopt.host import host_values
 from distopt.soap import Counters
+from distopt.state import tree_bytes
 
 KEEP, REDUCE, STASH = "keep", "reduce", "stash"
 
@@ -213,8 +214,9 @@ class Accumulator:
             self._drop_grads()
 
     def held_bytes(self) -> int:
-        """Bytes of the modality stashes (the rest of a step's gradients is p.grad, or travelling)."""
-        return sum(x.numel() * x.element_size() for s in self.stash.values() for x in s.values())
+        """Bytes of the modality stashes on this rank (the rest of a step's gradients is p.grad, or
+        travelling); an FSDP2 gradient counts its local shard."""
+        return sum(tree_bytes(x) for s in self.stash.values() for x in s.values())
 
     def _drop_grads(self) -> None:
         for i, p in enumerate(self.params):

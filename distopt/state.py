@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 
 def tree_bytes(value: Any) -> int:
-    """Bytes of every tensor in a nested state (sums of tensor sizes, not allocator figures)."""
+    """Bytes of every tensor in a nested state on this rank (sums of tensor sizes, not allocator figures;
+    a DTensor counts its local shard)."""
+    if isinstance(value, DTensor):
+        value = value.to_local()
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, dict):

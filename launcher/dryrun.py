@@ -177,9 +177,10 @@ class SyntheticBatches:
 
     def __init__(self, cfg: Config, model: Any, device: torch.device) -> None:
         self.cfg, self.model, self.device = cfg, model, device
+        self.k = cfg.batch.grad_accum  # micro-steps per step
 
     def next_step(self) -> Iterator[dict[str, Any]]:
-        for k in range(self.cfg.batch.grad_accum):
+        for k in range(self.k):
             yield self.batch("text" if k % 2 == 0 else "image")
 
     def batch(self, modality: str) -> dict[str, Any]:
@@ -202,8 +203,42 @@ class SyntheticBatches:
         return batch
 
 
-def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: bool = True) -> Report:
-    """One rank of a `gpus`-rank job (see the module docstring)."""
+def gpu_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                  is_causal: Optional[bool] = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention as a GPU runs it, for the dry run's fake CPU device: with a mask (packed
+    documents) PyTorch picks the memory-efficient kernel, without one flash attention; both keep the
+    output and its log-sum-exp, never the s x s scores that SDPA's math path (what a CPU would take)
+    holds. This calls the memory-efficient kernel's own op, whose fake implementation gives exactly its
+    outputs; the mask becomes the additive bias the kernel takes, as SDPA makes it."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    bias = None
+    if attention_mask is not None:
+        bias = attention_mask if attention_mask.dtype != torch.bool else \
+            torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill(~attention_mask, float("-inf"))
+        bias = bias.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and bias is None
+    out = torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, bias, True, dropout, causal,
+                                                                 scale=scaling)[0]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _with_gpu_attention(model: torch.nn.Module) -> torch.nn.Module:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("distopt_dry_run", gpu_attention)
+    model.base().set_attn_implementation("distopt_dry_run")
+    return model
+
+
+def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: bool = True,
+            warmup_microsteps: Optional[int] = 2) -> Report:
+    """One rank of a `gpus`-rank job (see the module docstring). The steps before the last run
+    `warmup_microsteps` micro-steps each (None: K): they only build SOAP's state (statistics, then v),
+    whose shapes do not depend on K; the last step, the first that folds, runs all K and is the one
+    whose collectives and host reads are reported (the peak is watched throughout)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     from launcher.run import Run, run_step
@@ -214,7 +249,7 @@ def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: boo
     dist.init_process_group("fake", rank=rank, world_size=gpus, store=FakeStore())
     gc.disable()  # what a finished step leaves must be freed by reference counting alone (no cycles)
     try:
-        model = model_on_meta(cfg)
+        model = _with_gpu_attention(model_on_meta(cfg))
         notes: list[str] = []
         fake = FakeTensorMode(allow_non_fake_inputs=True)
         engine, opt = _engine(cfg, model, engine_name, fake)  # meshes are made outside fake mode
@@ -228,6 +263,9 @@ def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: boo
             per_step: list[dict[str, Any]] = []
             with tracker, collectives:
                 for s in range(1, steps + 1):
+                    k = cfg.batch.grad_accum if s == steps or warmup_microsteps is None else \
+                        min(warmup_microsteps, cfg.batch.grad_accum)
+                    sampler.k = engine.grad_accum = k
                     observed.phase = Phase(s)
                     host.READS.clear()
                     observed.microstep_reads = 0
@@ -416,6 +454,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--gpus", type=int, nargs="+", required=True)
     ap.add_argument("--engine", nargs="+", choices=ENGINES, default=None, help="default: the config's engine")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps (the third is the first that folds)")
+    ap.add_argument("--warmup-microsteps", type=int, default=2,
+                    help="micro-steps of the steps before the last (they build SOAP's state); 0: K, as the last")
     ap.add_argument("--no-audit", action="store_true", help="skip the fake-CUDA pass that finds CPU tensors")
     ap.add_argument("--json", action="store_true", help="one JSON object per line and per GPU count")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -427,7 +467,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     reports = []
     for engine_name in args.engine or [cfg.engine]:
         for n in args.gpus:
-            report = dry_run(read_config(args.config, args.set), n, engine_name, args.steps, not args.no_audit)
+            report = dry_run(read_config(args.config, args.set), n, engine_name, args.steps, not args.no_audit,
+                             args.warmup_microsteps or None)
             reports.append(report)
             if args.json:
                 print(json.dumps(asdict(report)), flush=True)
