@@ -266,6 +266,7 @@ def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: boo
                     k = cfg.batch.grad_accum if s == steps or warmup_microsteps is None else \
                         min(warmup_microsteps, cfg.batch.grad_accum)
                     sampler.k = engine.grad_accum = k
+                    engine.microsteps = 0  # the loop counts micro-steps to its boundary from here
                     observed.phase = Phase(s)
                     host.READS.clear()
                     observed.microstep_reads = 0
