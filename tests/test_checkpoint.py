@@ -130,7 +130,7 @@ def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, m
         return real(src, dst)
 
     monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, 4, model, opt)
     monkeypatch.setattr(ckpt.os, "replace", real)
     assert not (tmp_path / "step-4").exists() and complete_steps(tmp_path) == [3, 4]
