@@ -370,7 +370,10 @@ def _staged(value: Any, storages: Optional[dict] = None) -> Any:
         out.set_(storages[key], value.storage_offset(), value.size(), value.stride())
         return out
     if isinstance(value, dict):
-        return type(value)((k, _staged(v, storages)) for k, v in value.items())
+        out = type(value)((k, _staged(v, storages)) for k, v in value.items())
+        if hasattr(value, "__dict__"):  # a state_dict's _metadata (module versions) is pickled with it
+            out.__dict__.update(copy.deepcopy(value.__dict__))
+        return out
     if isinstance(value, (list, tuple)):
         return type(value)(_staged(v, storages) for v in value)
     return copy.deepcopy(value)

@@ -9,6 +9,11 @@ The config (launcher/config.py) picks model, data, optimizer {name, params}, bat
 logging, evaluation and checkpointing; it is validated before any work starts. The engine
 (launcher/engines.py) is DeepSpeed at ZeRO stage 0 with the distopt optimizer, or PyTorch FSDP2. `train` reads as
 its stages: set_up, then per step run_step, log_step, evaluate_and_sample and save.
+
+SIGUSR1 / SIGTERM stop the run at the next step boundary with a checkpoint of that step
+(launcher/preemption.py). Exit codes: 0 done, 1 an error, 75 stopped on a signal after that checkpoint,
+76 stopped at once (second signal or checkpoint.stop_deadline) with an earlier checkpoint as the newest,
+77 stopped but the Slurm job was requeued checkpoint.max_requeues times already.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from distopt import comm, deepspeed_glue
-from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
+from distopt.checkpoint import AsyncCheckpointer, CheckpointError, complete_steps, load_checkpoint, save_checkpoint
 from launcher.cluster import srun_env
 from launcher.config import Config, ConfigError, load_config
 from launcher.engines import build_engine, local_device
 from launcher.memory import check_fits
 from launcher.metrics import Logger, ModalityGradProbe, evaluate, memory_stats
+from launcher.preemption import EXIT_NO_REQUEUE, StopSignals, requeue_count
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
 from model_zoo.config import DTYPES
 from model_zoo.data import MicroBatchSampler
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args(argv)
+    stop = StopSignals().install()  # first: a signal during start-up stops the run at its first step boundary
     try:
         os.environ.update(srun_env(os.environ))  # tasks srun starts directly: ranks from Slurm (docs/cluster.md)
         deepspeed_glue.init_distributed()
@@ -116,8 +123,38 @@ def main(argv: list[str] | None = None) -> None:
         check_fits(cfg, dist.get_world_size(), local_device(), local_ranks)  # refuse before building anything
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    train(cfg)
+    requeues = check_requeues(cfg, dist.get_rank())
+    stop.configure(dist.get_rank(), cfg.checkpoint.stop_deadline, requeues < cfg.checkpoint.max_requeues)
+    try:
+        history = train(cfg, stop)
+    except CheckpointError as e:  # every rank raises the same error (distopt.checkpoint agrees on it)
+        comm.destroy_process_group()
+        sys.exit(f"checkpoint error: {e}")
     comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+    if history.get("stopped_at") is not None:
+        sys.exit(stop.exit_code())
+
+
+def check_requeues(cfg: Config, rank: int) -> int:
+    """Slurm requeues of this job so far (SLURM_RESTART_COUNT), logged on rank 0; beyond
+    checkpoint.max_requeues the run refuses to start (the torchrun script requeues on its own signal,
+    so the bound is also kept here)."""
+    count, bound = requeue_count(os.environ), cfg.checkpoint.max_requeues
+    if rank == 0 and "SLURM_JOB_ID" in os.environ:
+        print(f"[distopt] Slurm job {os.environ['SLURM_JOB_ID']}: requeue {count} "
+              f"(checkpoint.max_requeues: {bound})", file=sys.stderr)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if rank == 0 and restarts:
+        print(f"[distopt] torchrun restarted the workers (restart {restarts}); resuming from the newest "
+              "complete checkpoint", file=sys.stderr)
+    if count > bound:
+        if rank == 0:
+            print(f"[distopt] the job was requeued {count} times, more than checkpoint.max_requeues {bound}: not "
+                  "starting; resubmit it to continue from the newest complete checkpoint, or raise the bound",
+                  file=sys.stderr)
+        comm.destroy_process_group()
+        sys.exit(EXIT_NO_REQUEUE)
+    return count
 
 
 @dataclass
@@ -140,6 +177,8 @@ class Run:
     judge: Optional[DigitJudge]
     start: int = 0
     progress: Any = None
+    saver: Optional[AsyncCheckpointer] = None  # checkpoint.async: saves written in the background
+    stop: Optional[StopSignals] = None
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad": [], "fop": [], "diverged": False})
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -156,10 +195,12 @@ class StepResult:
     geometry: Optional[ModalityGradProbe]
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, stop: Optional[StopSignals] = None) -> dict:
     """One training run in an initialised process group; returns its history (per-step training losses,
-    evaluations, text-vs-image gradient geometry, wall-clock, whether the loss diverged)."""
+    evaluations, text-vs-image gradient geometry, wall-clock, whether the loss diverged, and
+    `stopped_at`: the step of a stop on a signal, after its checkpoint)."""
     run = set_up(cfg)
+    run.stop = stop
     train_cpu = 0.0  # this process's CPU seconds in training steps (evaluations apart): benchmarks' time to target
     for step in range(run.start, cfg.schedule.steps):
         last = step == cfg.schedule.steps - 1
@@ -169,9 +210,12 @@ def train(cfg: Config) -> dict:
         train_cpu += time.process_time() - cpu
         run.history["train"].append({"step": step, "seconds": time.perf_counter() - run.t_start,
                                      "train_cpu_seconds": train_cpu, **result.losses})
-        if not all_ranks_finite(result.losses, run.engine.device):
+        finite, stopping = agree_at_boundary(result.losses, stop is not None and stop.requested, run.engine.device)
+        if not finite:
             run.history["diverged"] = True
             break
+        if stopping and not last:
+            return stop_at(run, step)
         if log_now:
             log_step(run, step, result)
         if run.progress is not None:
@@ -279,11 +323,14 @@ def _optimizer_seconds(opt) -> float:
     return float(getattr(opt, "counters", {}).get("microstep_seconds", 0.0))
 
 
-def all_ranks_finite(losses: dict[str, float], device: torch.device) -> bool:
-    """Every rank stops together on a non-finite loss (no rank is left waiting in a collective)."""
-    finite = torch.full((1,), float(all(math.isfinite(v) for v in losses.values())), device=device)
-    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+def agree_at_boundary(losses: dict[str, float], stop_requested: bool, device: torch.device) -> tuple[bool, bool]:
+    """(every loss finite on every rank, a stop signal reached any rank), from one small all-reduce per
+    step: every rank stops together on either (no rank is left waiting in a collective, none saves alone)."""
+    flags = torch.tensor([float(not all(math.isfinite(v) for v in losses.values())), float(stop_requested)],
+                         device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = flags.tolist()
+    return not bad, bool(stop)
 
 
 def log_step(run: Run, step: int, result: StepResult) -> None:
@@ -332,11 +379,45 @@ def evaluate_and_sample(run: Run, step: int) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    save_checkpoint(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last,
-                    extra={"sampler": run.sampler.state_dict(), "scheduler": run.scheduler.state_dict()})
+    """The checkpoint of `step`; with checkpoint.async, in the background once the previous one is written."""
+    extra = {"sampler": run.sampler.state_dict(), "scheduler": run.scheduler.state_dict()}
+    if run.cfg.checkpoint.async_:
+        run.saver = run.saver or AsyncCheckpointer()
+        run.saver.save(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last, extra=extra)
+    else:
+        save_checkpoint(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last, extra=extra)
+
+
+def wait_for_saves(run: Run) -> None:
+    """The background save in flight, published (every rank waits; its error is raised on every rank)."""
+    if run.saver is not None:
+        if run.saver.busy and run.rank == 0:
+            print(f"[distopt] waiting for the checkpoint of step {run.saver.step}, written in the background",
+                  file=sys.stderr)
+        run.saver.close()
+        run.saver = None
+
+
+def stop_at(run: Run, step: int) -> dict:
+    """A stop signal agreed at this step's boundary: the checkpoint of this step (after the one in
+    flight), then the run ends without its evaluation and export; main() exits with the stop's code."""
+    save(run, step)
+    wait_for_saves(run)
+    if run.stop is not None:
+        run.stop.checkpoint_complete = True
+    if run.rank == 0:
+        print(f"[distopt] stopped on a signal at step {step + 1}/{run.cfg.schedule.steps}: checkpoint "
+              f"{run.checkpoints / f'step-{step}'} written; rerun the same command to continue (resume: auto)",
+              file=sys.stderr)
+    run.history["stopped_at"] = step
+    run.logger.close()
+    if run.progress is not None:
+        run.progress.close()
+    return run.history
 
 
 def finish(run: Run) -> dict:
+    wait_for_saves(run)
     export(run.model, run.out, run.layout, run.cfg.model.family, run.rank)
     if run.rank == 0:
         judge = run.judge
