@@ -234,7 +234,7 @@ def _prepare(root: str | os.PathLike, step: int, model: torch.nn.Module, optimiz
             error = _disk_error(e, tmp, 0)
     tmp, error = _all_gather((tmp, error) if rank == 0 else None)[0]
     if error:
-        raise CheckpointError(f"cannot write the checkpoint of step {step} to {root}: {error}")
+        raise _save_error(root, step, [error])
     copy_ = _staged if staged else (lambda value: value)
     model_format = "dcp" if _sharded_model(model) else "torch"
     manifest = None
@@ -290,11 +290,15 @@ def _write_and_publish(save: _Save, group: Optional[dist.ProcessGroup],
         shutil.rmtree(save.tmp, ignore_errors=True)  # left only by a failure: nothing points to it
     errors = _all_gather(errors if save.rank == 0 else None, group)[0]
     if errors:
-        kept = complete_steps(save.root)
-        raise CheckpointError(f"cannot write the checkpoint of step {save.step} to {save.root}: {'; '.join(errors)}; "
-                              + (f"the complete checkpoints (steps {kept}) are unchanged" if kept else
-                                 "no complete checkpoint there"))
+        raise _save_error(save.root, save.step, errors)
     return save.final
+
+
+def _save_error(root: Path, step: int, errors: list[str]) -> CheckpointError:
+    kept = complete_steps(root) if root.is_dir() else []
+    return CheckpointError(f"cannot write the checkpoint of step {step} to {root}: {'; '.join(errors)}; "
+                           + (f"the complete checkpoints (steps {kept}) are unchanged" if kept else
+                              "no complete checkpoint there"))
 
 
 def _prune(root: Path, keep_last: Optional[int]) -> None:
@@ -327,8 +331,9 @@ def _disk_error(error: BaseException, path: Path, needed: int) -> str:
         free, read_only = None, False
     code = getattr(error, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < max(needed, 1)):
-        return (f"{path}: no space left on device ({free} bytes free there, about {needed} needed); free space "
-                "or save the checkpoints to another disk")
+        need = f", about {needed} needed" if needed else ""
+        return (f"{path}: no space left on device ({free} bytes free there{need}); free space or save the "
+                "checkpoints to another disk")
     if code in (errno.EROFS, errno.EACCES, errno.EPERM) or read_only or not os.access(where, os.W_OK):
         reason = "read-only file system" if read_only or code == errno.EROFS else "permission denied"
         return f"{path}: not writable ({reason}); make {where} writable or save the checkpoints elsewhere"

@@ -214,12 +214,12 @@ def train(cfg: Config, stop: Optional[StopSignals] = None) -> dict:
         if not finite:
             run.history["diverged"] = True
             break
-        if stopping and not last:
-            return stop_at(run, step)
         if log_now:
             log_step(run, step, result)
         if run.progress is not None:
             run.progress.update(1)
+        if stopping and not last:
+            return stop_at(run, step)
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
             evaluate_and_sample(run, step)
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
@@ -406,9 +406,10 @@ def stop_at(run: Run, step: int) -> dict:
     if run.stop is not None:
         run.stop.checkpoint_complete = True
     if run.rank == 0:
+        code = run.stop.exit_code() if run.stop is not None else 0
         print(f"[distopt] stopped on a signal at step {step + 1}/{run.cfg.schedule.steps}: checkpoint "
-              f"{run.checkpoints / f'step-{step}'} written; rerun the same command to continue (resume: auto)",
-              file=sys.stderr)
+              f"{run.checkpoints / f'step-{step}'} written, exit code {code}; rerun the same command to continue "
+              "(resume: auto)", file=sys.stderr)
     run.history["stopped_at"] = step
     run.logger.close()
     if run.progress is not None:

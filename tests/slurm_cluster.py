@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from launcher.cluster import PORT_BASE, PORT_SPAN
 
 CONF = """ClusterName=distopt-test
 SlurmctldHost={host}
@@ -36,6 +39,19 @@ NodeName={host} CPUs={cpus} RealMemory=8000 State=UNKNOWN
 PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
 FirstJobId={first_job_id}
 """
+
+
+def free_job_port() -> int:
+    """A free port in the range Slurm jobs rendezvous on (launcher/cluster.py); a cluster started with
+    first_job_id=port - PORT_BASE + PORT_SPAN gives its first job that port."""
+    for port in random.sample(range(PORT_BASE, PORT_BASE + PORT_SPAN), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {PORT_BASE}-{PORT_BASE + PORT_SPAN - 1}")
 
 
 def _free_port() -> int:

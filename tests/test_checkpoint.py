@@ -179,3 +179,30 @@ def test_async_saves_write_the_bytes_of_a_synchronous_save_and_resume_the_same(t
         assert complete_steps(tmp_path / f"{name}-async") == [2]
         for a, b in zip(results[len(configs) + i]["history"][-1], results[2 * i]["history"][-1]):
             assert torch.equal(a, b), f"{name}: resumed from the async save"
+
+
+def test_a_full_disk_and_a_read_only_folder_fail_with_the_path_and_keep_the_newest_checkpoint(tmp_path):
+    """Two ranks save to a real 256 KiB tmpfs (a private mount namespace; root, as the Slurm tests):
+    filled up, every rank's synchronous and background save fails with the folder and 'no space left
+    on device' instead of torch.save's C++ stream error; made read-only, with 'not writable'. Each
+    time the temporary directory is gone and step 1 still loads on both ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mount, out = tmp_path / "disk", tmp_path / "result"
+    mount.mkdir()
+    worker = Path(__file__).parent / "disk_worker.py"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=256k tmpfs "{mount}" && '
+                           f'exec "{sys.executable}" "{worker}" "{mount}" "{out}"'],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        results = json.loads((tmp_path / f"result.rank{rank}.json").read_text())
+        for case, (step, cause) in {"full": (2, "no space left on device"), "full_async": (3, "no space left on device"),
+                                    "read_only": (4, "not writable (read-only file system)")}.items():
+            got = results[case]
+            assert got["error"] and f"cannot write the checkpoint of step {step} to {mount}" in got["error"] \
+                and cause in got["error"] and "complete checkpoints (steps [1]) are unchanged" in got["error"], got
+            assert [e for e in got["entries"] if e.startswith(".tmp")] == [], f"{case}: temporary directory left"
+            assert got["complete"] == [1] and got["loaded"] == 1, got
