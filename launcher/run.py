@@ -132,7 +132,17 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"checkpoint error: {e}")
     comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
     if history.get("stopped_at") is not None:
-        sys.exit(stop.exit_code())
+        exit_after_stop(stop)
+
+
+def exit_after_stop(stop: StopSignals) -> None:
+    """The stop's exit code, without the interpreter's shutdown: that restores the default SIGTERM
+    action, and `srun --kill-on-bad-exit` sends SIGTERM to the ranks still exiting once the first rank
+    has left with a non-zero code; a rank killed there would report 143 instead of 75. Until os._exit,
+    a late SIGTERM is a second signal, which exits with the same code (the checkpoint is complete)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(stop.exit_code())
 
 
 def check_requeues(cfg: Config, rank: int) -> int:
@@ -400,7 +410,13 @@ def wait_for_saves(run: Run) -> None:
 
 def stop_at(run: Run, step: int) -> dict:
     """A stop signal agreed at this step's boundary: the checkpoint of this step (after the one in
-    flight), then the run ends without its evaluation and export; main() exits with the stop's code."""
+    flight), then the run ends without its evaluation and export; main() exits with the stop's code.
+    The logs are flushed first and every rank marks its checkpoint complete before any rank leaves:
+    the first rank to exit may get the others a SIGTERM (srun --kill-on-bad-exit), which then exits
+    at once with the same code."""
+    run.logger.close()
+    if run.progress is not None:
+        run.progress.close()
     save(run, step)
     wait_for_saves(run)
     if run.stop is not None:
@@ -410,10 +426,8 @@ def stop_at(run: Run, step: int) -> dict:
         print(f"[distopt] stopped on a signal at step {step + 1}/{run.cfg.schedule.steps}: checkpoint "
               f"{run.checkpoints / f'step-{step}'} written, exit code {code}; rerun the same command to continue "
               "(resume: auto)", file=sys.stderr)
+    dist.barrier()
     run.history["stopped_at"] = step
-    run.logger.close()
-    if run.progress is not None:
-        run.progress.close()
     return run.history
 
 

@@ -77,8 +77,9 @@ class SlurmCluster:
         self._spawn(["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
                      f"--pid-file={self.tmp}/munged.pid", f"--log-file={self.tmp}/munged.log",
                      f"--seed-file={self.tmp}/munged.seed"])
+        # cred_expire: how long a requeued job waits before it may start again (Slurm's default, 120 s)
         (self.tmp / "slurm.conf").write_text((self.tmp / "slurm.conf").read_text() +
-                                             f"AuthInfo=socket={self.munge_socket}\n")
+                                             f"AuthInfo=socket={self.munge_socket},cred_expire=10\n")
         self._wait(lambda: self.munge_socket.exists(), "munged socket")
         self._spawn(["slurmctld", "-D"])
         self._spawn(["slurmd", "-D"])
