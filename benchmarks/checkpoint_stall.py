@@ -105,12 +105,14 @@ def measure(run, repeats: int, between: int) -> dict:
     for b in background:
         b["interference"] = sum(s - base for s in b["overlapped_steps"])
         b["stall"] = b["blocked"] + b["interference"] + b["left"]
-    return dict(step_s=base, sync_stall_s=statistics.median(sync), async_blocked_s=statistics.median(
-        b["blocked"] for b in background), async_interference_s=statistics.median(b["interference"] for b in background),
-        async_stall_s=statistics.median(b["stall"] for b in background),
-        async_written_s=statistics.median(b["written"] for b in background),
-        overlapped_steps=statistics.median(len(b["overlapped_steps"]) for b in background),
-        sync_all=sync, async_all=background, checkpoint_mib=checkpoint_bytes(run) / 2**20)
+    def median(key):
+        return statistics.median(key(b) for b in background)
+
+    return dict(step_s=base, sync_stall_s=statistics.median(sync), async_blocked_s=median(lambda b: b["blocked"]),
+                async_interference_s=median(lambda b: b["interference"]), async_stall_s=median(lambda b: b["stall"]),
+                async_written_s=median(lambda b: b["written"]),
+                overlapped_steps=median(lambda b: len(b["overlapped_steps"])), sync_all=sync, async_all=background,
+                checkpoint_mib=checkpoint_bytes(run) / 2**20)
 
 
 def main() -> None:

@@ -190,8 +190,9 @@ class AsyncCheckpointer:
                 self._group = None
 
     def _background_group(self) -> Optional[dist.ProcessGroup]:
-        """gloo over the default group's ranks, made at the first save (every rank saves then)."""
-        if self._group is None and _rank_world()[1] > 1:
+        """gloo over the default group's ranks, made at the first save (every rank saves then); None
+        without a process group (one process: nothing to agree on)."""
+        if self._group is None and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
         return self._group
 
@@ -272,7 +273,8 @@ def _write_and_publish(save: _Save, group: Optional[dist.ProcessGroup],
             write_model_shards()
             _barrier(group)
             for f in sorted((save.tmp / "model").iterdir()):  # each rank hashes the files it wrote, rank 0 the metadata
-                if re.match(rf"__{save.rank}_\d+\.distcp$", f.name) or (save.rank == 0 and not f.name.endswith(".distcp")):
+                mine = re.match(rf"__{save.rank}_\d+\.distcp$", f.name)
+                if mine or (save.rank == 0 and not f.name.endswith(".distcp")):
                     written[f"model/{f.name}"] = _digest(f)
         except (Exception, dcp.api.CheckpointException) as e:  # noqa: BLE001 - DCP's own error is a BaseException
             error = error or _disk_error(e, save.tmp / "model", _nbytes_of(save.dcp_state))

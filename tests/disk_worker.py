@@ -23,7 +23,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from sharded_worker import build  # noqa: E402
 
 from distopt import comm  # noqa: E402
-from distopt.checkpoint import AsyncCheckpointer, CheckpointError, complete_steps, load_checkpoint, save_checkpoint  # noqa: E402,E501
+from distopt.checkpoint import (AsyncCheckpointer, CheckpointError, complete_steps, load_checkpoint,  # noqa: E402
+                                save_checkpoint)
 
 
 def fill(root: Path) -> None:

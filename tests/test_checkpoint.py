@@ -199,8 +199,9 @@ def test_a_full_disk_and_a_read_only_folder_fail_with_the_path_and_keep_the_newe
     assert proc.returncode == 0, proc.stderr[-3000:]
     for rank in range(2):
         results = json.loads((tmp_path / f"result.rank{rank}.json").read_text())
-        for case, (step, cause) in {"full": (2, "no space left on device"), "full_async": (3, "no space left on device"),
-                                    "read_only": (4, "not writable (read-only file system)")}.items():
+        cases = {"full": (2, "no space left on device"), "full_async": (3, "no space left on device"),
+                 "read_only": (4, "not writable (read-only file system)")}
+        for case, (step, cause) in cases.items():
             got = results[case]
             assert got["error"] and f"cannot write the checkpoint of step {step} to {mount}" in got["error"] \
                 and cause in got["error"] and "complete checkpoints (steps [1]) are unchanged" in got["error"], got

@@ -54,7 +54,7 @@ def test_tiny_configs_differ_only_in_the_optimizer():
     (["optimizer.params.pair_source=ranks"], r"optimizer.params.pair_source: 'ranks' needs at least 2 ranks"),
     (["schedule.warmup_steps=500"], r"schedule.warmup_steps: 500 must be in \[0, steps\)"),
     (["checkpoint.resume=/no/such/checkpoint"], r"checkpoint.resume: '/no/such/checkpoint' is neither"),
-    (["checkpoint.async=yes please"], r"checkpoint.async: 'yes please' must be true \(write in the background\) or false"),
+    (["checkpoint.async=maybe"], r"checkpoint.async: 'maybe' must be true \(write in the background\) or false"),
     (["checkpoint.max_requeues=-1"], r"checkpoint.max_requeues: -1 must be an integer >= 0 \(0: never requeue\)"),
     (["checkpoint.stop_deadline=0"], r"checkpoint.stop_deadline: 0 must be a number of seconds > 0, or null"),
     (["checkpoint.asynch=true"], r"checkpoint.asynch: unknown key; valid keys are \['async', 'every', 'keep_last', "

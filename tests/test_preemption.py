@@ -56,8 +56,8 @@ def reference(cache, tmp_path_factory) -> Path:
            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
     logs = [open(out / f"rank{r}.log", "w") for r in range(2)]
     ranks = [subprocess.Popen([sys.executable, RUN, "--config", CONFIG, *settings(out, cache)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r], stderr=subprocess.STDOUT)
-             for r in range(2)]
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
+                              stderr=subprocess.STDOUT) for r in range(2)]
     try:
         codes = [p.wait(timeout=300) for p in ranks]
     finally:
@@ -166,6 +166,18 @@ def test_a_second_signal_or_the_deadline_exits_at_once_and_keeps_the_newest_chec
         assert complete_steps(root) == [1] and (root / "latest").read_text() == "step-1"
         assert [p.name[:12] for p in root.iterdir() if p.name.startswith(".")] == [".tmp-step-2-"]
         assert load_checkpoint(root, model, opt)["step"] == 1
+
+
+def test_a_job_requeued_more_often_than_max_requeues_does_not_start(tmp_path, cache):
+    """The bound on Slurm requeues (SLURM_RESTART_COUNT) holds where the batch script cannot read the
+    ranks' code (torchrun's script requeues on its own signal): beyond it the run refuses with 77."""
+    proc = subprocess.run([sys.executable, RUN, "--config", CONFIG, *settings(tmp_path / "out", cache),
+                           "--set", "checkpoint.max_requeues=2"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3"})
+    assert proc.returncode == EXIT_NO_REQUEUE, proc.stderr[-3000:]
+    assert "Slurm job 42: requeue 3 (checkpoint.max_requeues: 2)" in proc.stderr
+    assert "requeued 3 times, more than checkpoint.max_requeues 2: not starting" in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def worker_pid(agent: int, rank: int) -> int:
