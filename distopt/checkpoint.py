@@ -268,6 +268,8 @@ def _write_and_publish(save: _Save, group: Optional[dist.ProcessGroup],
             written["model.pt"] = _write_checked(save.tmp / "model.pt", save.model)
     except _DiskError as e:
         error = str(e)
+    except Exception as e:  # noqa: BLE001 - any failure must reach the other ranks, or they would wait for ever
+        error = f"{type(e).__name__}: {e}"
     if write_model_shards is not None:  # FSDP2: every rank writes its shards with torch.distributed.checkpoint
         try:
             write_model_shards()
@@ -289,6 +291,8 @@ def _write_and_publish(save: _Save, group: Optional[dist.ProcessGroup],
                 _prune(save.root, save.keep_last)
             except OSError as e:
                 errors = [_disk_error(e, save.tmp / "manifest.json", 0)]
+            except Exception as e:  # noqa: BLE001 - as above: the other ranks wait for rank 0's outcome
+                errors = [f"{type(e).__name__}: {e}"]
         shutil.rmtree(save.tmp, ignore_errors=True)  # left only by a failure: nothing points to it
     errors = _all_gather(errors if save.rank == 0 else None, group)[0]
     if errors:
