@@ -45,8 +45,10 @@ def attempt(save, root: Path, model, opt) -> dict:
         error = str(e)
     dist.barrier()
     manifest = load_checkpoint(root, model, opt)  # the newest complete checkpoint, hashes checked
-    return dict(error=error, entries=sorted(p.name for p in root.iterdir()), complete=complete_steps(root),
-                loaded=manifest["step"])
+    result = dict(error=error, entries=sorted(p.name for p in root.iterdir()), complete=complete_steps(root),
+                  loaded=manifest["step"])
+    dist.barrier()  # every rank has looked before the next save's temporary directory appears
+    return result
 
 
 def rank_main(rank: int, root: Path, out: Path) -> None:
