@@ -154,8 +154,9 @@ def main() -> None:
                      f"({r['overlapped_steps']:g}) |")
     table = "\n".join(lines) + "\n"
     name = "checkpoint-stall-quick" if args.quick else "checkpoint-stall"
-    repro.write_results(name, "python benchmarks/checkpoint_stall.py" + (" --quick" if args.quick else ""), table,
-                        rows)
+    command = "python benchmarks/checkpoint_stall.py" + (" --quick" if args.quick else "") + (
+        f" --cache {args.cache}" if args.cache != ap.get_default("cache") else "")
+    repro.write_results(name, command, table, rows)
     print(table)
     comm.destroy_process_group()
 
