@@ -14,7 +14,9 @@
     logging:    every, tensorboard, progress, grad_geometry (text-vs-image gradient cosine on log steps)
     eval:       every, batches, samples_png, captions, validation_captions, generated_digits, temperature,
                 guidance
-    checkpoint: every, resume (auto | none | <path>), keep_last
+    checkpoint: every, resume (auto | none | <path>), keep_last, async (write in the background),
+                max_requeues (Slurm requeues after a preemption), stop_deadline (seconds from a stop
+                signal to an immediate exit)
     engine:     deepspeed (ZeRO stage 0, replicated parameters) | fsdp2 (PyTorch FSDP2, all sharded)
     fsdp:       replicate (HSDP groups; engine fsdp2)
     deepspeed:  extra DeepSpeed JSON keys (distopt.deepspeed_glue builds and validates the engine's JSON)
@@ -23,6 +25,7 @@
 from __future__ import annotations
 
 import dataclasses
+import keyword
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -104,9 +107,17 @@ class EvalConfig:
 
 @dataclass
 class CheckpointConfig:
+    """`async` (a Python keyword, so the field is `async_`): write checkpoints in the background after a
+    staging copy (distopt.checkpoint.AsyncCheckpointer). max_requeues: how often a Slurm job may be
+    requeued after a stop on a signal (SLURM_RESTART_COUNT) before the launcher stops asking for it.
+    stop_deadline: seconds from a stop signal after which the process exits at once even if the stop
+    checkpoint is not written (null: only a second signal does that)."""
     every: int = 0
     resume: str = "auto"
     keep_last: Optional[int] = 3  # the newest N complete checkpoints are kept (null: all)
+    async_: bool = False
+    max_requeues: int = 10
+    stop_deadline: Optional[float] = None
 
 
 @dataclass
@@ -136,22 +147,27 @@ SCHEDULES = ("constant", "cosine")
 RESUME = ("auto", "none")
 
 
+def _key(field_name: str) -> str:
+    """The YAML key of a field: a field named after a Python keyword carries a trailing underscore."""
+    return field_name[:-1] if field_name.endswith("_") and keyword.iskeyword(field_name[:-1]) else field_name
+
+
 def _build(cls, data: Any, where: str):
     if data is None:
         return cls()
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key; valid keys are {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
         f = fields[name]
         if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
-            kwargs[name] = _build(f.default_factory, value, f"{where}.{name}" if where else name)
+            kwargs[f.name] = _build(f.default_factory, value, f"{where}.{name}" if where else name)
         else:
-            kwargs[name] = value
+            kwargs[f.name] = value
     return cls(**kwargs)
 
 
@@ -241,6 +257,14 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
                f"{c.resume!r} is neither 'auto', 'none' nor an existing checkpoint directory")
     _check(c.keep_last is None or (isinstance(c.keep_last, int) and c.keep_last >= 1), "checkpoint.keep_last",
            f"{c.keep_last!r} must be an integer >= 1 or null (keep every checkpoint)")
+    _check(isinstance(c.async_, bool), "checkpoint.async",
+           f"{c.async_!r} must be true (write in the background) or false")
+    _check(isinstance(c.max_requeues, int) and not isinstance(c.max_requeues, bool) and c.max_requeues >= 0,
+           "checkpoint.max_requeues", f"{c.max_requeues!r} must be an integer >= 0 (0: never requeue)")
+    deadline = c.stop_deadline
+    _check(deadline is None or (isinstance(deadline, (int, float)) and not isinstance(deadline, bool) and deadline > 0),
+           "checkpoint.stop_deadline", f"{deadline!r} must be a number of seconds > 0, or null (no deadline); keep it "
+           "below the Slurm signal lead (--signal=B:USR1@<seconds>)")
 
 
 def _validate_engine(cfg: Config, world_size: int) -> None:

@@ -9,6 +9,11 @@ The config (launcher/config.py) picks model, data, optimizer {name, params}, bat
 logging, evaluation and checkpointing; it is validated before any work starts. The engine
 (launcher/engines.py) is DeepSpeed at ZeRO stage 0 with the distopt optimizer, or PyTorch FSDP2. `train` reads as
 its stages: set_up, then per step run_step, log_step, evaluate_and_sample and save.
+
+SIGUSR1 / SIGTERM stop the run at the next step boundary with a checkpoint of that step
+(launcher/preemption.py). Exit codes: 0 done, 1 an error, 75 stopped on a signal after that checkpoint,
+76 stopped at once (second signal or checkpoint.stop_deadline) with an earlier checkpoint as the newest,
+77 stopped but the Slurm job was requeued checkpoint.max_requeues times already.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from distopt import comm, deepspeed_glue
-from distopt.checkpoint import complete_steps, load_checkpoint, save_checkpoint
+from distopt.checkpoint import AsyncCheckpointer, CheckpointError, complete_steps, load_checkpoint, save_checkpoint
 from distopt.host import host_values
 from distopt.protocols import RecordsLosses, TakesMicrosteps, comm_bytes_of, counters_of, stats_of
 from launcher.cluster import launch_world_size, srun_env
@@ -37,6 +42,7 @@ from launcher.config import Config, ConfigError, load_config
 from launcher.engines import Weights, build_engine, local_device
 from launcher.memory import check_fits
 from launcher.metrics import Logger, ModalityGradProbe, PhaseTimer, evaluate, memory_stats
+from launcher.preemption import EXIT_NO_REQUEUE, StopSignals, requeue_count
 from model_zoo import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for
 from model_zoo.config import DTYPES
 from model_zoo.data import MicroBatchSampler
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     args = ap.parse_args(argv)
+    stop = StopSignals().install()  # first: a signal during start-up stops the run at its first step boundary
     try:
         os.environ.update(srun_env(os.environ))  # tasks srun starts directly: ranks from Slurm (docs/cluster.md)
         # checked before the process group starts: DeepSpeed builds its communication op there (minutes on
@@ -160,8 +167,48 @@ def main(argv: list[str] | None = None) -> None:
         check_fits(cfg, dist.get_world_size(), local_device(), local_ranks)  # refuse before building anything
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    train(cfg)
+    requeues = check_requeues(cfg, dist.get_rank())
+    stop.configure(dist.get_rank(), cfg.checkpoint.stop_deadline, requeues < cfg.checkpoint.max_requeues)
+    try:
+        history = train(cfg, stop)
+    except CheckpointError as e:  # every rank raises the same error (distopt.checkpoint agrees on it)
+        comm.destroy_process_group()
+        sys.exit(f"checkpoint error: {e}")
     comm.destroy_process_group()  # gloo's threads must stop before the interpreter exits
+    if history.get("stopped_at") is not None:
+        exit_after_stop(stop)
+
+
+def exit_after_stop(stop: StopSignals) -> None:
+    """The stop's exit code, without the interpreter's shutdown: that restores the default SIGTERM
+    action, and `srun --kill-on-bad-exit` sends SIGTERM to the ranks still exiting once the first rank
+    has left with a non-zero code; a rank killed there would report 143 instead of 75. Until os._exit,
+    a late SIGTERM is a second signal, which exits with the same code (the checkpoint is complete)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(stop.exit_code())
+
+
+def check_requeues(cfg: Config, rank: int) -> int:
+    """Slurm requeues of this job so far (SLURM_RESTART_COUNT), logged on rank 0; beyond
+    checkpoint.max_requeues the run refuses to start (the torchrun script requeues on its own signal,
+    so the bound is also kept here)."""
+    count, bound = requeue_count(os.environ), cfg.checkpoint.max_requeues
+    if rank == 0 and "SLURM_JOB_ID" in os.environ:
+        print(f"[distopt] Slurm job {os.environ['SLURM_JOB_ID']}: requeue {count} "
+              f"(checkpoint.max_requeues: {bound})", file=sys.stderr)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0)
+    if rank == 0 and restarts:
+        print(f"[distopt] torchrun restarted the workers (restart {restarts}); resuming from the newest "
+              "complete checkpoint", file=sys.stderr)
+    if count > bound:
+        if rank == 0:
+            print(f"[distopt] the job was requeued {count} times, more than checkpoint.max_requeues {bound}: not "
+                  "starting; resubmit it to continue from the newest complete checkpoint, or raise the bound",
+                  file=sys.stderr)
+        comm.destroy_process_group()
+        sys.exit(EXIT_NO_REQUEUE)
+    return count
 
 
 @dataclass
@@ -185,6 +232,8 @@ class Run:
     captions: list[str] = field(default_factory=list)  # the sample grid's prompts (a corpus of pairs)
     start: int = 0
     progress: Any = None
+    saver: Optional[AsyncCheckpointer] = None  # checkpoint.async: saves written in the background
+    stop: Optional[StopSignals] = None
     history: dict = field(default_factory=lambda: {"train": [], "val": [], "grad": [], "fop": [], "diverged": False})
     t_start: float = field(default_factory=time.perf_counter)
 
@@ -201,10 +250,12 @@ class StepResult:
     geometry: Optional[ModalityGradProbe]
 
 
-def train(cfg: Config) -> dict:
+def train(cfg: Config, stop: Optional[StopSignals] = None) -> dict:
     """One training run in an initialised process group; returns its history (per-step training losses,
-    evaluations, text-vs-image gradient geometry, wall-clock, whether the loss diverged)."""
+    evaluations, text-vs-image gradient geometry, wall-clock, whether the loss diverged, and
+    `stopped_at`: the step of a stop on a signal, after its checkpoint)."""
     run = set_up(cfg)
+    run.stop = stop
     train_cpu = 0.0  # this process's CPU seconds in training steps (evaluations apart): benchmarks' time to target
     for step in range(run.start, cfg.schedule.steps):
         last = step == cfg.schedule.steps - 1
@@ -214,13 +265,16 @@ def train(cfg: Config) -> dict:
         train_cpu += time.process_time() - cpu
         run.history["train"].append({"step": step, "seconds": time.perf_counter() - run.t_start,
                                      "train_cpu_seconds": train_cpu, **result.losses})
-        if not all_ranks_finite(result.losses, run.engine.device):
+        finite, stopping = agree_at_boundary(result.losses, stop is not None and stop.requested, run.engine.device)
+        if not finite:
             run.history["diverged"] = True
             break
         if log_now:
             log_step(run, step, result)
         if run.progress is not None:
             run.progress.update(1)
+        if stopping and not last:
+            return stop_at(run, step)
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or last):
             evaluate_and_sample(run, step)
         if (cfg.checkpoint.every and (step + 1) % cfg.checkpoint.every == 0) or last:
@@ -330,11 +384,14 @@ def _optimizer_seconds(opt: torch.optim.Optimizer) -> float:
     return float(counters_of(opt).get("microstep_seconds", 0.0))
 
 
-def all_ranks_finite(losses: dict[str, float], device: torch.device) -> bool:
-    """Every rank stops together on a non-finite loss (no rank is left waiting in a collective)."""
-    bad = torch.full((1,), float(not all(math.isfinite(v) for v in losses.values())), device=device)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return host_values(bad)[0] == 0
+def agree_at_boundary(losses: dict[str, float], stop_requested: bool, device: torch.device) -> tuple[bool, bool]:
+    """(every loss finite on every rank, a stop signal reached any rank), from one small all-reduce per
+    step: every rank stops together on either (no rank is left waiting in a collective, none saves alone)."""
+    flags = torch.tensor([float(not all(math.isfinite(v) for v in losses.values())), float(stop_requested)],
+                         device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    bad, stop = host_values(flags)
+    return not bad, bool(stop)
 
 
 def log_step(run: Run, step: int, result: StepResult) -> None:
@@ -382,11 +439,50 @@ def evaluate_and_sample(run: Run, step: int) -> None:
 
 
 def save(run: Run, step: int) -> None:
-    save_checkpoint(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last,
-                    extra={"sampler": run.sampler.state_dict(), "scheduler": run.scheduler.state_dict()})
+    """The checkpoint of `step`; with checkpoint.async, in the background once the previous one is written."""
+    extra = {"sampler": run.sampler.state_dict(), "scheduler": run.scheduler.state_dict()}
+    if run.cfg.checkpoint.async_:
+        run.saver = run.saver or AsyncCheckpointer()
+        run.saver.save(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last, extra=extra)
+    else:
+        save_checkpoint(run.checkpoints, step, run.model, run.opt, keep_last=run.cfg.checkpoint.keep_last, extra=extra)
+
+
+def wait_for_saves(run: Run) -> None:
+    """The background save in flight, published (every rank waits; its error is raised on every rank)."""
+    if run.saver is not None:
+        if run.saver.busy and run.rank == 0:
+            print(f"[distopt] waiting for the checkpoint of step {run.saver.step}, written in the background",
+                  file=sys.stderr)
+        run.saver.close()
+        run.saver = None
+
+
+def stop_at(run: Run, step: int) -> dict:
+    """A stop signal agreed at this step's boundary: the checkpoint of this step (after the one in
+    flight), then the run ends without its evaluation and export; main() exits with the stop's code.
+    The logs are flushed first and every rank marks its checkpoint complete before any rank leaves:
+    the first rank to exit may get the others a SIGTERM (srun --kill-on-bad-exit), which then exits
+    at once with the same code."""
+    run.logger.close()
+    if run.progress is not None:
+        run.progress.close()
+    save(run, step)
+    wait_for_saves(run)
+    if run.stop is not None:
+        run.stop.checkpoint_complete = True
+    if run.rank == 0:
+        code = run.stop.exit_code() if run.stop is not None else 0
+        print(f"[distopt] stopped on a signal at step {step + 1}/{run.cfg.schedule.steps}: checkpoint "
+              f"{run.checkpoints / f'step-{step}'} written, exit code {code}; rerun the same command to continue "
+              "(resume: auto)", file=sys.stderr)
+    dist.barrier()
+    run.history["stopped_at"] = step
+    return run.history
 
 
 def finish(run: Run) -> dict:
+    wait_for_saves(run)
     export(run.model, run.out, run.layout, run.cfg.model.family, run.rank)
     if run.rank == 0:
         judge = run.judge

@@ -5,7 +5,9 @@
 (W backward passes of loss / W per micro-step, or one tagged micro-step per rank for pair_source
 'ranks', which the reference expresses as pair_source 'modality' with tags by rank parity).
 With `rule`, the optimizer is a two-objective rule over `base` and micro-step k is tagged
-"text" or "image" by its parity.
+"text" or "image" by its parity. With `save_async`, the checkpoint at `save_at` is written by an
+AsyncCheckpointer whose file writes wait until the next optimizer step has changed the parameters
+and the state (a synchronous save would wait for ever: it fails after 60 s instead).
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import datetime
 import faulthandler
 import os
 import random
+import threading
 import traceback
 
 import torch
 import torch.distributed as dist
 
 from distopt import MLFOPSOAP, build_optimizer, comm
-from distopt.checkpoint import load_checkpoint, save_checkpoint
+import distopt.checkpoint
+from distopt.checkpoint import AsyncCheckpointer, load_checkpoint, save_checkpoint
 
 
 def VOCAB(hidden: int) -> int:
@@ -185,7 +189,7 @@ def _train(config, rank, world):
     model, opt = build(config, dtype, world)
     initial = {p: full(p).float() for p in model.parameters()} if dtype == torch.bfloat16 else {}
     k_micro, data_world = config["K"] + (rank if config.get("uneven_k") else 0), config["W"]
-    history, first_masters, grad_bytes = [], None, 0
+    history, first_masters, grad_bytes, saver = [], None, 0, None
     if config.get("load"):
         load_checkpoint(config["load"], model, opt)
     for step in range(config.get("start", 0), config.get("steps", 5)):
@@ -221,8 +225,18 @@ def _train(config, rank, world):
         if step == 1 and not config.get("rule"):  # the first update: the forwards used the same bf16 parameters
             first_masters = masters_of(model, opt)
         history.append([full(p) for p in model.parameters()])
-        if config.get("save_at") == step:
+        if saver is not None:  # one step after the background save began: let its writes go on
+            saver.stepped.set()
+            saver.close()
+            saver = None
+        if config.get("save_at") == step and config.get("save_async"):
+            saver = _gated_saver()
+            saver.save(config["save"], step, model, opt)
+        elif config.get("save_at") == step:
             save_checkpoint(config["save"], step, model, opt)
+    if saver is not None:
+        saver.stepped.set()
+        saver.close()
     if config.get("rule"):
         return dict(history=history, counters=dict(opt.counters), calls=dict(opt.comm.calls))
     if hasattr(model, "shadows"):
@@ -239,6 +253,30 @@ def _train(config, rank, world):
                            grads=grad_bytes, state=opt.memory_bytes()["state"]),
                 state_numel=sum(b.state_numel for b in opt.distributor.owned),
                 owned_numel=sum(b.numel for b in opt.distributor.owned))
+
+
+def _gated_saver() -> AsyncCheckpointer:
+    """An AsyncCheckpointer whose file writes (distopt.checkpoint._write) wait for `stepped`."""
+    saver = AsyncCheckpointer()
+    saver.stepped = threading.Event()
+    write = distopt.checkpoint._write
+
+    def gated(path, obj):
+        if threading.current_thread() is threading.main_thread() or not saver.stepped.wait(60):
+            raise RuntimeError("the background save wrote on the training thread, or before the next step")
+        return write(path, obj)
+
+    distopt.checkpoint._write = gated  # this worker process only; restored below once the save is done
+    close = saver.close
+
+    def close_and_restore():
+        try:
+            close()
+        finally:
+            distopt.checkpoint._write = write
+
+    saver.close = close_and_restore
+    return saver
 
 
 def worker(rank, world, configs, out_dir):

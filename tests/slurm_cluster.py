@@ -5,12 +5,15 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+
+from launcher.cluster import PORT_BASE, PORT_SPAN
 
 CONF = """ClusterName=distopt-test
 SlurmctldHost={host}
@@ -38,6 +41,19 @@ FirstJobId={first_job_id}
 """
 
 
+def free_job_port() -> int:
+    """A free port in the range Slurm jobs rendezvous on (launcher/cluster.py); a cluster started with
+    first_job_id=port - PORT_BASE + PORT_SPAN gives its first job that port."""
+    for port in random.sample(range(PORT_BASE, PORT_BASE + PORT_SPAN), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError(f"no free port in {PORT_BASE}-{PORT_BASE + PORT_SPAN - 1}")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,8 +77,9 @@ class SlurmCluster:
         self._spawn(["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
                      f"--pid-file={self.tmp}/munged.pid", f"--log-file={self.tmp}/munged.log",
                      f"--seed-file={self.tmp}/munged.seed"])
+        # cred_expire: how long a requeued job waits before it may start again (Slurm's default, 120 s)
         (self.tmp / "slurm.conf").write_text((self.tmp / "slurm.conf").read_text() +
-                                             f"AuthInfo=socket={self.munge_socket}\n")
+                                             f"AuthInfo=socket={self.munge_socket},cred_expire=10\n")
         self._wait(lambda: self.munge_socket.exists(), "munged socket")
         self._spawn(["slurmctld", "-D"])
         self._spawn(["slurmd", "-D"])

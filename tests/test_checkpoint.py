@@ -130,8 +130,80 @@ def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, m
         return real(src, dst)
 
     monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, 4, model, opt)
     monkeypatch.setattr(ckpt.os, "replace", real)
     assert not (tmp_path / "step-4").exists() and complete_steps(tmp_path) == [3, 4]
     assert load_checkpoint(tmp_path, model, opt)["step"] == 4
+
+
+def _files(step_dir):
+    """Every file's bytes, except DCP's .metadata: it records the save's own temporary path and a random
+    save id (two synchronous saves differ there too), so it is compared without those, and the
+    manifest without that file's hash and size."""
+    import pickle
+
+    out = {}
+    for f in sorted(step_dir.rglob("*")):
+        if f.name == ".metadata":
+            meta = pickle.loads(f.read_bytes())
+            out[str(f.relative_to(step_dir))] = (meta.state_dict_metadata, meta.planner_data, meta.storage_data)
+        elif f.name == "manifest.json" and (step_dir / "model" / ".metadata").exists():
+            manifest = json.loads(f.read_text())
+            del manifest["files"]["model/.metadata"]
+            out[f.name] = manifest
+        elif f.is_file():
+            out[str(f.relative_to(step_dir))] = f.read_bytes()
+    return out
+
+
+def test_async_saves_write_the_bytes_of_a_synchronous_save_and_resume_the_same(tmp_path):
+    """Under both layouts (owners' blocks with a replicated model, and FSDP2 shards through DCP's
+    async_save), the background save of step 2 writes its files only after step 3 changed every
+    parameter and state (the worker holds its writes until then, and fails if a write comes from the
+    training thread): every file equals the synchronous save's byte for byte (the manifest too, sha256
+    included), and a run resumed from it continues the trajectory exactly."""
+    base = dict(K=2, W=2, global_batch=True, max_block=4, steps=4, save_at=2)
+    layouts = {"owners": {}, "fsdp2": {"fsdp": "fsdp"}}
+    configs = [{**base, **extra, "save": str(tmp_path / f"{name}-{how}"), **({"save_async": True} if how == "async"
+                                                                          else {})}
+               for name, extra in layouts.items() for how in ("sync", "async")]
+    # the configs run one after the other in each worker: the resumed runs load the finished async saves
+    resumed = [{**base, **extra, "start": 3, "save_at": None, "load": str(tmp_path / f"{name}-async")}
+               for name, extra in layouts.items()]
+    results = run_sharded(2, configs + resumed, str(tmp_path / "run"))[0]
+    for i, name in enumerate(layouts):
+        sync, background = _files(tmp_path / f"{name}-sync" / "step-2"), _files(tmp_path / f"{name}-async" / "step-2")
+        assert sync.keys() == background.keys() and len(sync) >= 3, (name, sorted(background))
+        assert [f for f in sync if sync[f] != background[f]] == [], f"{name}: files differ from the synchronous save"
+        assert complete_steps(tmp_path / f"{name}-async") == [2]
+        for a, b in zip(results[len(configs) + i]["history"][-1], results[2 * i]["history"][-1]):
+            assert torch.equal(a, b), f"{name}: resumed from the async save"
+
+
+def test_a_full_disk_and_a_read_only_folder_fail_with_the_path_and_keep_the_newest_checkpoint(tmp_path):
+    """Two ranks save to a real 256 KiB tmpfs (a private mount namespace; root, as the Slurm tests):
+    filled up, every rank's synchronous and background save fails with the folder and 'no space left
+    on device' instead of torch.save's C++ stream error; made read-only, with 'not writable'. Each
+    time the temporary directory is gone and step 1 still loads on both ranks."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    mount, out = tmp_path / "disk", tmp_path / "result"
+    mount.mkdir()
+    worker = Path(__file__).parent / "disk_worker.py"
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", f'mount -t tmpfs -o size=256k tmpfs "{mount}" && '
+                           f'exec "{sys.executable}" "{worker}" "{mount}" "{out}"'],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in range(2):
+        results = json.loads((tmp_path / f"result.rank{rank}.json").read_text())
+        cases = {"full": (2, "no space left on device"), "full_async": (3, "no space left on device"),
+                 "read_only": (4, "not writable (read-only file system)")}
+        for case, (step, cause) in cases.items():
+            got = results[case]
+            assert got["error"] and f"cannot write the checkpoint of step {step} to {mount}" in got["error"] \
+                and cause in got["error"] and "complete checkpoints (steps [1]) are unchanged" in got["error"], got
+            assert [e for e in got["entries"] if e.startswith(".tmp")] == [], f"{case}: temporary directory left"
+            assert got["complete"] == [1] and got["loaded"] == 1, got

@@ -62,6 +62,11 @@ def test_tiny_configs_differ_only_in_the_optimizer():
     (["optimizer.params.pair_source=ranks"], r"optimizer.params.pair_source: 'ranks' needs at least 2 ranks"),
     (["schedule.warmup_steps=500"], r"schedule.warmup_steps: 500 must be in \[0, steps\)"),
     (["checkpoint.resume=/no/such/checkpoint"], r"checkpoint.resume: '/no/such/checkpoint' is neither"),
+    (["checkpoint.async=maybe"], r"checkpoint.async: 'maybe' must be true \(write in the background\) or false"),
+    (["checkpoint.max_requeues=-1"], r"checkpoint.max_requeues: -1 must be an integer >= 0 \(0: never requeue\)"),
+    (["checkpoint.stop_deadline=0"], r"checkpoint.stop_deadline: 0 must be a number of seconds > 0, or null"),
+    (["checkpoint.asynch=true"], r"checkpoint.asynch: unknown key; valid keys are \['async', 'every', 'keep_last', "
+                                 r"'max_requeues', 'resume', 'stop_deadline'\]"),
     (["model.pretrained=/no/such/model"], r"model.pretrained: '/no/such/model' is not a directory"),
     (["optimizer.params.max_grad_norm=1.0"], r"optimizer.params.max_grad_norm: set clipping once"),
     (["data.val_fraction=1.5"], r"data.val_fraction: 1.5 must be in \(0, 1\)"),
@@ -155,3 +160,11 @@ def test_the_world_size_is_read_from_the_environment_before_any_process_group():
     assert launch_world_size({"OMPI_COMM_WORLD_SIZE": "4"}) == 4                        # Open MPI
     assert launch_world_size({"PMI_SIZE": "3"}) == 3                                    # MPICH / Hydra
     assert launch_world_size({}) == 1                                                   # python alone
+
+
+def test_checkpoint_async_is_read_from_its_yaml_key():
+    """`async` is a Python keyword: the field is `async_`, the YAML key stays `async`."""
+    cfg = load_config(TINY, overrides=["checkpoint.async=true", "checkpoint.max_requeues=2",
+                                       "checkpoint.stop_deadline=90"])
+    assert (cfg.checkpoint.async_, cfg.checkpoint.max_requeues, cfg.checkpoint.stop_deadline) == (True, 2, 90)
+    assert load_config(TINY).checkpoint.async_ is False

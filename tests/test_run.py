@@ -2,12 +2,11 @@
 checkpoint saved with save_pretrained (model.pretrained), writes the scalars, labelled samples and
 checkpoints, and exports a model that plain transformers opens with exactly the trained weights; a
 run trains from image-caption pairs prepared by model_zoo.prepare; a resumed run continues the loss
-curve exactly; bad configs stop before work; the Slurm batch script starts its ranks with srun under a real local Slurm."""
+curve exactly; bad configs stop before work. (The Slurm batch script under a real local Slurm:
+tests/test_preemption.py.)"""
 
 import json
 import os
-import random
-import socket
 import struct
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
 
-from launcher.cluster import PORT_BASE, PORT_SPAN, job_port
 from model_zoo.build import build_model
 from model_zoo.config import DataConfig, ModelConfig
 from model_zoo.digits import caption_corpus
@@ -29,7 +27,6 @@ from model_zoo.lora import LLAMA_LINEARS
 from model_zoo.prepare import prepare
 from model_zoo.vocab import Vocab, load_or_train_wordpiece
 from own_data import emu3_checkpoint, shapes_folder
-from slurm_cluster import SlurmCluster
 from test_launchers import free_port
 from test_prepare import write_pairs
 
@@ -245,43 +242,6 @@ def test_bring_your_own_checkpoint_and_corpus(tmp_path, cache):
     tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
     assert tokenizer.convert_tokens_to_ids("<|visual token000063|>") == exported.config.vocabulary_map[
         "<|visual token000063|>"]
-
-
-def free_job_port() -> int:
-    """A free port in the range Slurm jobs rendezvous on (launcher/cluster.py)."""
-    for port in random.sample(range(PORT_BASE, PORT_BASE + PORT_SPAN), 200):
-        with socket.socket() as s:
-            try:
-                s.bind(("", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError(f"no free port in {PORT_BASE}-{PORT_BASE + PORT_SPAN - 1}")
-
-
-def test_slurm_batch_script_starts_ranks_with_srun(tmp_path, cache):
-    """scripts/slurm/train_deepspeed.sbatch under a real Slurm: the GPU count probed on the node (none:
-    2 CPU ranks), both ranks started by srun with no launcher, ranks and rendezvous read from Slurm,
-    the port derived from the job id (the first job id is chosen so that this port is free)."""
-    port = free_job_port()
-    cluster = SlurmCluster(tmp_path / "slurm", first_job_id=port - PORT_BASE + PORT_SPAN).start()
-    try:
-        out = tmp_path / "run"
-        job = cluster.submit(["-n", "1", "-c", "2", "-o", str(tmp_path / "job-%j.out"),
-                              "scripts/slurm/train_deepspeed.sbatch", "configs/emu3_tiny_mlfop.yaml",
-                              *settings(out, cache, steps=2)], cwd=ROOT, env={"DS_ACCELERATOR": "cpu"})
-        state = cluster.wait_job(job, timeout=240)
-        log = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-        assert state == "COMPLETED", log[-3000:]
-    finally:
-        cluster.stop()
-    host = socket.gethostname().split(".")[0]
-    assert job_port(job) == port and f"1 node(s) x 2 processes, rendezvous {host}:{port}" in log
-    assert {line[:3] for line in log.splitlines()} >= {"0: ", "1: "}, "srun --label: both ranks are srun tasks"
-    step = out / "checkpoints" / "step-1"
-    assert (out / "checkpoints" / "latest").read_text() == "step-1"
-    assert sorted(p.name for p in step.glob("optim-rank*.pt")) == ["optim-rank0.pt", "optim-rank1.pt"], \
-        "a world of 2: a task that missed Slurm's ranks would train alone as a world of 1"
 
 
 @pytest.fixture(scope="module")

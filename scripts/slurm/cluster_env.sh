@@ -50,3 +50,41 @@ export TORCH_NCCL_BLOCKING_WAIT=${TORCH_NCCL_BLOCKING_WAIT:-0}
 # rank before the error handling above ends the job. Longer than DeepSpeed's 10 because one rank may
 # legitimately be busy that long (JIT-building DeepSpeed ops, writing an 8B model's checkpoint).
 export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-30}
+
+# --- Preemption (docs/cluster.md). The batch shell takes Slurm's signal (--signal=B:USR1@<s>, scancel
+# --signal=USR1 --batch, a preemption's TERM) and passes it to the step it started; the ranks stop at the
+# next step boundary with a checkpoint and exit 75 (76: stopped at once, an earlier checkpoint is the
+# newest; 77: checkpoint.max_requeues reached). Copies of one signal (scancel --full signals the shell,
+# srun and the ranks) count once in the ranks (launcher/preemption.py).
+signalled=""
+step_pid=""
+forward_signal() {
+  signalled=$1
+  echo "distopt: got SIG$1, passing it to the training step" >&2
+  [ -z "$step_pid" ] || kill -s "$1" "$step_pid" 2>/dev/null || true
+}
+
+# Wait for the background step through the signals the traps take (each one ends `wait` early); its
+# exit code in step_rc. (A zombie still answers kill -0, so the last `wait` reads the real code.)
+step_rc=0
+wait_for() {
+  step_pid=$1
+  while :; do
+    wait "$step_pid" && step_rc=0 || step_rc=$?
+    kill -0 "$step_pid" 2>/dev/null || break
+  done
+}
+
+# After the step: on the ranks' "stopped, requeue to continue" codes (75, 76) requeue the job, unless the
+# batch shell itself was sent TERM (a cancellation, or a preemption that Slurm requeues itself). The
+# next run of the job resumes from the newest complete checkpoint (checkpoint.resume: auto).
+requeue_after_stop() {
+  local rc=$1
+  echo "distopt: training step exited with code $rc"
+  if { [ "$rc" = 75 ] || [ "$rc" = 76 ]; } && [ "$signalled" != TERM ]; then
+    echo "distopt: requeueing job $SLURM_JOB_ID (requeue $((${SLURM_RESTART_COUNT:-0} + 1)))"
+    scontrol requeue "$SLURM_JOB_ID" ||
+      die "scontrol requeue $SLURM_JOB_ID failed: the cluster must allow requeueing (--requeue, JobRequeue)"
+  fi
+  exit "$rc"
+}
