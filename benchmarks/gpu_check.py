@@ -33,8 +33,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distopt import build_optimizer, comm  # noqa: E402
-from launcher.memory import GiB, Activations, estimate  # noqa: E402
 from distopt.options import MLFOPOptions  # noqa: E402
+from launcher.memory import Activations, GiB, estimate  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, tokens per micro-step, micro-steps, steps
     "1b": dict(hidden=2048, layers=20, heads=16, kv=8, ffn=5632, vocab=32000, tokens=4096, k=8, steps=6),

@@ -70,6 +70,7 @@ def _git() -> str:
 def environment(cache_dir: str | os.PathLike, codebook_size: int = 64, data_seed: int = 0) -> dict:
     """Versions, threads, commit, and content hashes of the cached VQ codebook and text tokenizer."""
     import torch
+
     from model_zoo import build_image_tokenizer, build_vocab
     from model_zoo.config import DataConfig, ModelConfig
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, ContextManager, Optional
+from collections.abc import Callable
+from typing import Any, ContextManager, Optional
 
 import torch
 import torch.distributed as dist

@@ -7,7 +7,8 @@ import contextlib
 import functools
 import os
 import time
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Optional
 
 import psutil
 import torch

@@ -112,7 +112,7 @@ def rank0_weights(cfg: Config, vocab: Any) -> Weights:
     return load
 
 
-def sample_grid(run: "Run", step: int, write: bool) -> Optional[torch.Tensor]:
+def sample_grid(run: Run, step: int, write: bool) -> Optional[torch.Tensor]:
     """Generated images, PER_PROMPT per prompt, one row per prompt, each under its prompt: the digits,
     or eval.captions and the validation captions of a corpus (with classifier-free guidance when
     eval.guidance > 1)."""

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def writable_dir(path: str | os.PathLike, field: str = "cache_dir") -> Path:

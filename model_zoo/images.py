@@ -9,8 +9,9 @@ import functools
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

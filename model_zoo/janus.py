@@ -17,14 +17,22 @@ hf.lm_head; the VQ-VAE (hf.model.vqmodel) is frozen.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
 
-from model_zoo.unified import (UnifiedModel, check_overrides, guided, load_checkpoint, override_keys, sample,
-                               token_losses)
+from model_zoo.unified import (
+    UnifiedModel,
+    check_overrides,
+    guided,
+    load_checkpoint,
+    override_keys,
+    sample,
+    token_losses,
+)
 from model_zoo.vocab import Vocab
 
 SIZES = ("tiny", "janus_1_3b")
@@ -103,12 +111,12 @@ class Janus(UnifiedModel):
         self.codebook_size = hf.config.vq_config.num_embeddings
 
     @classmethod
-    def build(cls, size: str, vocab: Vocab, overrides: Optional[dict] = None) -> "Janus":
+    def build(cls, size: str, vocab: Vocab, overrides: Optional[dict] = None) -> Janus:
         return cls(JanusForConditionalGeneration(config(size, vocab, overrides)))
 
     @classmethod
     def from_pretrained(cls, path: str, overrides: Optional[dict] = None,
-                        dtype: torch.dtype = torch.float32) -> "Janus":
+                        dtype: torch.dtype = torch.float32) -> Janus:
         """A local checkpoint directory in transformers' Janus layout; nothing is downloaded."""
         overrides = dict(overrides or {})
         check_overrides(overrides, override_keys(LlamaConfig), path)

@@ -11,8 +11,9 @@ parameter is frozen: a LoRA run trains the adapters only and leaves the base wei
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model

@@ -21,9 +21,10 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from model_zoo.data import BadRecord
 

@@ -41,8 +41,9 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, TextIO, Union
+from typing import Optional, TextIO, Union
 
 import datasets
 import numpy as np

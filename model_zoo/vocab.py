@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -99,7 +100,7 @@ class Vocab:
         return [s[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
 
     @classmethod
-    def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> "Vocab":
+    def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> Vocab:
         """Text ids, then SPECIALS in order, then the image codes."""
         text = tokenizer.get_vocab_size()
         ids = {name: text + i for i, name in enumerate(SPECIALS)}
@@ -107,7 +108,7 @@ class Vocab:
                    image_offset=text + len(SPECIALS), codebook_size=codebook_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str, family: str, config) -> "Vocab":
+    def from_checkpoint(cls, path: str, family: str, config) -> Vocab:
         """The tokenizer saved in checkpoint directory `path` and the checkpoint's `config`
         (an Emu3Config or JanusConfig)."""
         from transformers import AutoTokenizer

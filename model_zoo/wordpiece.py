@@ -21,7 +21,7 @@ Encoding stays Hugging Face's `models.WordPiece` (greedy longest match first).
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def _merge(symbols: list[str], pair: tuple[str, str], merged: str) -> list[str]:

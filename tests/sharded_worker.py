@@ -23,8 +23,8 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from distopt import MLFOPSOAP, build_optimizer, comm
 import distopt.checkpoint
+from distopt import MLFOPSOAP, build_optimizer, comm
 from distopt.checkpoint import AsyncCheckpointer, load_checkpoint, save_checkpoint
 
 

@@ -16,10 +16,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sharded_worker import build  # noqa: E402
-
 import distopt.checkpoint  # noqa: E402
 from launcher.preemption import StopSignals  # noqa: E402
+from sharded_worker import build  # noqa: E402
 
 
 def hang_in_c(path, obj) -> None:

@@ -13,7 +13,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import convergence  # noqa: E402
-
 from distopt import build_optimizer  # noqa: E402
 
 INF = float("inf")

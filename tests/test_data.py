@@ -10,8 +10,18 @@ import datasets
 import pytest
 import torch
 
-from model_zoo.data import (MODALITIES, MODALITY, TASKS, BadRecordError, DigitsSource, Doc, MicroBatchSampler,
-                            TokenizedSource, collate, open_tokenized)
+from model_zoo.data import (
+    MODALITIES,
+    MODALITY,
+    TASKS,
+    BadRecordError,
+    DigitsSource,
+    Doc,
+    MicroBatchSampler,
+    TokenizedSource,
+    collate,
+    open_tokenized,
+)
 from model_zoo.digits import augment, caption, caption_corpus, split
 from model_zoo.emu3 import Emu3Layout
 from model_zoo.janus import JanusLayout

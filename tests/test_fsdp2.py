@@ -60,8 +60,8 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
 
 def planned(config, world, rank, engine):
     """launcher.memory's estimate for the worker's model (built on the meta device) and options."""
-    from launcher.memory import Activations, estimate
     from distopt.options import MLFOPOptions
+    from launcher.memory import Activations, estimate
     from sharded_worker import Net
 
     with torch.device("meta"):
@@ -130,7 +130,7 @@ def test_plain_soap_refuses_fsdp2_shards_and_names_the_sharded_soap(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from distopt import SOAP, MLFOPSOAP, comm
+    from distopt import MLFOPSOAP, SOAP, comm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
     try:

@@ -202,10 +202,9 @@ def test_a_padded_embedding_is_accepted_and_only_a_true_mismatch_refused_with_fi
     no document holds the padding ids, so they are never targets. Refused, with the advice that fits:
     another tokenizer saved beside the checkpoint (other special ids), an embedding smaller than the
     ids, and the project's WordPiece."""
-    from own_data import bpe_tokenizer, emu3_checkpoint
-
     from model_zoo.build import build_vocab
     from model_zoo.config import DataConfig
+    from own_data import bpe_tokenizer, emu3_checkpoint
 
     m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
     d = DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8, cache_dir=str(tmp_path))
@@ -266,10 +265,9 @@ def test_caption_samples_are_the_models_guided_generations():
 def test_an_exported_tokenizer_does_not_forbid_downloads(tmp_path):
     """A checkpoint's tokenizer is loaded offline (local_files_only); the exported copy must not carry that
     loading argument into its tokenizer_config.json, where it would bind every later user."""
-    from own_data import emu3_checkpoint
-
     from model_zoo.build import build_vocab
     from model_zoo.config import DataConfig
+    from own_data import emu3_checkpoint
 
     m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
     vocab = build_vocab(DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8), m)
