@@ -85,7 +85,7 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
                     fully_shard_layers(model, world)
                 opt = MLFOPSOAP(model.named_parameters(), **opts)
             times, grad_bytes = [], 0
-            for step in range(steps):
+            for _ in range(steps):
                 dist.barrier()
                 start = time.perf_counter()
                 for tokens in data:

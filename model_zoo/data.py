@@ -266,7 +266,7 @@ class TokenizedSource:
             got = self.ds[[it.key for it in items]]
             records = [{k: got[k][j] for k in got} for j in range(len(items))]
         docs = []
-        for it, r in zip(items, records):
+        for r in records:
             pixels = self._pixels(r["image"]) if task in self.layout.pixels else None
             mask = [0, *r["loss_mask"][1:]]  # nothing precedes a document's first token in its row
             docs.append(Doc(list(r["input_ids"]), mask, pixels))

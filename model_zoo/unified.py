@@ -164,7 +164,7 @@ def load_submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
         else ["model.safetensors"]
     wanted = list(module.state_dict())
     handles = [safe_open(str(root / name), framework="pt") for name in files]
-    keys = {k: f for f in handles for k in f.keys()}
+    keys = {k: f for f in handles for k in f.keys()}  # noqa: SIM118 (a safe_open handle has keys() but no __iter__)
     prefixes = [k[:-len(wanted[0])] for k in keys if k.endswith(wanted[0])]
     prefix = next((p for p in prefixes if all(p + w in keys for w in wanted)), None)
     if prefix is None:

@@ -19,6 +19,7 @@ import os
 import random
 import threading
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -322,5 +323,5 @@ def run_failing(world, configs, out_dir, timeout=120):
     errors = []
     for r in range(world):
         path = os.path.join(out_dir, f"error{r}.txt")
-        errors.append(open(path).read() if os.path.exists(path) else "")
+        errors.append(Path(path).read_text() if os.path.exists(path) else "")
     return [p.exitcode for p in procs], errors, seconds

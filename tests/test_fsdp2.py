@@ -120,7 +120,7 @@ def test_checkpoints_resume_across_world_sizes_and_engines(tmp_path):
     back = run_sharded(2, [{**base, "W": 2, "fsdp": "fsdp", "start": 4, "steps": 6, "load": ck2}], str(tmp_path / "d"))
     for what, result in (("fsdp2 4 -> 2", moved[0][0]), ("fsdp2 -> owners", moved[0][1]), ("owners -> fsdp2", back[0][0])):
         for a, b in zip(result["history"][-1], full[0][0]["history"][-1]):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=lambda m: f"{what}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=lambda m, what=what: f"{what}: {m}")
     manifest = (tmp_path / "ck4" / "step-2" / "manifest.json").read_text()
     assert '"model_format": "dcp"' in manifest and '"model/.metadata"' in manifest
 

@@ -252,7 +252,7 @@ def test_caption_samples_are_the_models_guided_generations():
     lo, hi = VOCAB.image_offset, VOCAB.size
     for k, text in enumerate(captions):
         codes, ids = [], {c: layout.generation_prompt(VOCAB.text(c)) for c in (text, "")}
-        for step in range(16):   # each stream re-run whole: no cache, the class's plain forward
+        for _ in range(16):   # each stream re-run whole: no cache, the class's plain forward
             c, u = (model.hf(input_ids=torch.tensor([ids[x] + [lo + i for i in codes]])).logits[0, -1, lo:hi]
                     for x in (text, ""))
             codes.append(int((u + g * (c - u)).argmax()))

@@ -6,6 +6,7 @@ requeued and completes. Every interrupted run is held against one uninterrupted 
 loss it logged, in every attempt, equals that run's at the same step, bit for bit, and so do the
 final weights."""
 
+import contextlib
 import os
 import re
 import signal
@@ -54,16 +55,16 @@ def reference(cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    logs = [open(out / f"rank{r}.log", "w") for r in range(2)]
-    ranks = [subprocess.Popen([sys.executable, RUN, "--config", CONFIG, *settings(out, cache)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
-                              stderr=subprocess.STDOUT) for r in range(2)]
-    try:
-        codes = [p.wait(timeout=300) for p in ranks]
-    finally:
-        for p, log in zip(ranks, logs):
-            p.kill()
-            log.close()
+    with contextlib.ExitStack() as logs_open:
+        logs = [logs_open.enter_context(open(out / f"rank{r}.log", "w")) for r in range(2)]
+        ranks = [subprocess.Popen([sys.executable, RUN, "--config", CONFIG, *settings(out, cache)], cwd=ROOT,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
+                                  stderr=subprocess.STDOUT) for r in range(2)]
+        try:
+            codes = [p.wait(timeout=300) for p in ranks]
+        finally:
+            for p in ranks:
+                p.kill()
     assert codes == [0, 0], (out / "rank0.log").read_text()[-3000:]
     return out
 

@@ -90,7 +90,7 @@ def test_bad_pairs_are_named_or_counted(tmp_path, digits_cache, capsys):
     record = corpus["train"][0]
     png, txt = record["source"].split(" (row")[0].replace(".txt", ".png"), record["source"].split(" (row")[0]
     pixels = torch.from_numpy(np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255)[None, None]
-    ids, mask = layout.document(record["task"], vocab.text(open(txt).read().strip()), images.encode(pixels)[0].tolist(),
+    ids, mask = layout.document(record["task"], vocab.text(Path(txt).read_text().strip()), images.encode(pixels)[0].tolist(),
                                 False)
     assert record["input_ids"] == ids and record["loss_mask"] == mask
 

@@ -254,4 +254,4 @@ def test_rules_on_two_ranks_equal_one_process(tmp_path):
             for step, (got, want) in enumerate(zip(results[r][ci]["history"], ref["history"])):
                 for a, b in zip(got, want):
                     torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10,
-                                               msg=lambda m: f"{config} rank {r} step {step}: {m}")
+                                               msg=lambda m, c=config, r=r, s=step: f"{c} rank {r} step {s}: {m}")

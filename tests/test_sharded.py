@@ -87,7 +87,7 @@ def assert_masters_match(results, ci, ref, config):
                 assert key not in masters, f"{config}: master {key} on two ranks"
                 masters[key] = value
         assert set(masters) == set(ref[what]) and masters, f"{config}: masters {sorted(masters)}"
-    for key, master in masters.items():
+    for master in masters.values():
         assert master.dtype == torch.float32
     for r in range(len(results)):
         for key, master in results[r][ci]["first_masters"].items():

@@ -37,7 +37,7 @@ def test_bases_stay_orthogonal_and_refresh_on_schedule():
     p = torch.nn.Parameter(torch.zeros(6, 5))
     opt = SOAP([p], precondition_frequency=4, verbose=False)
     previous = None
-    for t, g in enumerate(grads(1, (6, 5), 13)):
+    for g in grads(1, (6, 5), 13):
         p.grad = g.float()
         opt.step()
         st = opt.state[p]
