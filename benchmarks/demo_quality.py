@@ -83,7 +83,7 @@ def measure(model_dir: str) -> dict:
 
     def nll(caption_of) -> float:
         docs = [Doc(*layout.document("generation", caption_of(d, i), c, True))
-                for i, (d, c) in enumerate(zip(val["digit"], codes))]
+                for i, (d, c) in enumerate(zip(val["digit"], codes, strict=True))]
         outs = [model(collate([docs[i:i + 2]], 64, vocab.pad, "generation")) for i in range(0, len(docs), 2)]
         return sum(float(o["image_loss"]) * int(o["n_image"]) for o in outs) / sum(int(o["n_image"]) for o in outs)
 
@@ -119,7 +119,8 @@ def main() -> None:
              "| variant | steps | guidance 1 | guidance 3 | guidance 5 | NLL own | NLL empty | NLL other digit |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['steps']} | " + " | ".join(f"{r[f'accuracy_g{g:g}']:.3f}" for g in GUIDANCE)
+        lines.append(f"| {r['variant']} | {r['steps']} | "
+                     + " | ".join(f"{r[f'accuracy_g{g:g}']:.3f}" for g in GUIDANCE)
                      + f" | {r['nll_own_caption']:.3f} | {r['nll_empty_caption']:.3f} | {r['nll_other_digit']:.3f} |")
     (out / "demo-quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

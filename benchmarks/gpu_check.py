@@ -104,9 +104,11 @@ def run_arm(name: str, size: dict, device: torch.device) -> dict:
     if name != "adamw":
         options = MLFOPOptions(**ARMS[name]["params"])
         est = estimate(list(model.named_parameters()), options, 1, "deepspeed",
-                       Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]), micro_steps=size["k"])
+                       Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]),
+                       micro_steps=size["k"])
         row["estimate_gib"] = est.total / GiB
-        row["counters"] = {k: float(v) for k, v in opt.counters.items() if k in ("eigh", "qr", "fop_folds", "reductions")}
+        row["counters"] = {k: float(v) for k, v in opt.counters.items()
+                           if k in ("eigh", "qr", "fop_folds", "reductions")}
     del opt, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -170,12 +172,14 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU check on {report['device']} (torch {report['torch']})", "",
              f"Llama-shaped model, {report['arms'][0]['params'] / 1e9:.2f} B parameters in bf16, K = {size['k']} "
              f"micro-steps of {size['tokens']} tokens, {size['steps']} steps (median of steps 3+).", "",
-             "| optimizer | step (s) | vs AdamW | peak allocated (GiB) | reserved (GiB) | estimate (GiB) | loss first | loss last |",
+             "| optimizer | step (s) | vs AdamW | peak allocated (GiB) | reserved (GiB) | estimate (GiB) "
+             "| loss first | loss last |",
              "|---|---|---|---|---|---|---|---|"]
     base = report["arms"][0]["step_s"]
     for r in report["arms"]:
         lines.append(f"| {r['arm']} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | "
-                     f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('peak_reserved_gib', float('nan')):.1f} | "
+                     f"{r.get('peak_allocated_gib', float('nan')):.1f} | "
+                     f"{r.get('peak_reserved_gib', float('nan')):.1f} | "
                      f"{r.get('estimate_gib', float('nan')):.1f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
     lines += ["", f"ML-FOP-SOAP's loss falls: {report['mlfop_loss_falls']}", ""]
     for t in report["tiny"]:

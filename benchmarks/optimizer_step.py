@@ -104,11 +104,11 @@ def main() -> None:
                              state_mib=state_bytes(r.opt) / 2**20))
     head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), K={K}, {steps} steps, median after {warmup} warm-up")
-    lines = [head, "", "| tokens/micro-step | optimizer | optimizer s/step | x SOAP | training step s | x SOAP | x AdamW |"
-             " state MiB |", "|---|---|---|---|---|---|---|---|"]
+    lines = [head, "", "| tokens/micro-step | optimizer | optimizer s/step | x SOAP | training step s | x SOAP "
+             "| x AdamW | state MiB |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['tokens']} | {r['optimizer']} | {r['opt_s']:.4f} | {r['opt_x_soap']:.2f} | {r['step_s']:.3f} | "
-                     f"{r['step_x_soap']:.2f} | {r['step_x_adamw']:.2f} | {r['state_mib']:.1f} |")
+        lines.append(f"| {r['tokens']} | {r['optimizer']} | {r['opt_s']:.4f} | {r['opt_x_soap']:.2f} | "
+                     f"{r['step_s']:.3f} | {r['step_x_soap']:.2f} | {r['step_x_adamw']:.2f} | {r['state_mib']:.1f} |")
     table = "\n".join(lines) + "\n"
     name = "optimizer-step-quick" if args.quick else "optimizer-step"
     repro.write_results(name, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""), table, rows)

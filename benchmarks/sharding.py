@@ -158,7 +158,8 @@ def markdown(rows: list[dict], steps: int) -> str:
     head = (f"torch {torch.__version__}, {os.cpu_count()} CPUs, steps={steps} (median after 2 warm-up); bytes per "
             "rank on the fullest rank; sent = MiB handed to each collective per rank and step (formula in "
             "parentheses); grads = p.grad bytes left after a backward (the optimizer takes them)")
-    lines = [head, "", "## DeepSpeed-engine layout (replicated parameters, owner-sharded state) vs replicated state", "",
+    lines = [head, "",
+             "## DeepSpeed-engine layout (replicated parameters, owner-sharded state) vs replicated state", "",
              "| ranks | K | dtype | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
              " replicated state MiB | reductions/step | reduce-scatter | all-gather | all-reduce KiB |"
              " step s sharded | step s replicated | sharded/replicated |",

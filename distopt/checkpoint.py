@@ -494,7 +494,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
     _load_model(path, manifest, model)
     if isinstance(optimizer, BlockSharded):
         _load_blocks(path, manifest, optimizer)
-        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
+        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"], strict=True):
             for k, v in saved_group.items():
                 if k != "param_names":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v

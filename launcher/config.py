@@ -209,7 +209,8 @@ def _validate_optimizer(o: OptimizerConfig, b: BatchConfig, world_size: int) -> 
     except OptionError as e:
         raise ConfigError(f"optimizer.params.{e.field}: {e.detail}") from None
     bad = sorted(set(o.params) - set(valid))
-    _check(not bad, f"optimizer.params.{bad[0] if bad else ''}", f"not an argument of {o.name}; valid arguments are {valid}")
+    _check(not bad, f"optimizer.params.{bad[0] if bad else ''}",
+           f"not an argument of {o.name}; valid arguments are {valid}")
     _check(o.params.get("capture", "hooks") == "hooks", "optimizer.params.capture",
            "the launcher's training loop needs 'hooks' (each backward is one micro-step); remove the key")
     _check("max_grad_norm" not in o.params, "optimizer.params.max_grad_norm",
@@ -270,7 +271,8 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 def _validate_engine(cfg: Config, world_size: int) -> None:
     _check(cfg.engine in ENGINES, "engine", f"{cfg.engine!r}; choose one of {ENGINES}")
     if cfg.engine != "fsdp2":
-        _check(cfg.fsdp.replicate == 1, "fsdp.replicate", "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
+        _check(cfg.fsdp.replicate == 1, "fsdp.replicate",
+               "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
         return
     r = cfg.fsdp.replicate
     _check(isinstance(r, int) and r >= 1 and world_size % r == 0, "fsdp.replicate",

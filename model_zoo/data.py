@@ -136,7 +136,7 @@ class DigitsSource:
         self.seed, self.shuffle, self.response_only = seed, shuffle, text_format == "instruct"
         n_codes = images.grid[0] * images.grid[1]
         self.captions = {t: [layout.vocab.text(digit_data.caption(d, i, text_format, t))
-                             for d, i in zip(rows["digit"], rows["index"])] for t in TASKS}
+                             for d, i in zip(rows["digit"], rows["index"], strict=True)] for t in TASKS}
         self.lengths = {t: [len(layout.document(t, c, [0] * n_codes, self.response_only)[0]) for c in caps]
                         for t, caps in self.captions.items()}
         self.name = f"digits ({len(rows)} rows)"
@@ -162,9 +162,9 @@ class DigitsSource:
         captions = [self.captions[task][r] for r in rows]
         if gen is not None and task == "generation" and self.caption_dropout:  # unconditioned samples, for guidance
             drop = (torch.rand(len(rows), generator=gen) < self.caption_dropout).tolist()
-            captions = [[] if d else c for c, d in zip(captions, drop)]
+            captions = [[] if d else c for c, d in zip(captions, drop, strict=True)]
         return [Doc(*self.layout.document(task, c, code, self.response_only), p if keep else None)
-                for c, code, p in zip(captions, codes, pixels)]
+                for c, code, p in zip(captions, codes, pixels, strict=True)]
 
 
 def open_tokenized(path: str | Path, split: str, streaming: bool,

@@ -204,7 +204,7 @@ def _arrow(path: Path, kind: str, image_column: str, text_column: str) -> tuple[
             for batch in t.batches():
                 images = batch.column(image_column).to_pylist()
                 texts = _as_bytes(batch.column(text_column)).to_pylist()
-                for image, text in zip(images, texts):
+                for image, text in zip(images, texts, strict=True):
                     yield _pair(f"{t.name} row {row}", t.base, image, text, image_column, text_column)
                     row += 1
 

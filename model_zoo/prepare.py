@@ -126,7 +126,7 @@ class Preparer:
         if not ready:
             return
         codes = self.images.encode(torch.stack([p for _, p in ready])).tolist()
-        for (pair, pixels), code in zip(ready, codes):
+        for (pair, pixels), code in zip(ready, codes, strict=True):
             yield from self._records(pair, pixels, code)
 
     def _records(self, pair: Pair, pixels: torch.Tensor, code: list[int]) -> Iterator[dict]:

@@ -41,7 +41,8 @@ class DigitJudge:
 
 @torch.no_grad()
 def generate_digits(model: torch.nn.Module, layout, images, per_digit: int, text_format: str = "plain",
-                    seed: int = 0, temperature: float = 1.0, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+                    seed: int = 0, temperature: float = 1.0,
+                    guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [10 * per_digit, C, S, S], digits): per_digit samples for each digit 0..9, each from its own
     prompt (templates drawn as for samples 10,000 + j, outside the data set's indices), at `temperature`
     with classifier-free `guidance`."""

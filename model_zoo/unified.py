@@ -147,7 +147,8 @@ def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict, dtyp
     missing = [k for k in info["missing_keys"] if "rotary" not in k]
     if missing or info["unexpected_keys"] or info["mismatched_keys"]:
         raise ValueError(f"model.pretrained: {path} does not match {cls.__name__}: missing {missing[:5]}, "
-                         f"unexpected {list(info['unexpected_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}")
+                         f"unexpected {list(info['unexpected_keys'])[:5]}, "
+                         f"mismatched {list(info['mismatched_keys'])[:5]}")
     return model
 
 

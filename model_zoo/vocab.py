@@ -92,12 +92,12 @@ class Vocab:
         if self.origin == "wordpiece":
             enc = self.tokenizer.encode(s, add_special_tokens=False)
             unk = self.tokenizer.token_to_id("[UNK]")
-            return [s[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+            return [s[a:b] for i, (a, b) in zip(enc.ids, enc.offsets, strict=True) if i == unk]
         unk = self.tokenizer.unk_token_id
         if unk is None:
             return []
         enc = self.tokenizer(s, add_special_tokens=False, return_offsets_mapping=True)
-        return [s[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        return [s[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if i == unk]
 
     @classmethod
     def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> Vocab:

@@ -122,13 +122,14 @@ class DenseSOAP:
                 st["GG"][i] = self.sb * gg + (1 - self.sb) * torch.einsum("ar,br->ab", u, u)
 
     def step(self, params, grads):
-        for k, (p, grad) in enumerate(zip(params, grads)):
+        for k, (p, grad) in enumerate(zip(params, grads, strict=True)):
             lay, g = self.layouts[k], self.layouts[k].to_work(grad.to(F64))
             st = self.state[k]
             if st is None:
                 st = self.state[k] = {
                     "t": 0, "m": torch.zeros_like(g), "v": torch.zeros_like(g),
-                    "GG": [torch.zeros(d, d, dtype=F64) if a else None for d, a in zip(g.shape, self.active[k])]}
+                    "GG": [torch.zeros(d, d, dtype=F64) if a else None
+                           for d, a in zip(g.shape, self.active[k], strict=True)]}
                 self._statistics(st, g)
                 st["Q"] = [None if gg is None else torch.linalg.eigh(gg)[1].flip(-1) for gg in st["GG"]]
                 continue

@@ -142,7 +142,7 @@ def build(config, dtype, world):
         return model, two_objective(config, named, opts)
     if config.get("reference") and dtype == torch.bfloat16:  # fp32 shadows play the owners' fp32 masters
         model.shadows = [(p, torch.nn.Parameter(p.detach().float().clone())) for _, p in named]
-        named = [(n, s) for (n, _), (_, s) in zip(named, model.shadows)]
+        named = [(n, s) for (n, _), (_, s) in zip(named, model.shadows, strict=True)]
     return model, MLFOPSOAP(named, **opts)
 
 
@@ -213,7 +213,8 @@ def _train(config, rank, world):
                     opt.end_microstep(tag_of(config, k))
             else:
                 with opt.modality(tag_of(config, k)) if tag_of(config, k) else contextlib.nullcontext():
-                    (loss_of(model, step, rank, k, dtype, nan=(step, rank) == config.get("nan_at")) / k_micro).backward()
+                    loss = loss_of(model, step, rank, k, dtype, nan=(step, rank) == config.get("nan_at"))
+                    (loss / k_micro).backward()
         if config.get("bytes") and step == 0:  # fop off keeps p.grad until step(): the gradients' bytes
             grad_bytes = sum(_local(p.grad).numel() * p.grad.element_size() for p in model.parameters()
                              if p.grad is not None)

@@ -160,7 +160,8 @@ def _micro_gradients(kind: str, k: int, gen: torch.Generator) -> list[torch.Tens
     if kind == "scaled":  # micro-steps whose sizes span four decades
         return [g * 10 ** (4 * float(torch.rand(1, generator=gen)) - 2) for g in gs]
     if kind == "alternating":  # large alternating halves around a small mean: big lower-level corrections
-        base, u = 0.05 * torch.randn(N, generator=gen, dtype=torch.float64), torch.randn(N, generator=gen, dtype=torch.float64)
+        base = 0.05 * torch.randn(N, generator=gen, dtype=torch.float64)
+        u = torch.randn(N, generator=gen, dtype=torch.float64)
         return [base + (-1) ** i * (1 + 0.5 * float(torch.randn(1, generator=gen))) * u + 0.3 * g
                 for i, g in enumerate(gs)]
     return gs

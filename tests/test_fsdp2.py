@@ -30,7 +30,7 @@ def test_fsdp2_equals_one_unsharded_process(world, tmp_path):
         ref = reference(config, world)
         for step, ref_params in enumerate(ref["history"]):
             for r in range(world):
-                for a, b in zip(results[r][ci]["history"][step], ref_params):
+                for a, b in zip(results[r][ci]["history"][step], ref_params, strict=True):
                     assert_matches(a, b, "fp64", f"{config} rank {r} step {step}")
         for key in ("eigh", "qr", "fop_folds"):
             total = sum(results[r][ci]["counters"].get(key, 0) for r in range(world))
@@ -52,7 +52,7 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
     for ci, config in enumerate(configs):
         ref = reference(config, 4)
         for r in range(4):
-            for a, b in zip(results[r][ci]["history"][-1], ref["history"][-1]):
+            for a, b in zip(results[r][ci]["history"][-1], ref["history"][-1], strict=True):
                 assert_matches(a, b, "fp64", f"{config} rank {r}")
         # owners are chosen within a shard group of 2: each replica group owns every block once
         assert sum(results[r][ci]["owned"] for r in (0, 1)) == sum(results[r][ci]["owned"] for r in (2, 3)) > 0
@@ -81,7 +81,7 @@ def test_bytes_per_rank_follow_the_memory_tool_and_fall_with_the_ranks(tmp_path)
         runs = [dict(c, W=world, hidden=16, max_block=8, steps=4, bytes=True) for c in configs]
         results = run_sharded(world, runs, str(tmp_path / f"w{world}"))
         for r in range(world):
-            for config, res in zip(runs, results[r]):
+            for config, res in zip(runs, results[r], strict=True):
                 engine = "fsdp2" if config.get("fsdp") else "deepspeed"
                 est = planned(config, world, r, engine)
                 measured = dict(parameters=res["bytes"]["params"], state=res["memory"]["state"],
@@ -108,18 +108,20 @@ def test_checkpoints_resume_across_world_sizes_and_engines(tmp_path):
     base = dict(K=2, global_batch=True, max_block=4)
     ck4, ck2 = str(tmp_path / "ck4"), str(tmp_path / "ck2")
     full = run_sharded(4, [{**base, "W": 4, "fsdp": "fsdp", "steps": 6},
-                           {**base, "W": 4, "fsdp": "fsdp", "steps": 3, "save_at": 2, "save": ck4}], str(tmp_path / "a"))
+                           {**base, "W": 4, "fsdp": "fsdp", "steps": 3, "save_at": 2, "save": ck4}],
+                       str(tmp_path / "a"))
     same = run_sharded(4, [{**base, "W": 4, "fsdp": "fsdp", "start": 3, "steps": 6, "load": ck4}], str(tmp_path / "b"))
     for r in range(4):
-        for a, b in zip(full[r][0]["history"][-1], same[r][0]["history"][-1]):
+        for a, b in zip(full[r][0]["history"][-1], same[r][0]["history"][-1], strict=True):
             assert torch.equal(a, b), "FSDP2 resume at the same world size must be bit-identical"
     moved = run_sharded(2, [{**base, "W": 2, "fsdp": "fsdp", "start": 3, "steps": 6, "load": ck4},
                             {**base, "W": 2, "start": 3, "steps": 6, "load": ck4},
                             {**base, "W": 2, "start": 3, "steps": 4, "load": ck4, "save_at": 3, "save": ck2}],
                         str(tmp_path / "c"))
     back = run_sharded(2, [{**base, "W": 2, "fsdp": "fsdp", "start": 4, "steps": 6, "load": ck2}], str(tmp_path / "d"))
-    for what, result in (("fsdp2 4 -> 2", moved[0][0]), ("fsdp2 -> owners", moved[0][1]), ("owners -> fsdp2", back[0][0])):
-        for a, b in zip(result["history"][-1], full[0][0]["history"][-1]):
+    resumed = (("fsdp2 4 -> 2", moved[0][0]), ("fsdp2 -> owners", moved[0][1]), ("owners -> fsdp2", back[0][0]))
+    for what, result in resumed:
+        for a, b in zip(result["history"][-1], full[0][0]["history"][-1], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=lambda m, what=what: f"{what}: {m}")
     manifest = (tmp_path / "ck4" / "step-2" / "manifest.json").read_text()
     assert '"model_format": "dcp"' in manifest and '"model/.metadata"' in manifest

@@ -39,7 +39,8 @@ def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             found.append((node.lineno, base))
             found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
     return found
@@ -70,7 +71,8 @@ def test_packages_stay_on_their_floor(package, forbidden):
 
 def test_no_import_circles_inside_distopt():
     modules = {p.stem: p for p in (ROOT / "distopt").glob("*.py") if p.stem != "__init__"}
-    edges = {name: {m.split(".")[1] for _, m in imports(path) if m.startswith("distopt.") and m.split(".")[1] in modules}
+    edges = {name: {m.split(".")[1] for _, m in imports(path)
+                    if m.startswith("distopt.") and m.split(".")[1] in modules}
              for name, path in modules.items()}
 
     def cycle_from(start, node, seen):

@@ -76,7 +76,8 @@ def test_adapters_round_trip_through_peft_format_and_merge(family, tmp_path):
     assert_close(loaded(batch)["loss"], want, rtol=0, atol=0)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
         {n for n, p in model.named_parameters() if p.requires_grad}, "a loaded adapter trains on"
-    plain = PeftModel.from_pretrained(CLASSES[family].from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
+    plain = PeftModel.from_pretrained(CLASSES[family].from_pretrained(str(tmp_path / "base")),
+                                      str(tmp_path / "adapter"))
     ids = batch["input_ids"][:, :20].clamp_max(model.image_offset - 1)   # text ids: both classes embed them
     assert_close(plain(input_ids=ids).logits, model.hf(input_ids=ids).logits, rtol=0, atol=0)
 

@@ -175,7 +175,8 @@ def test_save_pretrained_round_trips_and_plain_transformers_opens_it(family, tmp
 def test_checkpoint_mistakes_name_their_field(tmp_path):
     emu3().save_pretrained(str(tmp_path / "emu3"))
     cases = [
-        (ModelConfig(family="janus", pretrained=str(tmp_path / "emu3")), r"model.pretrained: .* holds a 'emu3' checkpoint"),
+        (ModelConfig(family="janus", pretrained=str(tmp_path / "emu3")),
+         r"model.pretrained: .* holds a 'emu3' checkpoint"),
         (ModelConfig(family="emu3", size="emu3_8b", pretrained=str(tmp_path / "emu3")),
          r"model.size: .* is not a emu3 emu3_8b checkpoint \(hidden_size 64, not 4096"),
         (ModelConfig(family="emu3", pretrained=str(tmp_path / "emu3"), overrides={"hidden_size": 32}),

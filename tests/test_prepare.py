@@ -90,8 +90,8 @@ def test_bad_pairs_are_named_or_counted(tmp_path, digits_cache, capsys):
     record = corpus["train"][0]
     png, txt = record["source"].split(" (row")[0].replace(".txt", ".png"), record["source"].split(" (row")[0]
     pixels = torch.from_numpy(np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255)[None, None]
-    ids, mask = layout.document(record["task"], vocab.text(Path(txt).read_text().strip()), images.encode(pixels)[0].tolist(),
-                                False)
+    ids, mask = layout.document(record["task"], vocab.text(Path(txt).read_text().strip()),
+                                images.encode(pixels)[0].tolist(), False)
     assert record["input_ids"] == ids and record["loss_mask"] == mask
 
     data = build_data(d, layout, images, micro_batch_size=2, grad_accum=2, eval_batches=1, model=m)  # as batches
@@ -117,7 +117,8 @@ def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path,
         assert (record["image"] is not None) == (record["task"] == "understanding")
     understanding = next(r for r in corpus["train"] if r["task"] == "understanding")
     row = int(understanding["source"].rsplit("row ", 1)[1].split()[0])
-    assert np.array_equal(np.asarray(understanding["image"]), np.asarray(Image.open(tmp_path / "files" / f"{row:03d}.png")))
+    assert np.array_equal(np.asarray(understanding["image"]),
+                          np.asarray(Image.open(tmp_path / "files" / f"{row:03d}.png")))
 
 
 def test_a_checkpoints_own_tokenizers_prepare_the_records(tmp_path, digits_cache):
@@ -301,7 +302,7 @@ def test_every_kind_of_bad_row_in_a_table_is_named_by_file_row_and_field(tmp_pat
         total, records = read_pairs(tmp_path / name)
         records = list(records)
         assert total in (None, len(wanted)) and len(records) == len(wanted), name
-        for row, (record, want) in enumerate(zip(records, wanted)):
+        for row, (record, want) in enumerate(zip(records, wanted, strict=True)):
             if want is None:
                 assert isinstance(record, Pair) and record.image == tmp_path / "a.png" and record.text == "fine"
                 continue

@@ -74,11 +74,11 @@ def test_layer_granularity_weighs_each_layer_by_its_own_gradients():
     updates = {}
     for granularity in ("layer", "global"):
         params = [torch.nn.Parameter(torch.zeros(2, dtype=F64)) for _ in range(2)]
-        opt = build_optimizer({"name": "pareto_lora", "params": {"base": "adamw", "granularity": granularity, "lr": 0.1}},
-                              [("l1.weight", params[0]), ("l2.weight", params[1])])
+        spec = {"name": "pareto_lora", "params": {"base": "adamw", "granularity": granularity, "lr": 0.1}}
+        opt = build_optimizer(spec, [("l1.weight", params[0]), ("l2.weight", params[1])])
         for tag, gs in grads.items():
             with opt.modality(tag):
-                sum((p * g).sum() for p, g in zip(params, gs)).backward()
+                sum((p * g).sum() for p, g in zip(params, gs, strict=True)).backward()
         opt.base.step = lambda closure=None: None  # keep the combined gradient in p.grad
         opt.step()
         updates[granularity] = [p.grad.clone() for p in params]
@@ -224,14 +224,14 @@ def _two_modality_run(name, conflicting, granularity="global"):
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "pareto_lora"])
 @pytest.mark.parametrize("granularity", ["global", "layer"])
 def test_wrapper_with_identical_modalities_is_the_base_optimizer(name, granularity):
-    for a, b in zip(_two_modality_run(name, False, granularity), _two_modality_run("adamw", False)):
+    for a, b in zip(_two_modality_run(name, False, granularity), _two_modality_run("adamw", False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "pareto_lora"])
 def test_wrapper_changes_the_update_when_modalities_differ(name):
     got, ref = _two_modality_run(name, True), _two_modality_run("adamw", True)
-    assert not all(torch.allclose(a, b) for a, b in zip(got, ref))
+    assert not all(torch.allclose(a, b) for a, b in zip(got, ref, strict=True))
 
 
 RANK_CASES = [dict(rule="pareto_lora", base="adamw"), dict(rule="pcgrad", base="soap", max_grad_norm=0.05),
@@ -251,7 +251,7 @@ def test_rules_on_two_ranks_equal_one_process(tmp_path):
         assert ref["counters"]["steps_combined"] == 4
         for r in range(2):
             assert results[r][ci]["calls"]["all_reduce"] == 2 * 4, config
-            for step, (got, want) in enumerate(zip(results[r][ci]["history"], ref["history"])):
-                for a, b in zip(got, want):
+            for step, (got, want) in enumerate(zip(results[r][ci]["history"], ref["history"], strict=True)):
+                for a, b in zip(got, want, strict=True):
                     torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10,
                                                msg=lambda m, c=config, r=r, s=step: f"{c} rank {r} step {s}: {m}")

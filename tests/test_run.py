@@ -170,7 +170,7 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
         assert set(curve_part) == set(curve_full) == set(range(6))
         assert curve_part == curve_full, tag
     for x, y in zip(torch.load(full / "checkpoints" / "step-5" / "model.pt").values(),
-                    torch.load(part / "checkpoints" / "step-5" / "model.pt").values()):
+                    torch.load(part / "checkpoints" / "step-5" / "model.pt").values(), strict=True):
         assert torch.equal(x, y)
 
 

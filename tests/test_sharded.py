@@ -61,9 +61,9 @@ def test_sharded_equals_single_process(world, tmp_path):
         for step, ref_params in enumerate(ref["history"]):
             for r in range(world):
                 got = results[r][ci]["history"][step]
-                for a, b in zip(got, results[0][ci]["history"][step]):
+                for a, b in zip(got, results[0][ci]["history"][step], strict=True):
                     assert torch.equal(a, b), f"{config}: ranks disagree after step {step}"
-                for a, b in zip(got, ref_params):
+                for a, b in zip(got, ref_params, strict=True):
                     assert_matches(a, b, dtype, f"{config} step {step}")
         for key in ("eigh", "qr", "fop_folds"):
             total = sum(results[r][ci]["counters"].get(key, 0) for r in range(world))
@@ -107,7 +107,7 @@ def test_a_rank_that_owns_nothing(tmp_path):
     assert sorted(results[r][0]["owned"] for r in range(4)) == [0, 1, 1, 1]
     ref = reference(configs[0], 4)
     for r in range(4):
-        for a, b in zip(results[r][0]["history"][-1], ref["history"][-1]):
+        for a, b in zip(results[r][0]["history"][-1], ref["history"][-1], strict=True):
             assert_matches(a, b, "fp64", "rank that owns nothing")
 
 
@@ -117,7 +117,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
     for r in range(2):
         res = results[r][0]
         assert res["counters"]["skipped_nonfinite_steps"] == 1
-        for a, b in zip(res["history"][2], res["history"][1]):
+        for a, b in zip(res["history"][2], res["history"][1], strict=True):
             assert torch.equal(a, b), "the step with a NaN gradient must change nothing"
         assert all(torch.isfinite(p).all() for p in res["history"][-1])
 
@@ -144,7 +144,7 @@ def test_collectives_by_kind_follow_the_formula(world, tmp_path):
                for k, extra in ((8, {}), (6, {}), (1, {}), (4, dict(schedule="tree")), (3, dict(fop=False)),
                                 (3, dict(pair_source="ranks")))]
     results = run_sharded(world, configs, str(tmp_path))
-    for config, res in zip(configs, results[0]):
+    for config, res in zip(configs, results[0], strict=True):
         per_step = reductions(config["K"], config)
         width = res["slot"] * 8  # fp64 parameters reduce and gather in fp64
         # the slot cut into buckets of bucket_mb (per rank's row: bucket_mb / world of 8-byte elements)
@@ -172,7 +172,7 @@ def test_memory_follows_the_formula(tmp_path):
     configs = [dict(K=k, W=2, max_block=4, steps=4) for k in (1, 4, 8)]
     results = run_sharded(2, configs, str(tmp_path))
     for r in range(2):
-        for config, res in zip(configs, results[r]):
+        for config, res in zip(configs, results[r], strict=True):
             slot, owned, world = res["slot"], res["owned_numel"], 2
             expected = {"state": 8 * res["state_numel"], "window_peak": 8 * (3 if config["K"] > 1 else 2) * owned,
                         "comm_peak": 8 * ((2 if config["K"] > 1 else 1) * slot + world * slot)}
@@ -252,6 +252,6 @@ def test_every_tensor_the_optimizer_makes_is_on_the_gradients_device(tmp_path):
         runs = [dict(c, W=world, steps=3, meta_default=guard) for c in configs for guard in (False, True)
                 if world == 2 or c.get("pair_source") != "ranks"]
         results = run_sharded(world, runs, str(tmp_path / f"w{world}"))
-        for plain, guarded in zip(results[0][::2], results[0][1::2]):
-            for a, b in zip(plain["history"][-1], guarded["history"][-1]):
+        for plain, guarded in zip(results[0][::2], results[0][1::2], strict=True):
+            for a, b in zip(plain["history"][-1], guarded["history"][-1], strict=True):
                 assert b.device.type == "cpu" and torch.equal(a, b)

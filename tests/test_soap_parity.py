@@ -66,11 +66,11 @@ def test_merged_shapes_used_below():
     assert merged_shape((4, 3, 3, 3), 1000) == (108,)
     for shapes, kw in CONFIGS.values():
         ref = DenseSOAP(shapes, **kw)
-        for lay, active in zip(ref.layouts, ref.active):
+        for lay, active in zip(ref.layouts, ref.active, strict=True):
             total = 1
             for d in lay.work:
                 total *= d
-            for d, a in zip(lay.work, active):
+            for d, a in zip(lay.work, active, strict=True):
                 assert not a or d * d <= total, (lay.shape, lay.work)
         assert STEPS - 1 >= 5 * kw["precondition_frequency"], "at least 5 refreshes"
 
@@ -94,7 +94,7 @@ def gradient(mix, gen):
     z = torch.randn(*[a.shape[0] for a in mix], generator=gen, dtype=F64)
     letters = "abcd"[: z.dim()]
     out = "".join(chr(ord(c) + 10) for c in letters)
-    spec = letters + "," + ",".join(o + c for o, c in zip(out, letters)) + "->" + out
+    spec = letters + "," + ",".join(o + c for o, c in zip(out, letters, strict=True)) + "->" + out
     return torch.einsum(spec, z, *mix)
 
 
@@ -116,16 +116,16 @@ def run(name, dtype, rotate_ref=True):
     errs = []
     for step in range(STEPS):
         grads = [gradient(mix, gen).to(dtype) for mix in mixes]
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         opt.step()
         ref.step(ref_params, grads)
         if step == 0:
-            for p, q in zip(params, p0):
+            for p, q in zip(params, p0, strict=True):
                 assert torch.equal(p.detach().to(F64), q), "the first call must leave the parameters unchanged"
             continue
         errs.append(max(float((p.detach().to(F64) - r).norm() / (r - q).norm())
-                        for p, r, q in zip(params, ref_params, p0)))
+                        for p, r, q in zip(params, ref_params, p0, strict=True)))
     return errs, params, ref_params, p0
 
 
