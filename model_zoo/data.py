@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -142,7 +142,7 @@ class DigitsSource:
         self.name = f"digits ({len(rows)} rows)"
 
     def items(self, task: str, epoch: int, start: int) -> Iterator[Item]:
-        order = range(len(self.rows))
+        order: Sequence[int] = range(len(self.rows))
         if self.shuffle:
             gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, TASKS.index(task)))
             order = torch.randperm(len(self.rows), generator=gen).tolist()
@@ -163,8 +163,11 @@ class DigitsSource:
         if gen is not None and task == "generation" and self.caption_dropout:  # unconditioned samples, for guidance
             drop = (torch.rand(len(rows), generator=gen) < self.caption_dropout).tolist()
             captions = [[] if d else c for c, d in zip(captions, drop, strict=True)]
-        return [Doc(*self.layout.document(task, c, code, self.response_only), p if keep else None)
-                for c, code, p in zip(captions, codes, pixels, strict=True)]
+        docs = []
+        for c, code, p in zip(captions, codes, pixels, strict=True):
+            ids, mask = self.layout.document(task, c, code, self.response_only)
+            docs.append(Doc(ids, mask, p if keep else None))
+        return docs
 
 
 def open_tokenized(path: str | Path, split: str, streaming: bool,
@@ -424,4 +427,5 @@ class MicroBatchSampler:
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has {key}={mine!r}: "
                                  f"resume with the same run seed and data")
         self.served, self.skipped = int(state["served"]), int(state.get("skipped", 0))
-        self.cursors = {t: _Cursor(*map(int, state["positions"][t])) for t in TASKS}
+        positions = state["positions"]  # {task: [epoch, offset]}
+        self.cursors = {t: _Cursor(int(positions[t][0]), int(positions[t][1])) for t in TASKS}

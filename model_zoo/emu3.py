@@ -102,6 +102,7 @@ class Emu3Layout:
 
     def image_head(self) -> list[int]:
         """`[SOV] meta [SOT]`: what opens an image, meta being the code grid as text."""
+        assert self.vocab.sot is not None  # an Emu3 vocabulary has its image-token marker (Vocab.sot)
         return [self.vocab.sov, *self.vocab.text(f"{self.grid[0]}*{self.grid[1]}"), self.vocab.sot]
 
     def image_ids(self, codes: Sequence[int]) -> list[int]:
@@ -120,6 +121,7 @@ class Emu3(UnifiedModel):
 
     def __init__(self, hf: Emu3ForConditionalGeneration):
         super().__init__(hf)
+        assert hf.config.vocabulary_map is not None  # Emu3 models are built from a config with their vocabulary
         visual = sorted(v for k, v in hf.config.vocabulary_map.items() if k.startswith("<|visual token"))
         self.image_offset, self.codebook_size = visual[0], len(visual)
         self.vision_loss_weight = float(getattr(hf.config, "vision_loss_weight", VISION_LOSS_WEIGHT))

@@ -18,10 +18,11 @@ corpus can tell when its source has changed.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -217,7 +218,8 @@ def _arrow_tables(path: Path, kind: str) -> list[_Table]:
     if kind == "parquet":
         files = [path] if path.is_file() else list(_parquet_files(path))
         return [_Table(str(f), f.parent, pf.schema_arrow, pf.metadata.num_rows,
-                       lambda pf=pf: pf.iter_batches(batch_size=BATCH)) for f in files for pf in [pq.ParquetFile(f)]]
+                       functools.partial(pf.iter_batches, batch_size=BATCH))
+                for f in files for pf in [pq.ParquetFile(f)]]
     import datasets
 
     ds = datasets.load_from_disk(str(path))
@@ -232,7 +234,7 @@ def _arrow_tables(path: Path, kind: str) -> list[_Table]:
                    lambda: (b for t in table.iter(batch_size=BATCH) for b in t.to_batches()))]
 
 
-def _require_columns(name: Union[str, Path], columns: list, image_column: str, text_column: str) -> None:
+def _require_columns(name: Union[str, Path], columns: Sequence[str], image_column: str, text_column: str) -> None:
     for column, key in ((image_column, "image_column"), (text_column, "text_column")):
         if column not in columns:
             what = "image" if key == "image_column" else "caption"

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -167,11 +168,13 @@ class CheckpointVQ:
     over its temporal window, the first decoded frame comes back); Janus' decodes a fixed grid
     (`num_patches` per side)."""
 
+    vqmodel: Any  # transformers' Emu3VQVAE or JanusVQVAE (imported lazily): their encode and decode differ
+
     def __init__(self, vqmodel: torch.nn.Module, image_size: int):
         from transformers import Emu3VQVAE, JanusVQVAE
 
         self.vqmodel, self.image_size = vqmodel.eval().requires_grad_(False), image_size
-        c = vqmodel.config
+        c = self.vqmodel.config
         self.channels = c.in_channels
         if isinstance(vqmodel, Emu3VQVAE):
             factor, self.codebook_size, self._emu3 = vqmodel.spatial_scale_factor, c.codebook_size, True
