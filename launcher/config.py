@@ -294,12 +294,14 @@ def _validate_model_and_data(cfg: Config) -> None:
         if cfg.data.source == "pairs" and cfg.data.prepare == "manual":
             check_prepared_corpus(cfg.model, cfg.data)
         elif cfg.data.source == "pairs":
+            assert cfg.data.path is not None  # validate_data: a corpus source has its path
             check_target(cfg.data.prepared_dir(), Path(cfg.data.path))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.source == "digits":
         _check(not cfg.eval.captions, "eval.captions", "the digits' sample grid prompts each digit; remove it")
         return
+    assert cfg.data.path is not None  # validate_data: a corpus source has its path
     _check(not cfg.eval.generated_digits, "eval.generated_digits",
            f"{cfg.eval.generated_digits!r}, but it prompts for digits and data.source is {cfg.data.source!r}; "
            "set it to 0")

@@ -130,7 +130,7 @@ def resolve(engine: str, spec: dict) -> dict:
 Weights = Optional[Callable[[torch.nn.Module], None]]  # fills a sharded model's parameters (None: leave them)
 
 
-def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
+def build_engine(model: UnifiedModel, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
                  grad_accum: int, max_grad_norm, bf16: bool, replicate: int = 1, deepspeed: dict | None = None,
                  activation_checkpointing: bool = False, weights: Weights = None,
                  device: Optional[torch.device] = None, materialize: Optional[AbstractContextManager[Any]] = None):

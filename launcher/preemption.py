@@ -89,8 +89,10 @@ class StopSignals:
         return EXIT_STOPPED if self.checkpoint_complete else EXIT_ABORTED
 
     def _watch(self) -> None:
+        reader = self._reader
+        assert reader is not None  # install() opens it before it starts this thread
         while True:
-            data = self._reader.recv(64)
+            data = reader.recv(64)
             if not data:
                 return
             for number in data:  # other handled signals (SIGINT) pass through the same fd: ignored here
