@@ -20,6 +20,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -28,7 +29,7 @@ from distopt.deepspeed_glue import init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"data": {"caption_dropout": 0.1}}
-VARIANTS = [  # (label, steps, config updates)
+VARIANTS: list[tuple[str, int, dict[str, Any]]] = [  # (label, steps, config updates)
     ("emu3_tiny_mlfop.yaml (augmented views, lr 0.003)", 400, {}),
     ("+ 10% of generation captions dropped", 400, CFG),
     ("+ lr 0.01", 400, {**CFG, "optimizer": {"params": {"lr": 0.01}}}),
@@ -73,6 +74,7 @@ def measure(model_dir: str) -> dict:
     images = build_image_tokenizer(d, m, model)
     layout = layout_for(m, vocab, images.grid, model)
     data = build_data(d, layout, images, micro_batch_size=8, grad_accum=2)
+    assert data.digits is not None  # data.source: digits
     judge = DigitJudge(*data.digits, images)
     out = {"judge_ceiling": judge.ceiling}
     for g in GUIDANCE:

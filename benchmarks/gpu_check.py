@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,13 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distopt import build_optimizer, comm  # noqa: E402
 from distopt.options import MLFOPOptions  # noqa: E402
+from distopt.protocols import counters_of  # noqa: E402
 from launcher.memory import Activations, GiB, estimate  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, tokens per micro-step, micro-steps, steps
     "1b": dict(hidden=2048, layers=20, heads=16, kv=8, ffn=5632, vocab=32000, tokens=4096, k=8, steps=6),
     "smoke": dict(hidden=64, layers=2, heads=4, kv=2, ffn=128, vocab=256, tokens=64, k=2, steps=4),
 }
-ARMS = {
+ARMS: dict[str, dict[str, Any]] = {
     "adamw": {"name": "adamw", "params": {"lr": 3e-4, "weight_decay": 0.1}},
     "soap": {"name": "mlfop_soap", "params": {"lr": 3e-3, "fop": False, "max_block": 2048, "verbose": False}},
     "mlfop_soap": {"name": "mlfop_soap", "params": {"lr": 3e-3, "max_block": 2048, "verbose": False}},
@@ -65,7 +67,7 @@ def llama(size: dict, device: torch.device) -> torch.nn.Module:
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
-        return LlamaForCausalLM(config).to(torch.bfloat16)
+        return LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types .to() unbound, self first
 
 
 def zipf_tokens(size: dict, step: int, k: int, device: torch.device) -> torch.Tensor:
@@ -107,7 +109,7 @@ def run_arm(name: str, size: dict, device: torch.device) -> dict:
                        Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]),
                        micro_steps=size["k"])
         row["estimate_gib"] = est.total / GiB
-        row["counters"] = {k: float(v) for k, v in opt.counters.items()
+        row["counters"] = {k: float(v) for k, v in counters_of(opt).items()
                            if k in ("eigh", "qr", "fop_folds", "reductions")}
     del opt, model
     if device.type == "cuda":
@@ -153,9 +155,10 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     init_world(device)
     size = SIZES["smoke" if args.smoke else "1b"]
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  torch=torch.__version__, size=size, tiny=[] if args.smoke else tiny_configs(device, out),
-                  arms=[run_arm(name, size, device) for name in ARMS])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report: dict[str, Any] = dict(device=device_name, torch=torch.__version__, size=size,
+                                  tiny=[] if args.smoke else tiny_configs(device, out),
+                                  arms=[run_arm(name, size, device) for name in ARMS])
     mlfop = next(r for r in report["arms"] if r["arm"] == "mlfop_soap")
     report["mlfop_loss_falls"] = mlfop["last_loss"] < mlfop["first_loss"]
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))

@@ -79,6 +79,7 @@ def untuned(path: str, per_digit: int, cache: str) -> dict[str, dict[str, float]
         data = build_data(d, layout, images, micro_batch_size=8, grad_accum=2, eval_batches=8)
         out[text_format] = evaluate(model, data.validation)
         pictures, digits = generate_digits(model, layout, images, per_digit, text_format)
+        assert data.digits is not None  # data.source: digits
         out[text_format]["val/generated_digit_accuracy"] = DigitJudge(*data.digits, images).accuracy(pictures, digits)
     return out
 

@@ -73,9 +73,11 @@ def environment(cache_dir: str | os.PathLike, codebook_size: int = 64, data_seed
 
     from model_zoo import build_image_tokenizer, build_vocab
     from model_zoo.config import DataConfig, ModelConfig
+    from model_zoo.vq import VQTokenizer
 
     data = DataConfig(cache_dir=str(cache_dir), seed=data_seed, codebook_size=codebook_size)
     vocab, vq = build_vocab(data, ModelConfig()), build_image_tokenizer(data, ModelConfig())
+    assert isinstance(vq, VQTokenizer)  # DataConfig's default image tokenizer: the digits VQ
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:

@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,9 @@ from torch.distributed.tensor import DTensor
 
 import repro
 from distopt import MLFOPSOAP, comm
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,7 +52,7 @@ def model_and_data(rank: int, k: int, dtype: torch.dtype):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = LlamaForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types .to() unbound, self first
     gen = torch.Generator().manual_seed(rank)
     return model, [torch.randint(0, 1024, (4, 64), generator=gen) for _ in range(k)]
 
@@ -58,7 +62,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def fully_shard_layers(model: torch.nn.Module, world: int) -> None:
+def fully_shard_layers(model: LlamaForCausalLM, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -77,7 +81,7 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
         row = dict(k=k, dtype=dtype_name)
         for mode in ("sharded", "replicated", "fsdp2"):
             model, data = model_and_data(rank, k, DTYPES[dtype_name])
-            opts = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
+            opts: dict[str, Any] = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
             if mode == "replicated":
                 opt = MLFOPSOAP(model.named_parameters(), capture="manual", process_group=singles[rank], **opts)
             else:
