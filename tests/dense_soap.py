@@ -26,6 +26,7 @@ Everything is computed in float64 regardless of the parameter's dtype.
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 
@@ -113,7 +114,7 @@ class DenseSOAP:
             one_d_off = len(shape) == 1 and not precondition_1d
             self.layouts.append(lay)
             self.active.append([rotate and not one_d_off and d <= max_precond_dim for d in lay.work])
-        self.state = [None] * len(shapes)
+        self.state: list[Optional[dict[str, Any]]] = [None] * len(shapes)
 
     def _statistics(self, st, g):
         for i, gg in enumerate(st["GG"]):

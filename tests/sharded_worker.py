@@ -42,6 +42,8 @@ class Net(torch.nn.Module):
     eigenbasis, and round-off-level differences (sums over ranks in another order) would legitimately
     pick another one."""
 
+    shadows: list[tuple[torch.nn.Parameter, torch.nn.Parameter]]  # bf16 reference runs only (hasattr tells)
+
     def __init__(self, dtype, hidden: int = 8):
         super().__init__()
         kw = dict(dtype=dtype, device="cpu")  # explicit: the placement test makes 'meta' the default device
@@ -257,28 +259,29 @@ def _train(config, rank, world):
                 owned_numel=sum(b.numel for b in opt.distributor.owned))
 
 
-def _gated_saver() -> AsyncCheckpointer:
+class _GatedSaver(AsyncCheckpointer):
     """An AsyncCheckpointer whose file writes (distopt.checkpoint._write) wait for `stepped`."""
-    saver = AsyncCheckpointer()
-    saver.stepped = threading.Event()
-    write = distopt.checkpoint._write
 
-    def gated(path, obj):
-        if threading.current_thread() is threading.main_thread() or not saver.stepped.wait(60):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stepped = threading.Event()
+        self._ungated = distopt.checkpoint._write
+        distopt.checkpoint._write = self._gated  # this worker process only; restored by close()
+
+    def _gated(self, path, obj):
+        if threading.current_thread() is threading.main_thread() or not self.stepped.wait(60):
             raise RuntimeError("the background save wrote on the training thread, or before the next step")
-        return write(path, obj)
+        return self._ungated(path, obj)
 
-    distopt.checkpoint._write = gated  # this worker process only; restored below once the save is done
-    close = saver.close
-
-    def close_and_restore():
+    def close(self) -> None:
         try:
-            close()
+            super().close()
         finally:
-            distopt.checkpoint._write = write
+            distopt.checkpoint._write = self._ungated
 
-    saver.close = close_and_restore
-    return saver
+
+def _gated_saver() -> _GatedSaver:
+    return _GatedSaver()
 
 
 def worker(rank, world, configs, out_dir):

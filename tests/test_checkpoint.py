@@ -1,6 +1,8 @@
 """Our checkpoint format: atomic, verified, keyed by name and block, loadable at another world size."""
 
 import json
+import os
+from typing import Any
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from distopt.checkpoint import CheckpointError, complete_steps, load_checkpoint, save_checkpoint
 from sharded_worker import build, run_sharded, train
 
-FP64_TOL = dict(rtol=1e-8, atol=5e-10)
+FP64_TOL: dict[str, Any] = dict(rtol=1e-8, atol=5e-10)
 
 
 def _run(tmp_path, **config):
@@ -119,9 +121,7 @@ def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, m
         save_checkpoint(tmp_path, step, model, opt, keep_last=2)
     assert complete_steps(tmp_path) == [3, 4]
     # re-saving step 4 crashes after the old copy was moved aside: step 4 is still there, and loads
-    import distopt.checkpoint as ckpt
-
-    real, calls = ckpt.os.replace, []
+    real, calls = os.replace, []
 
     def crash_on_second(src, dst):
         calls.append(dst)
@@ -129,10 +129,10 @@ def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, m
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    monkeypatch.setattr(os, "replace", crash_on_second)  # the os module distopt.checkpoint calls
     with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, 4, model, opt)
-    monkeypatch.setattr(ckpt.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert not (tmp_path / "step-4").exists() and complete_steps(tmp_path) == [3, 4]
     assert load_checkpoint(tmp_path, model, opt)["step"] == 4
 

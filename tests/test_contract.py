@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distopt import MLFOPSOAP, SOAP, build_optimizer
+from distopt.protocols import counters_of
 
 
 class Tiny(torch.nn.Module):
@@ -68,7 +69,7 @@ def test_save_load_continue_is_bit_identical(name, dtype):
         st = opt_b.state[b]["blocks"][0] if name == "mlfop_soap" else opt_b.state[b]
         assert st["exp_avg"].dtype == torch.float32, "state stays fp32 whatever the parameter dtype"
     if name == "mlfop_soap":
-        assert opt_b.counters["fop_folds"] > 0
+        assert counters_of(opt_b)["fop_folds"] > 0
 
 
 def test_param_groups_have_their_own_lr_and_schedulers_drive_them():

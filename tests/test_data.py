@@ -14,6 +14,7 @@ from model_zoo.data import (
     MODALITIES,
     MODALITY,
     TASKS,
+    BadRecord,
     BadRecordError,
     DigitsSource,
     Doc,
@@ -255,6 +256,7 @@ def test_bad_records_name_file_row_and_field_or_are_counted(built, tmp_path):
             for _ in range(4):
                 strict.next_micro_batch()
         too_long = source._check({"input_ids": [1] * 70, "loss_mask": [0] + [1] * 69, "task": "generation"}, 9)
+        assert isinstance(too_long, BadRecord)
         assert too_long.message().startswith(f"{tmp_path} row 9, field 'input_ids': 70 tokens, more than "
                                              "data.seq_len=64; raise data.seq_len to at least 70, or shorten the "
                                              "record, or set data.on_bad_record: skip"), "the fix, not 'drop it'"

@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +16,18 @@ from sharded_worker import run_sharded
 from test_sharded import assert_matches, reference
 
 # every world size's configs share one spawn; float64, 6 steps (5 updates after the statistics step)
-CASES = {
+CASES: dict[int, list[dict[str, Any]]] = {
     2: [dict(K=1), dict(K=3, max_block=4), dict(K=4, level="global"), dict(K=4, pair_source="modality"),
         dict(K=3, fop=False), dict(K=4, schedule="tree", max_block=4, level="global")],
     4: [dict(K=3, max_block=4, level="global"), dict(K=4, pair_source="modality", max_block=4), dict(K=1),
         dict(K=2, only=["l1.weight", "l2.weight", "head.weight"])],
 }
+
+
+
+def prefixed(what: str) -> Callable[[str], str]:
+    """assert_close's `msg`: its own message after `what`."""
+    return lambda m: f"{what}: {m}"
 
 
 @pytest.mark.parametrize("world", sorted(CASES))
@@ -75,7 +83,7 @@ def test_bytes_per_rank_follow_the_memory_tool_and_fall_with_the_ranks(tmp_path)
     fold window's peak, the communication buffers' peak) at 1, 2 and 4 ranks under both engines, against
     python -m launcher.memory's estimate for that rank (distopt/memory.py) within 10%; and under FSDP2
     parameters, gradients and state fall as ~1/N."""
-    configs = [dict(K=2, fsdp="fsdp", fop=False), dict(K=4, fsdp="fsdp"), dict(K=4)]
+    configs: list[dict[str, Any]] = [dict(K=2, fsdp="fsdp", fop=False), dict(K=4, fsdp="fsdp"), dict(K=4)]
     sizes = {}
     for world in (1, 2, 4):
         runs = [dict(c, W=world, hidden=16, max_block=8, steps=4, bytes=True) for c in configs]
@@ -122,7 +130,7 @@ def test_checkpoints_resume_across_world_sizes_and_engines(tmp_path):
     resumed = (("fsdp2 4 -> 2", moved[0][0]), ("fsdp2 -> owners", moved[0][1]), ("owners -> fsdp2", back[0][0]))
     for what, result in resumed:
         for a, b in zip(result["history"][-1], full[0][0]["history"][-1], strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=lambda m, what=what: f"{what}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=prefixed(what))
     manifest = (tmp_path / "ck4" / "step-2" / "manifest.json").read_text()
     assert '"model_format": "dcp"' in manifest and '"model/.metadata"' in manifest
 

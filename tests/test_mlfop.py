@@ -7,6 +7,7 @@ calls distopt's FOP code.
 """
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import dense
 from distopt import MLFOPSOAP, SOAP, MLFOPOptions
 
 F64 = torch.float64
-HP = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=3)
+HP: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=3)
 LAM = MLFOPOptions().fop_damping  # the reference damps FOP's metric as the default optimizer does
 
 

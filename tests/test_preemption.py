@@ -147,7 +147,7 @@ def test_a_second_signal_or_the_deadline_exits_at_once_and_keeps_the_newest_chec
                                        stderr=subprocess.STDOUT, text=True)
     try:
         for proc in procs.values():
-            assert proc.stdout.readline() == "writing\n"
+            assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
             proc.send_signal(signal.SIGUSR1)
         first = time.monotonic()
         procs["second signal"].send_signal(signal.SIGUSR1)  # a copy (scancel --full): not a second signal
@@ -160,7 +160,9 @@ def test_a_second_signal_or_the_deadline_exits_at_once_and_keeps_the_newest_chec
             proc.kill()
     model, opt = build({"K": 2, "max_block": 4}, torch.float64, 1)
     for name, (_, _, code, message) in cases.items():
-        output = procs[name].stdout.read()
+        stdout = procs[name].stdout
+        assert stdout is not None
+        output = stdout.read()
         assert codes[name] == code and message in output, (name, codes[name], output)
         assert output.count("SIGUSR1: stopping at the next step boundary") == 1, output
         root = tmp_path / name

@@ -299,8 +299,8 @@ def test_every_kind_of_bad_row_in_a_table_is_named_by_file_row_and_field(tmp_pat
                   ("image", "empty cell: no image path"), ("text", "empty cell: no caption")],
         "t.json": [None, ("line", "a JSON int, not an object")]}
     for name, wanted in expected.items():
-        total, records = read_pairs(tmp_path / name)
-        records = list(records)
+        total, read = read_pairs(tmp_path / name)
+        records = list(read)
         assert total in (None, len(wanted)) and len(records) == len(wanted), name
         for row, (record, want) in enumerate(zip(records, wanted, strict=True)):
             if want is None:
@@ -397,7 +397,9 @@ def test_friction_of_a_first_corpus(tmp_path, digits_cache, capsys):
                                          r"(\d+)-token document, more than data.seq_len=48; raise data.seq_len to at "
                                          r"least (\d+), or shorten the caption, or set data.on_bad_record: skip") as e:
         prepare(m, DataConfig(**{**d.__dict__, "seq_len": 48}), progress=False)
-    document, needed = re.search(r"makes a (\d+)-token.*at least (\d+)", str(e.value)).groups()
+    match = re.search(r"makes a (\d+)-token.*at least (\d+)", str(e.value))
+    assert match is not None
+    document, needed = match.groups()
     assert document == needed and int(needed) > 48
     assert folder_digest(tmp_path / "prepared") == before and not list(tmp_path.glob(".prepared.*"))
     prepare(m, d, progress=False)

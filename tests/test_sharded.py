@@ -2,6 +2,7 @@
 communicates what the formula says, and fails the same way on every rank."""
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from sharded_worker import run_failing, run_sharded, train
 
 # (world, configs): each config is one training run; all configs of a world size share one spawn.
-CASES = {
+CASES: dict[int, list[dict[str, Any]]] = {
     1: [dict(K=3), dict(K=2, max_block=4)],
     2: [dict(K=1), dict(K=4, max_block=4), dict(K=3, pair_source="ranks"), dict(K=2, dtype="fp32"),
         dict(K=2, shuffle=True, max_block=4), dict(K=2, fop=False), dict(K=4, schedule="tree", bucket_mb=1e-4),
@@ -33,7 +34,7 @@ CASES = {
 # a bf16 parameter may round the other way where its master sits on a rounding boundary, and the
 # forward passes differ from then on, and the difference grows like any chaotic perturbation: the
 # parameters get a bound of a few bf16 ulps (2^-8 = 0.4% each), 5e-2 relative (measured <= 1.8e-2).
-FP64_TOL = dict(rtol=1e-8, atol=5e-10)
+FP64_TOL: dict[str, Any] = dict(rtol=1e-8, atol=5e-10)
 FP32_RELATIVE = 1e-3
 BF16_RELATIVE = 5e-2
 MASTER_DISPLACEMENT = 1e-2
@@ -246,8 +247,9 @@ def test_every_tensor_the_optimizer_makes_is_on_the_gradients_device(tmp_path):
     table or flag created without its gradient's device would be a meta tensor, and adding it to a CPU
     tensor or reducing it with gloo fails. Each run must succeed and equal the unguarded one bit for
     bit, in one process and on two ranks, for the schedules, pair sources, dtypes and blocks."""
-    configs = [dict(K=4, max_block=4), dict(K=3, dtype="bf16"), dict(K=2, pair_source="ranks", max_grad_norm=0.1),
-               dict(K=4, schedule="tree", level="global"), dict(K=2, fop=False)]
+    configs: list[dict[str, Any]] = [
+        dict(K=4, max_block=4), dict(K=3, dtype="bf16"), dict(K=2, pair_source="ranks", max_grad_norm=0.1),
+        dict(K=4, schedule="tree", level="global"), dict(K=2, fop=False)]
     for world in (1, 2):
         runs = [dict(c, W=world, steps=3, meta_default=guard) for c in configs for guard in (False, True)
                 if world == 2 or c.get("pair_source") != "ranks"]

@@ -21,6 +21,8 @@ reason precondition_1d is not covered here: a 1-D GG is rank one at the first ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ from distopt import SOAP
 F64 = torch.float64
 STEPS = 36
 
-CONFIGS = {
+CONFIGS: dict[str, tuple[list[tuple[int, ...]], dict[str, Any]]] = {
     # defaults: shampoo_beta < 0 (-> betas[1]), weight decay 0.01, bias correction, no merge
     "square_defaults": ([(6, 6), (8,)], dict(lr=0.02, precondition_frequency=5)),
     # max_precond_dim below the large side: that side is not rotated; shampoo_beta >= 0; no weight decay
