@@ -11,6 +11,7 @@ services:
 	bash scripts/setup_test_services.sh
 
 test: setup services
+	bash scripts/check.sh
 	$(ENV) $(PY) -m pytest -q -p no:cacheprovider --durations=10 tests/
 
 # 2 CPU ranks under the DeepSpeed launcher: the tiny Emu3 learns captioned digits with ML-FOP-SOAP; prints the

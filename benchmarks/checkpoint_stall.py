@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import repro
 
@@ -79,7 +80,9 @@ def measure(run, repeats: int, between: int) -> dict:
         run.cfg.checkpoint.async_ = mode
         save(run, 0)
         wait_for_saves(run)
-    sync, background, step = [], [], 1
+    sync: list[float] = []
+    background: list[dict[str, Any]] = []
+    step = 1
     for _ in range(repeats):
         run.cfg.checkpoint.async_ = False
         t = time.perf_counter()

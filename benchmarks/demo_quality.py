@@ -20,6 +20,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -28,7 +29,7 @@ from distopt.deepspeed_glue import init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = {"data": {"caption_dropout": 0.1}}
-VARIANTS = [  # (label, steps, config updates)
+VARIANTS: list[tuple[str, int, dict[str, Any]]] = [  # (label, steps, config updates)
     ("emu3_tiny_mlfop.yaml (augmented views, lr 0.003)", 400, {}),
     ("+ 10% of generation captions dropped", 400, CFG),
     ("+ lr 0.01", 400, {**CFG, "optimizer": {"params": {"lr": 0.01}}}),
@@ -73,6 +74,7 @@ def measure(model_dir: str) -> dict:
     images = build_image_tokenizer(d, m, model)
     layout = layout_for(m, vocab, images.grid, model)
     data = build_data(d, layout, images, micro_batch_size=8, grad_accum=2)
+    assert data.digits is not None  # data.source: digits
     judge = DigitJudge(*data.digits, images)
     out = {"judge_ceiling": judge.ceiling}
     for g in GUIDANCE:
@@ -83,7 +85,7 @@ def measure(model_dir: str) -> dict:
 
     def nll(caption_of) -> float:
         docs = [Doc(*layout.document("generation", caption_of(d, i), c, True))
-                for i, (d, c) in enumerate(zip(val["digit"], codes))]
+                for i, (d, c) in enumerate(zip(val["digit"], codes, strict=True))]
         outs = [model(collate([docs[i:i + 2]], 64, vocab.pad, "generation")) for i in range(0, len(docs), 2)]
         return sum(float(o["image_loss"]) * int(o["n_image"]) for o in outs) / sum(int(o["n_image"]) for o in outs)
 
@@ -119,7 +121,8 @@ def main() -> None:
              "| variant | steps | guidance 1 | guidance 3 | guidance 5 | NLL own | NLL empty | NLL other digit |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['steps']} | " + " | ".join(f"{r[f'accuracy_g{g:g}']:.3f}" for g in GUIDANCE)
+        lines.append(f"| {r['variant']} | {r['steps']} | "
+                     + " | ".join(f"{r[f'accuracy_g{g:g}']:.3f}" for g in GUIDANCE)
                      + f" | {r['nll_own_caption']:.3f} | {r['nll_empty_caption']:.3f} | {r['nll_other_digit']:.3f} |")
     (out / "demo-quality.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

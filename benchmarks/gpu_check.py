@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,14 +34,15 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from distopt import build_optimizer, comm  # noqa: E402
-from launcher.memory import GiB, Activations, estimate  # noqa: E402
 from distopt.options import MLFOPOptions  # noqa: E402
+from distopt.protocols import counters_of  # noqa: E402
+from launcher.memory import Activations, GiB, estimate  # noqa: E402
 
 SIZES = {  # hidden, layers, heads, kv heads, ffn, vocab, tokens per micro-step, micro-steps, steps
     "1b": dict(hidden=2048, layers=20, heads=16, kv=8, ffn=5632, vocab=32000, tokens=4096, k=8, steps=6),
     "smoke": dict(hidden=64, layers=2, heads=4, kv=2, ffn=128, vocab=256, tokens=64, k=2, steps=4),
 }
-ARMS = {
+ARMS: dict[str, dict[str, Any]] = {
     "adamw": {"name": "adamw", "params": {"lr": 3e-4, "weight_decay": 0.1}},
     "soap": {"name": "mlfop_soap", "params": {"lr": 3e-3, "fop": False, "max_block": 2048, "verbose": False}},
     "mlfop_soap": {"name": "mlfop_soap", "params": {"lr": 3e-3, "max_block": 2048, "verbose": False}},
@@ -65,7 +67,7 @@ def llama(size: dict, device: torch.device) -> torch.nn.Module:
                          tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
-        return LlamaForCausalLM(config).to(torch.bfloat16)
+        return LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types .to() unbound, self first
 
 
 def zipf_tokens(size: dict, step: int, k: int, device: torch.device) -> torch.Tensor:
@@ -104,9 +106,11 @@ def run_arm(name: str, size: dict, device: torch.device) -> dict:
     if name != "adamw":
         options = MLFOPOptions(**ARMS[name]["params"])
         est = estimate(list(model.named_parameters()), options, 1, "deepspeed",
-                       Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]), micro_steps=size["k"])
+                       Activations(size["layers"], size["hidden"], size["vocab"], size["tokens"]),
+                       micro_steps=size["k"])
         row["estimate_gib"] = est.total / GiB
-        row["counters"] = {k: float(v) for k, v in opt.counters.items() if k in ("eigh", "qr", "fop_folds", "reductions")}
+        row["counters"] = {k: float(v) for k, v in counters_of(opt).items()
+                           if k in ("eigh", "qr", "fop_folds", "reductions")}
     del opt, model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -151,9 +155,10 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     init_world(device)
     size = SIZES["smoke" if args.smoke else "1b"]
-    report = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                  torch=torch.__version__, size=size, tiny=[] if args.smoke else tiny_configs(device, out),
-                  arms=[run_arm(name, size, device) for name in ARMS])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    report: dict[str, Any] = dict(device=device_name, torch=torch.__version__, size=size,
+                                  tiny=[] if args.smoke else tiny_configs(device, out),
+                                  arms=[run_arm(name, size, device) for name in ARMS])
     mlfop = next(r for r in report["arms"] if r["arm"] == "mlfop_soap")
     report["mlfop_loss_falls"] = mlfop["last_loss"] < mlfop["first_loss"]
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
@@ -170,12 +175,14 @@ def markdown(report: dict) -> str:
     lines = [f"# GPU check on {report['device']} (torch {report['torch']})", "",
              f"Llama-shaped model, {report['arms'][0]['params'] / 1e9:.2f} B parameters in bf16, K = {size['k']} "
              f"micro-steps of {size['tokens']} tokens, {size['steps']} steps (median of steps 3+).", "",
-             "| optimizer | step (s) | vs AdamW | peak allocated (GiB) | reserved (GiB) | estimate (GiB) | loss first | loss last |",
+             "| optimizer | step (s) | vs AdamW | peak allocated (GiB) | reserved (GiB) | estimate (GiB) "
+             "| loss first | loss last |",
              "|---|---|---|---|---|---|---|---|"]
     base = report["arms"][0]["step_s"]
     for r in report["arms"]:
         lines.append(f"| {r['arm']} | {r['step_s']:.3f} | {r['step_s'] / base:.2f}x | "
-                     f"{r.get('peak_allocated_gib', float('nan')):.1f} | {r.get('peak_reserved_gib', float('nan')):.1f} | "
+                     f"{r.get('peak_allocated_gib', float('nan')):.1f} | "
+                     f"{r.get('peak_reserved_gib', float('nan')):.1f} | "
                      f"{r.get('estimate_gib', float('nan')):.1f} | {r['first_loss']:.3f} | {r['last_loss']:.3f} |")
     lines += ["", f"ML-FOP-SOAP's loss falls: {report['mlfop_loss_falls']}", ""]
     for t in report["tiny"]:

@@ -25,6 +25,7 @@ import argparse
 import os
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -57,7 +58,8 @@ class Runner:
         seq = tokens // 4
         self.name, self.model = name, make_model(seq)
         named = list(self.model.named_parameters())
-        hp = dict(lr=1e-3, weight_decay=0.01)
+        hp: dict[str, Any] = dict(lr=1e-3, weight_decay=0.01)
+        self.opt: torch.optim.Optimizer
         if name == "AdamW":
             self.opt = torch.optim.AdamW([p for _, p in named], betas=(0.9, 0.95), **hp)
         elif name == "SOAP":
@@ -66,7 +68,8 @@ class Runner:
             self.opt = MLFOPSOAP(named, precondition_frequency=10, verbose=False, **hp)
         gen = torch.Generator().manual_seed(0)
         self.data = [torch.randint(0, 512, (4, seq), generator=gen) for _ in range(K)]
-        self.opt_times, self.step_times = [], []
+        self.opt_times: list[float] = []
+        self.step_times: list[float] = []
 
     def _microstep_seconds(self) -> float:
         return float(counters_of(self.opt).get("microstep_seconds", 0.0))
@@ -104,11 +107,12 @@ def main() -> None:
                              state_mib=state_bytes(r.opt) / 2**20))
     head = (f"torch {torch.__version__}, {torch.get_num_threads()} threads (OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), K={K}, {steps} steps, median after {warmup} warm-up")
-    lines = [head, "", "| tokens/micro-step | optimizer | optimizer s/step | x SOAP | training step s | x SOAP | x AdamW |"
-             " state MiB |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | {r['optimizer']} | {r['opt_s']:.4f} | {r['opt_x_soap']:.2f} | {r['step_s']:.3f} | "
-                     f"{r['step_x_soap']:.2f} | {r['step_x_adamw']:.2f} | {r['state_mib']:.1f} |")
+    lines = [head, "", "| tokens/micro-step | optimizer | optimizer s/step | x SOAP | training step s | x SOAP "
+             "| x AdamW | state MiB |", "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['tokens']} | {row['optimizer']} | {row['opt_s']:.4f} | {row['opt_x_soap']:.2f} | "
+                     f"{row['step_s']:.3f} | {row['step_x_soap']:.2f} | {row['step_x_adamw']:.2f} | "
+                     f"{row['state_mib']:.1f} |")
     table = "\n".join(lines) + "\n"
     name = "optimizer-step-quick" if args.quick else "optimizer-step"
     repro.write_results(name, "python benchmarks/optimizer_step.py" + (" --quick" if args.quick else ""), table, rows)

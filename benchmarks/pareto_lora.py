@@ -79,6 +79,7 @@ def untuned(path: str, per_digit: int, cache: str) -> dict[str, dict[str, float]
         data = build_data(d, layout, images, micro_batch_size=8, grad_accum=2, eval_batches=8)
         out[text_format] = evaluate(model, data.validation)
         pictures, digits = generate_digits(model, layout, images, per_digit, text_format)
+        assert data.digits is not None  # data.source: digits
         out[text_format]["val/generated_digit_accuracy"] = DigitJudge(*data.digits, images).accuracy(pictures, digits)
     return out
 
@@ -138,10 +139,13 @@ def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds, e
         command += f" --pretrained {args.pretrained}"
         base = f"the pretrained model {args.pretrained}"
     ceiling = results["sum (vanilla LoRA)"][0]["judge_ceiling"]
-    lines = ["# Pareto LoRA at CPU scale\n", f"`{command}` ({seconds:.0f} s, 2 cores): {base}, then LoRA r=8 on every decoder linear, {steps} steps on the instruct "
-             f"format, seeds {seeds}; {10 * per_digit} generated images per evaluation. Mean ± sd over seeds.\n",
+    lines = ["# Pareto LoRA at CPU scale\n",
+             f"`{command}` ({seconds:.0f} s, 2 cores): {base}, then LoRA r=8 on every decoder linear, "
+             f"{steps} steps on the instruct format, seeds {seeds}; {10 * per_digit} generated images per evaluation. "
+             "Mean ± sd over seeds.\n",
              repro.describe(env) + "\n",
-             f"Digit judge ceiling (its accuracy on VQ reconstructions of held-out digits): {ceiling:.3f}; chance 0.100.\n",
+             f"Digit judge ceiling (its accuracy on VQ reconstructions of held-out digits): {ceiling:.3f}; "
+             "chance 0.100.\n",
              "| rule | " + " | ".join(m[1] for m in METRICS) + " | accuracy vs vanilla |",
              "|---" * (len(METRICS) + 2) + "|"]
     for text_format, values in before.items():
@@ -154,12 +158,15 @@ def render(before, results, args, pre_steps, steps, seeds, per_digit, seconds, e
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {100 * (acc - vanilla) / max(vanilla, 1e-9):+.1f}% |")
     steps_logged = [g for h in results["sum (vanilla LoRA)"] for g in h["grad"]]
     ratios, cosines = ({k.split("/", 2)[2]: statistics.mean(g[k] for g in steps_logged)
-                        for k in steps_logged[0] if k.startswith(f"layer_grad/{kind}/")} for kind in ("norm_ratio", "cosine"))
+                        for k in steps_logged[0] if k.startswith(f"layer_grad/{kind}/")}
+                       for kind in ("norm_ratio", "cosine"))
     lines += ["", f"Per LoRA layer, mean over the {len(steps_logged)} tuning steps of vanilla LoRA (all seeds): "
               f"|g_text| / |g_image| from {min(ratios.values()):.2f} to {max(ratios.values()):.2f} "
               f"(median {statistics.median(ratios.values()):.2f}), cosine from {min(cosines.values()):.3f} "
-              f"to {max(cosines.values()):.3f}.", "", "| LoRA layer | norm ratio text/image | cosine |", "|---|---|---|"]
-    lines += [f"| {layer.replace('hf.model.text_model.', '')} | {ratio:.2f} | {cosines[layer]:.3f} |" for layer, ratio in ratios.items()]
+              f"to {max(cosines.values()):.3f}.", "",
+              "| LoRA layer | norm ratio text/image | cosine |", "|---|---|---|"]
+    lines += [f"| {layer.replace('hf.model.text_model.', '')} | {ratio:.2f} | {cosines[layer]:.3f} |"
+              for layer, ratio in ratios.items()]
     return "\n".join(lines) + "\n"
 
 

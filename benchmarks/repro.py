@@ -70,11 +70,14 @@ def _git() -> str:
 def environment(cache_dir: str | os.PathLike, codebook_size: int = 64, data_seed: int = 0) -> dict:
     """Versions, threads, commit, and content hashes of the cached VQ codebook and text tokenizer."""
     import torch
+
     from model_zoo import build_image_tokenizer, build_vocab
     from model_zoo.config import DataConfig, ModelConfig
+    from model_zoo.vq import VQTokenizer
 
     data = DataConfig(cache_dir=str(cache_dir), seed=data_seed, codebook_size=codebook_size)
     vocab, vq = build_vocab(data, ModelConfig()), build_image_tokenizer(data, ModelConfig())
+    assert isinstance(vq, VQTokenizer)  # DataConfig's default image tokenizer: the digits VQ
     versions = {"python": platform.python_version()}
     for name in PACKAGES:
         try:

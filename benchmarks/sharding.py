@@ -30,6 +30,7 @@ import os
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,9 @@ from torch.distributed.tensor import DTensor
 
 import repro
 from distopt import MLFOPSOAP, comm
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -48,7 +52,7 @@ def model_and_data(rank: int, k: int, dtype: torch.dtype):
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    model = LlamaForCausalLM(cfg).to(dtype)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) types .to() unbound, self first
     gen = torch.Generator().manual_seed(rank)
     return model, [torch.randint(0, 1024, (4, 64), generator=gen) for _ in range(k)]
 
@@ -58,7 +62,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def fully_shard_layers(model: torch.nn.Module, world: int) -> None:
+def fully_shard_layers(model: LlamaForCausalLM, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -77,7 +81,7 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
         row = dict(k=k, dtype=dtype_name)
         for mode in ("sharded", "replicated", "fsdp2"):
             model, data = model_and_data(rank, k, DTYPES[dtype_name])
-            opts = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
+            opts: dict[str, Any] = dict(lr=1e-3, precondition_frequency=10, max_block=256, verbose=False)
             if mode == "replicated":
                 opt = MLFOPSOAP(model.named_parameters(), capture="manual", process_group=singles[rank], **opts)
             else:
@@ -85,7 +89,7 @@ def run(rank: int, world: int, configs: list[tuple[int, str]], steps: int, out_d
                     fully_shard_layers(model, world)
                 opt = MLFOPSOAP(model.named_parameters(), **opts)
             times, grad_bytes = [], 0
-            for step in range(steps):
+            for _ in range(steps):
                 dist.barrier()
                 start = time.perf_counter()
                 for tokens in data:
@@ -158,7 +162,8 @@ def markdown(rows: list[dict], steps: int) -> str:
     head = (f"torch {torch.__version__}, {os.cpu_count()} CPUs, steps={steps} (median after 2 warm-up); bytes per "
             "rank on the fullest rank; sent = MiB handed to each collective per rank and step (formula in "
             "parentheses); grads = p.grad bytes left after a backward (the optimizer takes them)")
-    lines = [head, "", "## DeepSpeed-engine layout (replicated parameters, owner-sharded state) vs replicated state", "",
+    lines = [head, "",
+             "## DeepSpeed-engine layout (replicated parameters, owner-sharded state) vs replicated state", "",
              "| ranks | K | dtype | state MiB | masters MiB | window MiB | comm MiB | grads MiB | params MiB |"
              " replicated state MiB | reductions/step | reduce-scatter | all-gather | all-reduce KiB |"
              " step s sharded | step s replicated | sharded/replicated |",

@@ -54,7 +54,7 @@ class MicrostepCapture:
                     capture._on_grad(i, p)
 
             for i, p in enumerate(self.params):
-                self._handles.append(p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]
+                self._handles.append(p.register_post_accumulate_grad_hook(  # type: ignore[no-untyped-call]  # torch leaves it unannotated
                     functools.partial(hook, i=i)))
 
     def _on_grad(self, index: int, p: torch.Tensor) -> None:

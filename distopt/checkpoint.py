@@ -40,9 +40,11 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -52,6 +54,9 @@ from torch.distributed.tensor import DTensor
 
 from distopt.protocols import BlockSharded, Wrapper, describe, in_window, stateful
 from distopt.state import tree_to
+
+if TYPE_CHECKING:
+    from distopt.plan import Block
 
 FORMAT = "distopt-checkpoint-v2"
 
@@ -88,7 +93,7 @@ def _all_gather(value: Any, group: Optional[dist.ProcessGroup] = None) -> list[A
     return out
 
 
-def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[dict]:
+def _optimizer_files(optimizer: torch.optim.Optimizer, rank: int) -> Optional[dict[str, Any]]:
     """What this rank writes as optim-rank<R>.pt, or None: the blocks it owns (block-sharded state,
     distopt.protocols.BlockSharded), or rank 0 the state_dict of a replicated optimizer."""
     if isinstance(optimizer, BlockSharded):
@@ -100,8 +105,8 @@ def _block_key(name: str, ordinal: int) -> str:
     return f"{name}#{ordinal}"
 
 
-def save_checkpoint(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: Optional[dict] = None, keep_last: Optional[int] = None) -> Path:
+def save_checkpoint(root: str | os.PathLike[str], step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: Optional[dict[str, Any]] = None, keep_last: Optional[int] = None) -> Path:
     """Collective: every rank calls it at the same step, after optimizer.step(). keep_last: keep only
     the newest N complete steps (None: all). A write that fails on any rank (a full disk, a folder that
     cannot be written) raises CheckpointError on every rank, naming the folder and the cause; the
@@ -128,11 +133,11 @@ class AsyncCheckpointer:
     def __init__(self) -> None:
         self._group: Optional[dist.ProcessGroup] = None
         self._thread: Optional[threading.Thread] = None
-        self._result: Any = None
+        self._result: Optional[Path | BaseException] = None
         self.step: Optional[int] = None  # the step being written or last written
 
-    def save(self, root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             extra: Optional[dict] = None, keep_last: Optional[int] = None) -> None:
+    def save(self, root: str | os.PathLike[str], step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             extra: Optional[dict[str, Any]] = None, keep_last: Optional[int] = None) -> None:
         self.wait()
         save = _prepare(root, step, model, optimizer, extra, keep_last, staged=True)
         group = self._background_group()
@@ -140,6 +145,7 @@ class AsyncCheckpointer:
         if save.dcp_state is not None:
             future = dcp.async_save({"model": save.dcp_state}, checkpoint_id=str(save.tmp / "model"),
                                     process_group=group)
+            assert isinstance(future, Future)  # an AsyncSaveResponse comes only with a non-blocking async_stager
             save.dcp_state = None  # async_save staged its own copy
             write_shards = future.result
         self.step, self._result = step, None
@@ -147,7 +153,8 @@ class AsyncCheckpointer:
                                         name=f"distopt-checkpoint-step-{step}", daemon=True)
         self._thread.start()
 
-    def _write(self, save: _Save, group, write_shards) -> None:
+    def _write(self, save: _Save, group: Optional[dist.ProcessGroup],
+               write_shards: Optional[Callable[[], Any]]) -> None:
         try:
             self._result = _write_and_publish(save, group, write_shards)
         except BaseException as e:  # noqa: BLE001 - handed to wait() on the training thread
@@ -194,10 +201,10 @@ class _Save:
     step: int
     tmp: Path
     rank: int
-    optim: Optional[dict]        # optim-rank<R>.pt
-    model: Optional[dict]        # model.pt (rank 0, replicated model)
-    dcp_state: Optional[dict]    # the FSDP2 model's sharded state dict (every rank)
-    manifest: Optional[dict]     # rank 0
+    optim: Optional[dict[str, Any]]        # optim-rank<R>.pt
+    model: Optional[dict[str, Any]]        # model.pt (rank 0, replicated model)
+    dcp_state: Optional[dict[str, Any]]    # the FSDP2 model's sharded state dict (every rank)
+    manifest: Optional[dict[str, Any]]     # rank 0
     keep_last: Optional[int]
 
     @property
@@ -205,8 +212,8 @@ class _Save:
         return self.root / f"step-{self.step}"
 
 
-def _prepare(root: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             extra: Optional[dict], keep_last: Optional[int], staged: bool) -> _Save:
+def _prepare(root: str | os.PathLike[str], step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             extra: Optional[dict[str, Any]], keep_last: Optional[int], staged: bool) -> _Save:
     """Collective: the temporary directory (rank 0 creates it; a failure stops every rank) and what each
     rank will write. staged: CPU copies taken now (a background write must not see later steps), with
     the storages shared as in the originals, so the files are byte for byte those of a direct save."""
@@ -225,17 +232,18 @@ def _prepare(root: str | os.PathLike, step: int, model: torch.nn.Module, optimiz
     tmp, error = _all_gather((tmp, error) if rank == 0 else None)[0]
     if error:
         raise _save_error(root, step, [error])
-    copy_ = _staged if staged else (lambda value: value)
+    copy_: Callable[[Any], Any] = _staged if staged else (lambda value: value)
     model_format = "dcp" if _sharded_model(model) else "torch"
     manifest = None
     if rank == 0:
-        sharded = isinstance(optimizer, BlockSharded)
-        blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
-                       file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks] if sharded else None
+        blocks, runtime = None, None
+        if isinstance(optimizer, BlockSharded):
+            blocks = [dict(key=_block_key(b.name, b.ordinal), slices=[[s.start, s.stop] for s in b.slices],
+                           file=f"optim-rank{b.owner}.pt") for b in optimizer.plan.blocks]
+            runtime = optimizer.runtime_state()
         groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         manifest = copy_(dict(format=FORMAT, step=step, world_size=world, optimizer=name, model_format=model_format,
-                              blocks=blocks, param_groups=groups,
-                              runtime=optimizer.runtime_state() if sharded else None,
+                              blocks=blocks, param_groups=groups, runtime=runtime,
                               rule_runtime=outer.runtime_state() if isinstance(outer, Wrapper) else None,
                               extra=extra or {}))
     return _Save(root, step, tmp, rank, copy_(_optimizer_files(optimizer, rank)),
@@ -249,7 +257,8 @@ def _write_and_publish(save: _Save, group: Optional[dist.ProcessGroup],
     write even after its own failed, so that no rank waits alone), hashes them, and learns whether
     every rank succeeded; rank 0 then writes the manifest and publishes, or removes the temporary
     directory; every rank learns rank 0's outcome and raises the same CheckpointError on failure."""
-    written, error = {}, None
+    written: dict[str, dict[str, Any]] = {}
+    error: Optional[str] = None
     try:
         if save.optim is not None:
             written[f"optim-rank{save.rank}.pt"] = _write_checked(save.tmp / f"optim-rank{save.rank}.pt", save.optim)
@@ -274,6 +283,7 @@ def _write_and_publish(save: _Save, group: Optional[dist.ProcessGroup],
     if save.rank == 0:
         if not errors:
             try:
+                assert save.manifest is not None  # rank 0 always has one (_prepare)
                 manifest = dict(save.manifest, files={k: v for w, _ in outcome for k, v in w.items()})
                 (save.tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
                 _publish(save.root, save.tmp, save.final)
@@ -306,7 +316,7 @@ class _DiskError(RuntimeError):
     pass
 
 
-def _write_checked(path: Path, obj: Any) -> dict:
+def _write_checked(path: Path, obj: Any) -> dict[str, Any]:
     """_write, with a failure described in words (torch.save reports a full disk as a C++ stream error
     such as 'unexpected pos 576 vs 534')."""
     try:
@@ -337,7 +347,7 @@ def _disk_error(error: BaseException, path: Path, needed: int) -> str:
 
 def _nbytes_of(value: Any) -> int:
     """Bytes of the tensors in a (nested) state dict, each storage once: about what torch.save writes."""
-    seen: dict = {}
+    seen: dict[tuple[int, str], int] = {}
     for t in _tensors(value):
         t = t.to_local() if isinstance(t, DTensor) else t
         storage = t.untyped_storage()
@@ -345,7 +355,7 @@ def _nbytes_of(value: Any) -> int:
     return sum(seen.values())
 
 
-def _tensors(value: Any):
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):
@@ -356,7 +366,7 @@ def _tensors(value: Any):
             yield from _tensors(v)
 
 
-def _staged(value: Any, storages: Optional[dict] = None) -> Any:
+def _staged(value: Any, storages: Optional[dict[tuple[int, str], torch.UntypedStorage]] = None) -> Any:
     """A CPU copy of a (nested) state dict taken now. Tensors that shared a storage share the copy's
     storage at the same offsets and strides, so torch.save writes the same bytes as for the original
     (CPU tensors; a GPU tensor's copy is recorded with the location 'cpu')."""
@@ -365,27 +375,28 @@ def _staged(value: Any, storages: Optional[dict] = None) -> Any:
         storage = value.untyped_storage()
         key = (storage.data_ptr(), str(storage.device))
         if key not in storages:
-            storages[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
-        out = torch.empty(0, dtype=value.dtype)
-        out.set_(storages[key], value.storage_offset(), value.size(), value.stride())
-        return out
+            copy_storage = storage.clone if storage.device.type == "cpu" else storage.cpu
+            storages[key] = copy_storage()  # type: ignore[no-untyped-call]  # torch leaves UntypedStorage.clone/.cpu unannotated
+        tensor = torch.empty(0, dtype=value.dtype)
+        tensor.set_(storages[key], value.storage_offset(), value.size(), value.stride())
+        return tensor
     if isinstance(value, dict):
-        out = type(value)((k, _staged(v, storages)) for k, v in value.items())
+        mapping = type(value)((k, _staged(v, storages)) for k, v in value.items())
         attributes = getattr(value, "__dict__", None)
         if attributes:  # a state_dict's _metadata (module versions) is pickled with it
-            out.__dict__.update(copy.deepcopy(attributes))
-        return out
+            mapping.__dict__.update(copy.deepcopy(attributes))
+        return mapping
     if isinstance(value, (list, tuple)):
         return type(value)(_staged(v, storages) for v in value)
     return copy.deepcopy(value)
 
 
-def _write(path: Path, obj: Any) -> dict:
+def _write(path: Path, obj: Any) -> dict[str, Any]:
     torch.save(obj, path)
     return _digest(path)
 
 
-def _digest(path: Path) -> dict:
+def _digest(path: Path) -> dict[str, Any]:
     return {"sha256": _sha256(path), "bytes": path.stat().st_size}
 
 
@@ -418,7 +429,7 @@ def _step_dirs(root: Path) -> dict[int, Path]:
     return dirs
 
 
-def complete_steps(root: str | os.PathLike) -> list[int]:
+def complete_steps(root: str | os.PathLike[str]) -> list[int]:
     """Steps whose directory has a valid manifest and every file at its recorded size, oldest first
     (the sha256 of each file is checked by the ranks that read it, in load_checkpoint)."""
     steps = []
@@ -431,12 +442,12 @@ def complete_steps(root: str | os.PathLike) -> list[int]:
     return sorted(steps)
 
 
-def _check_manifest(path: Path) -> dict:
+def _check_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"{path} has no manifest.json: it is not a complete distopt checkpoint")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{manifest_path} is not valid JSON ({e})") from e
     if manifest.get("format") != FORMAT:
@@ -451,13 +462,13 @@ def _check_manifest(path: Path) -> dict:
     return manifest
 
 
-def _verify(path: Path, manifest: dict, names: set[str]) -> None:
+def _verify(path: Path, manifest: dict[str, Any], names: set[str]) -> None:
     for name in sorted(names):
         if _sha256(path / name) != manifest["files"][name]["sha256"]:
             raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt)")
 
 
-def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
+def resolve(root: str | os.PathLike[str], step: Optional[int] = None) -> Path:
     """The directory of `step`, or the one `latest` points to."""
     root = Path(root)
     if step is None:
@@ -468,8 +479,8 @@ def resolve(root: str | os.PathLike, step: Optional[int] = None) -> Path:
     return _step_dirs(root).get(step, root / f"step-{step}")
 
 
-def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    step: Optional[int] = None) -> dict:
+def load_checkpoint(root: str | os.PathLike[str], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    step: Optional[int] = None) -> dict[str, Any]:
     """Collective: load model and optimizer state; returns the manifest (its `extra` and `step`)."""
     outer, name, optimizer = optimizer, describe(optimizer), stateful(optimizer)
     path = resolve(root, step)
@@ -493,7 +504,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
     _load_model(path, manifest, model)
     if isinstance(optimizer, BlockSharded):
         _load_blocks(path, manifest, optimizer)
-        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"]):
+        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"], strict=True):
             for k, v in saved_group.items():
                 if k != "param_names":
                     group[k] = tuple(v) if isinstance(group.get(k), tuple) else v
@@ -505,7 +516,7 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer: 
     return manifest
 
 
-def _model_files(manifest: dict) -> set[str]:
+def _model_files(manifest: dict[str, Any]) -> set[str]:
     """The model files this rank checks: model.pt, or its share of the DCP files (every file once over the ranks)."""
     if manifest.get("model_format") != "dcp":
         return {"model.pt"}
@@ -514,7 +525,7 @@ def _model_files(manifest: dict) -> set[str]:
     return set(files[rank::world])
 
 
-def _load_model(path: Path, manifest: dict, model: torch.nn.Module) -> None:
+def _load_model(path: Path, manifest: dict[str, Any], model: torch.nn.Module) -> None:
     """Either format into either kind of model: torch.distributed.checkpoint reshards DTensors and fills
     plain tensors; a model.pt goes into a sharded model as a full state dict."""
     if manifest.get("model_format") == "dcp":
@@ -535,12 +546,12 @@ def _load(path: Path) -> Any:
     return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
 
 
-def _files_of(manifest: dict, optimizer: BlockSharded) -> set[str]:
+def _files_of(manifest: dict[str, Any], optimizer: BlockSharded) -> set[str]:
     where = {b["key"]: b["file"] for b in manifest["blocks"]}
     return {where[_block_key(b.name, b.ordinal)] for b, _ in optimizer.block_states()}
 
 
-def _check_plan(path: Path, manifest: dict, optimizer: BlockSharded) -> None:
+def _check_plan(path: Path, manifest: dict[str, Any], optimizer: BlockSharded) -> None:
     saved = {b["key"]: b["slices"] for b in manifest["blocks"]}
     needed = {_block_key(b.name, b.ordinal): [[s.start, s.stop] for s in b.slices] for b in optimizer.plan.blocks}
     if saved != needed:
@@ -551,10 +562,10 @@ def _check_plan(path: Path, manifest: dict, optimizer: BlockSharded) -> None:
                               f"{len(optimizer.param_groups)} in this optimizer")
 
 
-def _load_blocks(path: Path, manifest: dict, optimizer: BlockSharded) -> None:
+def _load_blocks(path: Path, manifest: dict[str, Any], optimizer: BlockSharded) -> None:
     """Each rank reads the blocks it owns now, one old rank's file at a time (memory-mapped)."""
     where = {b["key"]: b["file"] for b in manifest["blocks"]}
-    by_file: dict[str, list] = {}
+    by_file: dict[str, list[tuple[Block, dict[str, Any]]]] = {}
     for b, target in optimizer.block_states():
         by_file.setdefault(where[_block_key(b.name, b.ordinal)], []).append((b, target))
     for file, targets in sorted(by_file.items()):

@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
 
-
 READS: Counter[str] = Counter()  # host reads per calling function, for the dry run's count (a process-wide tally)
 
 

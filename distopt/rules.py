@@ -44,7 +44,7 @@ import contextlib
 import functools
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Union, overload
 
 import torch
 
@@ -367,8 +367,14 @@ class TwoObjective(torch.optim.Optimizer):
                 for t in parts:
                     t.mul_(scale)
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         if len(self._sums) > 2:
             raise RuntimeError(f"{self.rule} combines two modalities, got {sorted(self._sums)}")
         if not self._sums:

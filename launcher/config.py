@@ -209,7 +209,8 @@ def _validate_optimizer(o: OptimizerConfig, b: BatchConfig, world_size: int) -> 
     except OptionError as e:
         raise ConfigError(f"optimizer.params.{e.field}: {e.detail}") from None
     bad = sorted(set(o.params) - set(valid))
-    _check(not bad, f"optimizer.params.{bad[0] if bad else ''}", f"not an argument of {o.name}; valid arguments are {valid}")
+    _check(not bad, f"optimizer.params.{bad[0] if bad else ''}",
+           f"not an argument of {o.name}; valid arguments are {valid}")
     _check(o.params.get("capture", "hooks") == "hooks", "optimizer.params.capture",
            "the launcher's training loop needs 'hooks' (each backward is one micro-step); remove the key")
     _check("max_grad_norm" not in o.params, "optimizer.params.max_grad_norm",
@@ -270,7 +271,8 @@ def _validate_checkpoint(c: CheckpointConfig) -> None:
 def _validate_engine(cfg: Config, world_size: int) -> None:
     _check(cfg.engine in ENGINES, "engine", f"{cfg.engine!r}; choose one of {ENGINES}")
     if cfg.engine != "fsdp2":
-        _check(cfg.fsdp.replicate == 1, "fsdp.replicate", "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
+        _check(cfg.fsdp.replicate == 1, "fsdp.replicate",
+               "applies to engine: fsdp2 only; remove it or set engine: fsdp2")
         return
     r = cfg.fsdp.replicate
     _check(isinstance(r, int) and r >= 1 and world_size % r == 0, "fsdp.replicate",
@@ -292,12 +294,14 @@ def _validate_model_and_data(cfg: Config) -> None:
         if cfg.data.source == "pairs" and cfg.data.prepare == "manual":
             check_prepared_corpus(cfg.model, cfg.data)
         elif cfg.data.source == "pairs":
+            assert cfg.data.path is not None  # validate_data: a corpus source has its path
             check_target(cfg.data.prepared_dir(), Path(cfg.data.path))
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if cfg.data.source == "digits":
         _check(not cfg.eval.captions, "eval.captions", "the digits' sample grid prompts each digit; remove it")
         return
+    assert cfg.data.path is not None  # validate_data: a corpus source has its path
     _check(not cfg.eval.generated_digits, "eval.generated_digits",
            f"{cfg.eval.generated_digits!r}, but it prompts for digits and data.source is {cfg.data.source!r}; "
            "set it to 0")

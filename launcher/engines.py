@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Callable, ContextManager, Optional
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -128,13 +130,13 @@ def resolve(engine: str, spec: dict) -> dict:
 Weights = Optional[Callable[[torch.nn.Module], None]]  # fills a sharded model's parameters (None: leave them)
 
 
-def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
+def build_engine(model: UnifiedModel, optimizer_spec: dict, *, engine: str, micro_batch_size: int,
                  grad_accum: int, max_grad_norm, bf16: bool, replicate: int = 1, deepspeed: dict | None = None,
                  activation_checkpointing: bool = False, weights: Weights = None,
-                 device: Optional[torch.device] = None, materialize: ContextManager[Any] = contextlib.nullcontext()):
+                 device: Optional[torch.device] = None, materialize: Optional[AbstractContextManager[Any]] = None):
     """(engine, optimizer) for the model; the optimizer is built once parameters sit on their device.
     deepspeed: `model` holds its weights. fsdp2: `model` is on the meta device; it is sharded, then,
-    inside `materialize` (the dry run's FakeTensorMode), its shards are made on `device` (default: this
+    inside `materialize` (the dry run's FakeTensorMode; default none), its shards are made on `device` (default: this
     rank's GPU, else the CPU) and `weights` fills them."""
     world = dist.get_world_size()
     if activation_checkpointing:
@@ -148,7 +150,7 @@ def build_engine(model: torch.nn.Module, optimizer_spec: dict, *, engine: str, m
     if bf16:
         model.to(torch.bfloat16)  # on meta: the shards are bf16; the owners' fp32 masters are the only fp32 copy
     shard(model, world, replicate, device)
-    with materialize:
+    with contextlib.nullcontext() if materialize is None else materialize:
         model.to_empty(device=device)
         if weights is not None:
             weights(model)

@@ -7,7 +7,8 @@ import contextlib
 import functools
 import os
 import time
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any, Optional
 
 import psutil
 import torch
@@ -59,7 +60,7 @@ class ModalityGradProbe:
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.layers = {n: module_of(n, i).replace("base_model.model.", "") for i, n in enumerate(self.names)}
         self.like = {n: (p.shape, p.device) for n, p in model.named_parameters() if p.requires_grad}
-        self.sums: dict[str, dict[str, torch.Tensor]] = {}
+        self.sums: dict[Optional[str], dict[str, torch.Tensor]] = {}  # None: a backward outside modality()
         self.tag: Optional[str] = None
         self._hooked: set[int] = set()
         self._handles = []
@@ -108,7 +109,9 @@ class ModalityGradProbe:
             dots = torch.stack([t @ t, t @ i, i @ i]).cpu()
             layer = self.layers[name]
             per_layer[layer] = dots if layer not in per_layer else per_layer[layer] + dots
-        out = _geometry("grad", sum(per_layer.values()))
+        total = sum(per_layer.values())
+        assert isinstance(total, torch.Tensor)  # not sum()'s 0: the model has parameters
+        out = _geometry("grad", total)
         for layer, dots in per_layer.items():
             out.update(_geometry("layer_grad", dots, layer))
         return out
@@ -157,9 +160,10 @@ class PhaseTimer:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda" and torch.cuda.is_available()  # (a fake CUDA device: the dry run)
-        self.spans: list[tuple[str, object, object]] = []
+        # (name, start, end): perf_counter seconds, or torch.cuda.Event where self.cuda
+        self.spans: list[tuple[str, Any, Any]] = []
 
-    def _now(self) -> object:
+    def _now(self) -> Any:
         if not self.cuda:
             return time.perf_counter()
         event = torch.cuda.Event(enable_timing=True)

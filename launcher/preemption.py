@@ -30,7 +30,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Mapping, Optional
+from collections.abc import Mapping
+from typing import Optional
 
 EXIT_STOPPED = 75   # sysexits' EX_TEMPFAIL: a temporary failure, to be retried
 EXIT_ABORTED = 76
@@ -64,7 +65,7 @@ class StopSignals:
     def requested(self) -> bool:
         return self.first is not None
 
-    def install(self) -> "StopSignals":
+    def install(self) -> StopSignals:
         """Python runs signal handlers on the main thread only, between bytecodes, so a rank blocked in a
         collective would never see a second signal. Its C-level handler also writes each signal's
         number to the wakeup fd at once; a watcher thread reads it there and acts."""
@@ -88,8 +89,10 @@ class StopSignals:
         return EXIT_STOPPED if self.checkpoint_complete else EXIT_ABORTED
 
     def _watch(self) -> None:
+        reader = self._reader
+        assert reader is not None  # install() opens it before it starts this thread
         while True:
-            data = self._reader.recv(64)
+            data = reader.recv(64)
             if not data:
                 return
             for number in data:  # other handled signals (SIGINT) pass through the same fd: ignored here

@@ -50,6 +50,7 @@ from model_zoo.images import caption_grid, render_grid
 from model_zoo.lora import add_lora, has_lora, merged, save_adapter
 from model_zoo.prepare import prepare_if_needed
 from model_zoo.quality import PER_PROMPT, DigitJudge, generate_captioned, generate_digits
+from model_zoo.unified import UnifiedModel
 
 
 def lr_lambda(cfg: Config):
@@ -65,7 +66,7 @@ def lr_lambda(cfg: Config):
     return factor
 
 
-def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[torch.nn.Module, object, object, Data, Weights]:
+def build_model_and_data(cfg: Config, rank: int, world: int) -> tuple[UnifiedModel, object, object, Data, Weights]:
     """(model, layout, image tokenizer, data, weights). Rank 0 first fits and caches the project's
     tokenizers (WordPiece, digits VQ) when they are not cached yet, and with data.prepare: auto prepares
     a pairs corpus that is missing or stale; the other ranks then load them. Under fsdp2 the model is
@@ -112,7 +113,7 @@ def rank0_weights(cfg: Config, vocab: Any) -> Weights:
     return load
 
 
-def sample_grid(run: "Run", step: int, write: bool) -> Optional[torch.Tensor]:
+def sample_grid(run: Run, step: int, write: bool) -> Optional[torch.Tensor]:
     """Generated images, PER_PROMPT per prompt, one row per prompt, each under its prompt: the digits,
     or eval.captions and the validation captions of a corpus (with classifier-free guidance when
     eval.guidance > 1)."""
@@ -129,7 +130,7 @@ def sample_grid(run: "Run", step: int, write: bool) -> Optional[torch.Tensor]:
     return caption_grid(pictures, run.captions, PER_PROMPT, path) if write else None
 
 
-def export(model: torch.nn.Module, out: Path, layout, family: str, rank: int) -> None:
+def export(model: UnifiedModel, out: Path, layout, family: str, rank: int) -> None:
     """The trained model for inference and for `model.pretrained` of a later run: <out>/model, the
     transformers class's save_pretrained with its tokenizer; a LoRA run also writes <out>/adapter in
     peft's format and exports the merged model. An FSDP2-sharded model is gathered first (a
@@ -220,7 +221,7 @@ class Run:
     world: int
     out: Path
     sampler: MicroBatchSampler
-    model: torch.nn.Module
+    model: UnifiedModel
     engine: Any
     opt: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -298,7 +299,10 @@ def set_up(cfg: Config) -> Run:
                                max_grad_norm=cfg.optimizer.max_grad_norm, bf16=cfg.model.dtype == "bfloat16",
                                replicate=cfg.fsdp.replicate, deepspeed=cfg.deepspeed,
                                activation_checkpointing=cfg.model.activation_checkpointing, weights=weights)
-    judge = DigitJudge(*data.digits, images) if cfg.eval.generated_digits and rank == 0 else None
+    judge = None
+    if cfg.eval.generated_digits and rank == 0:
+        assert data.digits is not None  # validate: generated digits need data.source: digits
+        judge = DigitJudge(*data.digits, images)
     logger = Logger(cfg.run.out_dir, cfg.logging.tensorboard and rank == 0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     run = Run(cfg, rank, world, Path(cfg.run.out_dir), data.sampler, model, engine, opt, scheduler, logger,
@@ -489,6 +493,7 @@ def finish(run: Run) -> dict:
         run.history["judge_ceiling"] = judge.ceiling if judge is not None else None
         scored = [v for v in run.history["val"] if "val/generated_digit_accuracy" in v]
         if scored:
+            assert judge is not None  # the accuracy is measured by the judge
             print(f"[distopt] generated-digit accuracy {scored[-1]['val/generated_digit_accuracy']:.3f} at step "
                   f"{scored[-1]['step'] + 1} (judge ceiling {judge.ceiling:.3f}, chance 0.100)", file=sys.stderr)
     run.logger.close()

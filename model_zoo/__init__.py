@@ -3,5 +3,4 @@ too), image tokenizers (the project's VQ on digits, or a checkpoint's VQ-VAE), a
 pipeline (digits, a user's image-caption pairs, or a tokenized corpus through Hugging Face `datasets`).
 model_zoo never imports distopt or launcher: models and optimizer are siblings."""
 
-from model_zoo.build import (Data, build_data, build_image_tokenizer, build_model, build_vocab,  # noqa: F401
-                             layout_for)
+from model_zoo.build import Data, build_data, build_image_tokenizer, build_model, build_vocab, layout_for  # noqa: F401

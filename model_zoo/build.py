@@ -25,7 +25,7 @@ from model_zoo.unified import SHAPE_FIELDS, UnifiedModel, load_submodule
 from model_zoo.vocab import Vocab, load_or_train_wordpiece
 from model_zoo.vq import CheckpointVQ, VQTokenizer
 
-FAMILIES = {"emu3": Emu3, "janus": Janus}
+FAMILIES: dict[str, Union[type[Emu3], type[Janus]]] = {"emu3": Emu3, "janus": Janus}
 CONFIGS = {"emu3": emu3.config, "janus": janus.config}
 HF_CLASSES = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}
 
@@ -40,8 +40,10 @@ def build_vocab(d: DataConfig, m: ModelConfig) -> Vocab:
     """The checkpoint's tokenizer, or the project's WordPiece (trained on the digits' caption corpus and
     cached) with the image codes of the image tokenizer's codebook."""
     if d.text_tokenizer == "pretrained":
+        assert m.pretrained is not None  # validate_data: a pretrained tokenizer needs model.pretrained
         return Vocab.from_checkpoint(m.pretrained, m.family, checkpoint_config(m.pretrained))
     if d.image_tokenizer == "pretrained":
+        assert m.pretrained is not None  # validate_data: a pretrained tokenizer needs model.pretrained
         c = checkpoint_config(m.pretrained).vq_config
         codebook = c.codebook_size if m.family == "emu3" else c.num_embeddings
     else:
@@ -121,6 +123,7 @@ def build_image_tokenizer(d: DataConfig, m: ModelConfig,
     else:
         from transformers import Emu3VQVAE, JanusVQVAE
 
+        assert m.pretrained is not None  # validate_data: a pretrained tokenizer needs model.pretrained
         config = checkpoint_config(m.pretrained)
         vqmodel = load_submodule((Emu3VQVAE if m.family == "emu3" else JanusVQVAE)(config.vq_config), m.pretrained)
     size = d.image_size
@@ -165,12 +168,15 @@ def build_data(d: DataConfig, layout, images, *, micro_batch_size: int, grad_acc
     """Sources for the training and validation splits, the training sampler and the validation batches.
     A prepared corpus is checked against `model` and `d` (prepared.py); `pairs` needs `model`."""
     splits, found = None, []
+    train: Union[DigitsSource, TokenizedSource, None]
+    val: Union[DigitsSource, TokenizedSource, None]
     if d.source == "digits":
         splits = digit_data.split(d.seed, d.val_fraction)
         train = DigitsSource(splits[0], layout, images, d.text_format, seed, shuffle=True,
                              caption_dropout=d.caption_dropout)
         val = DigitsSource(splits[1], layout, images, d.text_format, seed, shuffle=False)
     else:
+        assert d.path is not None  # validate_data: a corpus source has its path
         path = d.prepared_dir() if d.source == "pairs" else Path(d.path)
         if d.source == "pairs":
             if model is None:

@@ -144,6 +144,7 @@ def validate_data(d: DataConfig, m: ModelConfig) -> None:
         _check(not d.streaming, "data.streaming", "true, but the digits live in memory; set it false")
     else:
         _check(d.path is not None, "data.path", f"null, but source {d.source!r} reads a corpus; point it at one")
+        assert d.path is not None  # _check raised otherwise
         _check(not is_placeholder(d.path), "data.path",
                f"{d.path!r} is a placeholder; set it to your corpus (source {d.source!r}: "
                + ("a folder of images with same-named .txt captions, or a .jsonl/.csv/.parquet file with "

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import io
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import datasets
 import numpy as np
@@ -135,13 +136,13 @@ class DigitsSource:
         self.seed, self.shuffle, self.response_only = seed, shuffle, text_format == "instruct"
         n_codes = images.grid[0] * images.grid[1]
         self.captions = {t: [layout.vocab.text(digit_data.caption(d, i, text_format, t))
-                             for d, i in zip(rows["digit"], rows["index"])] for t in TASKS}
+                             for d, i in zip(rows["digit"], rows["index"], strict=True)] for t in TASKS}
         self.lengths = {t: [len(layout.document(t, c, [0] * n_codes, self.response_only)[0]) for c in caps]
                         for t, caps in self.captions.items()}
         self.name = f"digits ({len(rows)} rows)"
 
     def items(self, task: str, epoch: int, start: int) -> Iterator[Item]:
-        order = range(len(self.rows))
+        order: Sequence[int] = range(len(self.rows))
         if self.shuffle:
             gen = torch.Generator().manual_seed(mixed_seed(self.seed, epoch, TASKS.index(task)))
             order = torch.randperm(len(self.rows), generator=gen).tolist()
@@ -161,9 +162,12 @@ class DigitsSource:
         captions = [self.captions[task][r] for r in rows]
         if gen is not None and task == "generation" and self.caption_dropout:  # unconditioned samples, for guidance
             drop = (torch.rand(len(rows), generator=gen) < self.caption_dropout).tolist()
-            captions = [[] if d else c for c, d in zip(captions, drop)]
-        return [Doc(*self.layout.document(task, c, code, self.response_only), p if keep else None)
-                for c, code, p in zip(captions, codes, pixels)]
+            captions = [[] if d else c for c, d in zip(captions, drop, strict=True)]
+        docs = []
+        for c, code, p in zip(captions, codes, pixels, strict=True):
+            ids, mask = self.layout.document(task, c, code, self.response_only)
+            docs.append(Doc(ids, mask, p if keep else None))
+        return docs
 
 
 def open_tokenized(path: str | Path, split: str, streaming: bool,
@@ -265,7 +269,7 @@ class TokenizedSource:
             got = self.ds[[it.key for it in items]]
             records = [{k: got[k][j] for k in got} for j in range(len(items))]
         docs = []
-        for it, r in zip(items, records):
+        for r in records:
             pixels = self._pixels(r["image"]) if task in self.layout.pixels else None
             mask = [0, *r["loss_mask"][1:]]  # nothing precedes a document's first token in its row
             docs.append(Doc(list(r["input_ids"]), mask, pixels))
@@ -423,4 +427,5 @@ class MicroBatchSampler:
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r}, this sampler has {key}={mine!r}: "
                                  f"resume with the same run seed and data")
         self.served, self.skipped = int(state["served"]), int(state.get("skipped", 0))
-        self.cursors = {t: _Cursor(*map(int, state["positions"][t])) for t in TASKS}
+        positions = state["positions"]  # {task: [epoch, offset]}
+        self.cursors = {t: _Cursor(int(positions[t][0]), int(positions[t][1])) for t in TASKS}

@@ -14,14 +14,22 @@ hf.model.text_model.embed_tokens.weight, hf.lm_head.weight; the VQ-VAE (hf.model
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from transformers import Emu3Config, Emu3ForConditionalGeneration, Emu3TextConfig
 
-from model_zoo.unified import (UnifiedModel, check_overrides, guided, load_checkpoint, override_keys, sample,
-                               token_losses)
+from model_zoo.unified import (
+    UnifiedModel,
+    check_overrides,
+    guided,
+    load_checkpoint,
+    override_keys,
+    sample,
+    token_losses,
+)
 from model_zoo.vocab import Vocab
 
 SIZES = ("tiny", "emu3_8b")
@@ -94,6 +102,7 @@ class Emu3Layout:
 
     def image_head(self) -> list[int]:
         """`[SOV] meta [SOT]`: what opens an image, meta being the code grid as text."""
+        assert self.vocab.sot is not None  # an Emu3 vocabulary has its image-token marker (Vocab.sot)
         return [self.vocab.sov, *self.vocab.text(f"{self.grid[0]}*{self.grid[1]}"), self.vocab.sot]
 
     def image_ids(self, codes: Sequence[int]) -> list[int]:
@@ -112,17 +121,18 @@ class Emu3(UnifiedModel):
 
     def __init__(self, hf: Emu3ForConditionalGeneration):
         super().__init__(hf)
+        assert hf.config.vocabulary_map is not None  # Emu3 models are built from a config with their vocabulary
         visual = sorted(v for k, v in hf.config.vocabulary_map.items() if k.startswith("<|visual token"))
         self.image_offset, self.codebook_size = visual[0], len(visual)
         self.vision_loss_weight = float(getattr(hf.config, "vision_loss_weight", VISION_LOSS_WEIGHT))
 
     @classmethod
-    def build(cls, size: str, vocab: Vocab, overrides: Optional[dict] = None) -> "Emu3":
+    def build(cls, size: str, vocab: Vocab, overrides: Optional[dict] = None) -> Emu3:
         return cls(Emu3ForConditionalGeneration(config(size, vocab, overrides)))
 
     @classmethod
     def from_pretrained(cls, path: str, overrides: Optional[dict] = None,
-                        dtype: torch.dtype = torch.float32) -> "Emu3":
+                        dtype: torch.dtype = torch.float32) -> Emu3:
         """A local checkpoint directory in transformers' Emu3 layout; nothing is downloaded."""
         overrides = dict(overrides or {})
         check_overrides(overrides, override_keys(Emu3TextConfig, ("vision_loss_weight",)), path)

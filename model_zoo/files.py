@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 
 def writable_dir(path: str | os.PathLike, field: str = "cache_dir") -> Path:
@@ -18,7 +18,7 @@ def writable_dir(path: str | os.PathLike, field: str = "cache_dir") -> Path:
     return out
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> None:
     """`write(tmp)` fills a temporary file beside `path`, which is then renamed onto `path` (atomic on
     POSIX within one folder), so readers see the old file or the whole new one, never a part."""
     path = Path(path)

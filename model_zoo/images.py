@@ -9,8 +9,9 @@ import functools
 import os
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -121,7 +122,7 @@ def grid_image(images: torch.Tensor, nrow: int, labels: Optional[Sequence[str]] 
     grid = torch.ones(c, rows * cell_h - GAP, nrow * cell_w - GAP)
     for i in range(n):
         top, left = (i // nrow) * cell_h, (i % nrow) * cell_w
-        if lines:
+        if lines and wrapped is not None:
             grid[:, top:top + lines * LINE_H, left:left + w] = caption_pixels(wrapped[i], w, lines)
         grid[:, top + strip:top + strip + h, left:left + w] = tiles[i]
     return grid

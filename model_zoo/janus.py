@@ -17,14 +17,22 @@ hf.lm_head; the VQ-VAE (hf.model.vqmodel) is frozen.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from transformers import JanusConfig, JanusForConditionalGeneration, LlamaConfig
 
-from model_zoo.unified import (UnifiedModel, check_overrides, guided, load_checkpoint, override_keys, sample,
-                               token_losses)
+from model_zoo.unified import (
+    UnifiedModel,
+    check_overrides,
+    guided,
+    load_checkpoint,
+    override_keys,
+    sample,
+    token_losses,
+)
 from model_zoo.vocab import Vocab
 
 SIZES = ("tiny", "janus_1_3b")
@@ -46,7 +54,7 @@ def config(size: str, vocab: Optional[Vocab] = None, overrides: Optional[dict] =
     check_overrides(overrides, override_keys(LlamaConfig), None)
     if size == "tiny":
         hidden = overrides.get("hidden_size", 64)
-        text = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+        text: dict[str, Any] = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, max_position_embeddings=256)
         vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_channels=1, image_size=8,
                       patch_size=2, projection_dim=hidden, num_image_tokens=16, mlp_ratio=2.0)
@@ -57,7 +65,7 @@ def config(size: str, vocab: Optional[Vocab] = None, overrides: Optional[dict] =
         text, vision, vq = dict(JANUS_1_3B_TEXT), {}, {}
     else:
         raise ValueError(f"model.size: {size!r} is not a janus size; choose one of {SIZES}")
-    ids = {}
+    ids: dict[str, Any] = {}
     if vocab is not None:
         text.update(vocab_size=vocab.image_offset, pad_token_id=vocab.pad, bos_token_id=vocab.bos,
                     eos_token_id=vocab.eos)
@@ -84,6 +92,7 @@ class JanusLayout:
         if task == "generation":
             prompt, response = self.generation_prompt(caption), [v.image_offset + int(c) for c in codes]
         elif task == "understanding":
+            assert v.img is not None  # a Janus vocabulary has its image placeholder (Vocab.img)
             prompt, response = [v.bos, v.sov, *[v.img] * self.n_visual, v.eov], [*caption, v.eos]
         else:
             raise ValueError(f"task={task!r} is invalid: 'understanding' or 'generation'")
@@ -99,16 +108,17 @@ class Janus(UnifiedModel):
 
     def __init__(self, hf: JanusForConditionalGeneration):
         super().__init__(hf)
-        self.image_offset = hf.config.text_config.vocab_size
-        self.codebook_size = hf.config.vq_config.num_embeddings
+        config: Any = hf.config  # JanusConfig types its sub-configs dict | config | None; built, they are configs
+        self.image_offset = config.text_config.vocab_size
+        self.codebook_size = config.vq_config.num_embeddings
 
     @classmethod
-    def build(cls, size: str, vocab: Vocab, overrides: Optional[dict] = None) -> "Janus":
+    def build(cls, size: str, vocab: Vocab, overrides: Optional[dict] = None) -> Janus:
         return cls(JanusForConditionalGeneration(config(size, vocab, overrides)))
 
     @classmethod
     def from_pretrained(cls, path: str, overrides: Optional[dict] = None,
-                        dtype: torch.dtype = torch.float32) -> "Janus":
+                        dtype: torch.dtype = torch.float32) -> Janus:
         """A local checkpoint directory in transformers' Janus layout; nothing is downloaded."""
         overrides = dict(overrides or {})
         check_overrides(overrides, override_keys(LlamaConfig), path)

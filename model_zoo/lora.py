@@ -11,8 +11,9 @@ parameter is frozen: a LoRA run trains the adapters only and leaves the base wei
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -35,7 +36,7 @@ def add_lora(model: UnifiedModel, r: int = 8, alpha: float = 16.0, dropout: floa
     if adapter is not None:
         model.hf = PeftModel.from_pretrained(model.hf, adapter, is_trainable=True)
     else:
-        model.hf = get_peft_model(model.hf, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+        model.hf = get_peft_model(model.hf, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]  # peft annotates lora_alpha int; it scales by lora_alpha / r
                                                        target_modules=model.decoder_linears(tuple(target_modules))))
     return model
 

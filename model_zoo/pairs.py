@@ -18,12 +18,14 @@ corpus can tell when its source has changed.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 from model_zoo.data import BadRecord
 
@@ -203,7 +205,7 @@ def _arrow(path: Path, kind: str, image_column: str, text_column: str) -> tuple[
             for batch in t.batches():
                 images = batch.column(image_column).to_pylist()
                 texts = _as_bytes(batch.column(text_column)).to_pylist()
-                for image, text in zip(images, texts):
+                for image, text in zip(images, texts, strict=True):
                     yield _pair(f"{t.name} row {row}", t.base, image, text, image_column, text_column)
                     row += 1
 
@@ -216,7 +218,8 @@ def _arrow_tables(path: Path, kind: str) -> list[_Table]:
     if kind == "parquet":
         files = [path] if path.is_file() else list(_parquet_files(path))
         return [_Table(str(f), f.parent, pf.schema_arrow, pf.metadata.num_rows,
-                       lambda pf=pf: pf.iter_batches(batch_size=BATCH)) for f in files for pf in [pq.ParquetFile(f)]]
+                       functools.partial(pf.iter_batches, batch_size=BATCH))
+                for f in files for pf in [pq.ParquetFile(f)]]
     import datasets
 
     ds = datasets.load_from_disk(str(path))
@@ -231,7 +234,7 @@ def _arrow_tables(path: Path, kind: str) -> list[_Table]:
                    lambda: (b for t in table.iter(batch_size=BATCH) for b in t.to_batches()))]
 
 
-def _require_columns(name: Union[str, Path], columns: list, image_column: str, text_column: str) -> None:
+def _require_columns(name: Union[str, Path], columns: Sequence[str], image_column: str, text_column: str) -> None:
     for column, key in ((image_column, "image_column"), (text_column, "text_column")):
         if column not in columns:
             what = "image" if key == "image_column" else "caption"

@@ -41,8 +41,9 @@ import shutil
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional, TextIO, Union
+from typing import Optional, TextIO, Union
 
 import datasets
 import numpy as np
@@ -71,8 +72,8 @@ def load_image(image: Union[Path, bytes], channels: int, size: int, fit: str = "
     from PIL import Image, ImageOps
 
     with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as pil:
-        pil = ImageOps.exif_transpose(pil)
-        x = torch.from_numpy(np.asarray(pil.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0)
+        upright = ImageOps.exif_transpose(pil)
+        x = torch.from_numpy(np.asarray(upright.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0)
     x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
     return fit_images(x[None], channels, size, fit)[0], x.shape[1] != x.shape[2]
 
@@ -125,7 +126,7 @@ class Preparer:
         if not ready:
             return
         codes = self.images.encode(torch.stack([p for _, p in ready])).tolist()
-        for (pair, pixels), code in zip(ready, codes):
+        for (pair, pixels), code in zip(ready, codes, strict=True):
             yield from self._records(pair, pixels, code)
 
     def _records(self, pair: Pair, pixels: torch.Tensor, code: list[int]) -> Iterator[dict]:
@@ -197,6 +198,7 @@ def prepare(m: ModelConfig, d: DataConfig, progress: bool = True, log: Optional[
     if d.source != "pairs":
         raise ValueError(f"data.source: {d.source!r}; prepare tokenizes image-caption pairs, set it to 'pairs'")
     out = d.prepared_dir()
+    assert d.path is not None  # validate_data: source 'pairs' has its path
     check_target(out, Path(d.path))
     key = made_from(m, d)  # before reading: an edit during the preparation makes the result stale, not wrong
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,7 +287,9 @@ def load_sections(path: str, overrides: list[str]) -> tuple[ModelConfig, DataCon
         if unknown:
             raise ValueError(f"{name}.{unknown[0]}: unknown key; valid keys are {valid}")
         sections.append(cls(**values))
-    return sections[0], sections[1]
+    m, d = sections
+    assert isinstance(m, ModelConfig) and isinstance(d, DataConfig)
+    return m, d
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -35,6 +35,7 @@ def text_tokenizer_id(m: ModelConfig, d: DataConfig) -> str:
     digest of the tokenizer files saved in the checkpoint (wherever the checkpoint is copied)."""
     if d.text_tokenizer == "wordpiece":
         return f"wordpiece {wordpiece_name(caption_corpus())}"
+    assert m.pretrained is not None  # validate_data: a pretrained tokenizer needs model.pretrained
     h = hashlib.sha256()
     for name in TOKENIZER_FILES:
         f = Path(m.pretrained) / name
@@ -47,12 +48,14 @@ def image_tokenizer_id(m: ModelConfig, d: DataConfig) -> str:
     """The image tokenizer: the digits VQ's codebook settings, or a digest of the checkpoint's VQ-VAE config."""
     if d.image_tokenizer == "digits_vq":
         return f"digits_vq (codebook_size {d.codebook_size}, seed {d.seed})"
+    assert m.pretrained is not None  # validate_data: a pretrained tokenizer needs model.pretrained
     vq = json.loads((Path(m.pretrained) / "config.json").read_text()).get("vq_config", {})
     return f"pretrained (vq_config {hashlib.sha256(json.dumps(vq, sort_keys=True).encode()).hexdigest()[:16]})"
 
 
 def made_from(m: ModelConfig, d: DataConfig) -> dict[str, Any]:
     """The key of the prepared corpus this config reads (see the module docstring)."""
+    assert d.path is not None  # validate_data: a corpus source has its path
     source = Path(d.path).resolve()
     return dict(source={"path": str(source), **fingerprint(source, d.image_column, d.text_column)},
                 family=m.family, text_tokenizer=text_tokenizer_id(m, d), image_tokenizer=image_tokenizer_id(m, d),

@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 
 from model_zoo.data import fit_images
 from model_zoo.digits import caption
+from model_zoo.unified import UnifiedModel
 
 PER_PROMPT = 4  # images per prompt in a sample grid: one row per digit or caption
 
@@ -40,8 +41,9 @@ class DigitJudge:
 
 
 @torch.no_grad()
-def generate_digits(model: torch.nn.Module, layout, images, per_digit: int, text_format: str = "plain",
-                    seed: int = 0, temperature: float = 1.0, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_digits(model: UnifiedModel, layout, images, per_digit: int, text_format: str = "plain",
+                    seed: int = 0, temperature: float = 1.0,
+                    guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(images [10 * per_digit, C, S, S], digits): per_digit samples for each digit 0..9, each from its own
     prompt (templates drawn as for samples 10,000 + j, outside the data set's indices), at `temperature`
     with classifier-free `guidance`."""
@@ -55,7 +57,7 @@ def generate_digits(model: torch.nn.Module, layout, images, per_digit: int, text
 
 
 @torch.no_grad()
-def generate_captioned(model: torch.nn.Module, layout, images, captions: list[str], per_caption: int,
+def generate_captioned(model: UnifiedModel, layout, images, captions: list[str], per_caption: int,
                        seed: int = 0, temperature: float = 1.0, guidance: float = 1.0) -> torch.Tensor:
     """Images [len(captions) * per_caption, C, S, S], caption by caption: each caption tokenized as
     training tokenizes it, sampled at `temperature` with classifier-free `guidance` (> 1: an

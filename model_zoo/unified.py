@@ -15,12 +15,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+HFModel = TypeVar("HFModel", bound="PreTrainedModel")
 
 # the decoder's linear layers (Llama's names, shared by Emu3's text model): LoRA targets
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -123,8 +129,8 @@ def check_overrides(overrides: dict, valid: list[str], pretrained: Optional[str]
                              "model.pretrained to train a new model of that shape")
 
 
-def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict, dtype: torch.dtype = torch.float32,
-                    text_config_of=lambda c: c.text_config) -> torch.nn.Module:
+def load_checkpoint(cls: type[HFModel], path: str, model_type: str, overrides: dict, dtype: torch.dtype = torch.float32,
+                    text_config_of: Callable[[Any], Any] = lambda c: c.text_config) -> HFModel:
     """`cls.from_pretrained(path)` from the local directory only, in `dtype` (the run's parameter dtype),
     `overrides` applied to the text config, and every weight required: a checkpoint of
     another architecture is an error, not a silent random initialisation."""
@@ -141,12 +147,14 @@ def load_checkpoint(cls: type, path: str, model_type: str, overrides: dict, dtyp
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     for key, value in overrides.items():
         setattr(config if key == "vision_loss_weight" else text_config_of(config), key, value)
-    model, info = cls.from_pretrained(path, config=config, local_files_only=True, dtype=dtype,
-                                      output_loading_info=True)
+    loaded: tuple[HFModel, dict[str, Any]] = cls.from_pretrained(  # type: ignore[assignment]  # (model, info): transformers types the model alone
+        path, config=config, local_files_only=True, dtype=dtype, output_loading_info=True)
+    model, info = loaded
     missing = [k for k in info["missing_keys"] if "rotary" not in k]
     if missing or info["unexpected_keys"] or info["mismatched_keys"]:
         raise ValueError(f"model.pretrained: {path} does not match {cls.__name__}: missing {missing[:5]}, "
-                         f"unexpected {list(info['unexpected_keys'])[:5]}, mismatched {list(info['mismatched_keys'])[:5]}")
+                         f"unexpected {list(info['unexpected_keys'])[:5]}, "
+                         f"mismatched {list(info['mismatched_keys'])[:5]}")
     return model
 
 
@@ -163,7 +171,7 @@ def load_submodule(module: torch.nn.Module, path: str) -> torch.nn.Module:
         else ["model.safetensors"]
     wanted = list(module.state_dict())
     handles = [safe_open(str(root / name), framework="pt") for name in files]
-    keys = {k: f for f in handles for k in f.keys()}
+    keys = {k: f for f in handles for k in f.keys()}  # noqa: SIM118 (a safe_open handle has keys() but no __iter__)
     prefixes = [k[:-len(wanted[0])] for k in keys if k.endswith(wanted[0])]
     prefix = next((p for p in prefixes if all(p + w in keys for w in wanted)), None)
     if prefix is None:
@@ -179,6 +187,9 @@ class UnifiedModel(torch.nn.Module):
     generation_prompt and generate_images."""
 
     decoder_path: str = ""
+    # the transformers model, or peft's PeftModel around it (model_zoo.lora): its submodules are reached
+    # by name through torch.nn.Module.__getattr__, which a type checker cannot follow
+    hf: Any
 
     def __init__(self, hf: torch.nn.Module):
         super().__init__()
@@ -188,8 +199,8 @@ class UnifiedModel(torch.nn.Module):
     def vqmodel(self) -> torch.nn.Module:
         return self.base().model.vqmodel
 
-    def base(self) -> torch.nn.Module:
-        """`hf` itself, or the model inside a peft wrapper."""
+    def base(self) -> Any:
+        """`hf` itself, or the model inside a peft wrapper (a transformers model: see `hf`)."""
         return self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf
 
     @property
@@ -211,6 +222,12 @@ class UnifiedModel(torch.nn.Module):
         mlp = [n for n in names if n not in attn]
         parts = ([rf"self_attn\.({'|'.join(attn)})"] if attn else []) + ([rf"mlp\.({'|'.join(mlp)})"] if mlp else [])
         return rf"{re.escape(self.decoder_path)}\.layers\.\d+\.({'|'.join(parts)})"
+
+    def generate_images(self, layout: Any, caption: Sequence[int], n: int = 1, temperature: float = 1.0,
+                        gen: Optional[torch.Generator] = None, guidance: float = 1.0) -> torch.Tensor:
+        """n images for one caption (text ids) laid out by the family's `layout`: codebook indices
+        LongTensor[n, h * w]. Each family implements it."""
+        raise NotImplementedError
 
     def save_pretrained(self, path: str, state_dict: Optional[dict] = None) -> None:
         """The transformers class's own save_pretrained (config.json + safetensors). `state_dict`: this

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -91,23 +92,24 @@ class Vocab:
         if self.origin == "wordpiece":
             enc = self.tokenizer.encode(s, add_special_tokens=False)
             unk = self.tokenizer.token_to_id("[UNK]")
-            return [s[a:b] for i, (a, b) in zip(enc.ids, enc.offsets) if i == unk]
+            return [s[a:b] for i, (a, b) in zip(enc.ids, enc.offsets, strict=True) if i == unk]
         unk = self.tokenizer.unk_token_id
         if unk is None:
             return []
         enc = self.tokenizer(s, add_special_tokens=False, return_offsets_mapping=True)
-        return [s[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]) if i == unk]
+        return [s[a:b] for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if i == unk]
 
     @classmethod
-    def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> "Vocab":
+    def from_wordpiece(cls, tokenizer: Tokenizer, codebook_size: int) -> Vocab:
         """Text ids, then SPECIALS in order, then the image codes."""
         text = tokenizer.get_vocab_size()
         ids = {name: text + i for i, name in enumerate(SPECIALS)}
-        return cls(encode=lambda s: tokenizer.encode(s, add_special_tokens=False).ids, tokenizer=tokenizer, **ids,
-                   image_offset=text + len(SPECIALS), codebook_size=codebook_size)
+        return cls(encode=lambda s: tokenizer.encode(s, add_special_tokens=False).ids, tokenizer=tokenizer,
+                   pad=ids["pad"], bos=ids["bos"], eos=ids["eos"], sov=ids["sov"], sot=ids["sot"], eov=ids["eov"],
+                   img=ids["img"], image_offset=text + len(SPECIALS), codebook_size=codebook_size)
 
     @classmethod
-    def from_checkpoint(cls, path: str, family: str, config) -> "Vocab":
+    def from_checkpoint(cls, path: str, family: str, config) -> Vocab:
         """The tokenizer saved in checkpoint directory `path` and the checkpoint's `config`
         (an Emu3Config or JanusConfig)."""
         from transformers import AutoTokenizer
@@ -121,14 +123,16 @@ class Vocab:
         # exported tokenizer must not tell its later users never to download
         tok.init_kwargs.pop("local_files_only", None)
 
-        def special(attr: str, default: str, required: bool = True) -> Optional[int]:
-            name = getattr(tok, attr, None) or default
-            tid = tok.convert_tokens_to_ids(name)
-            if tid is None or tid == tok.unk_token_id:
-                if required:
-                    raise ValueError(f"data.text_tokenizer: the tokenizer in {path} lacks {name!r} ({attr}); "
-                                     f"it must be the checkpoint's own {family} tokenizer")
-                return None
+        def optional_special(attr: str, default: str) -> Optional[int]:
+            tid = tok.convert_tokens_to_ids(getattr(tok, attr, None) or default)  # one token: one id, or None
+            return tid if isinstance(tid, int) and tid != tok.unk_token_id else None
+
+        def special(attr: str, default: str) -> int:
+            tid = optional_special(attr, default)
+            if tid is None:
+                name = getattr(tok, attr, None) or default
+                raise ValueError(f"data.text_tokenizer: the tokenizer in {path} lacks {name!r} ({attr}); "
+                                 f"it must be the checkpoint's own {family} tokenizer")
             return tid
 
         base = dict(encode=lambda s: tok(s, add_special_tokens=False)["input_ids"], tokenizer=tok,
@@ -142,7 +146,8 @@ class Vocab:
             return cls(**base, sov=special("boi_token", "<|image start|>"), sot=special("image_wrapper_token",
                        "<|image token|>"), eov=special("eoi_token", "<|image end|>"), img=None,
                        image_offset=visual[0], codebook_size=len(visual),
-                       eol=config.vocabulary_map.get("<|extra_200|>"), eof=special("eof_token", "<|extra_201|>", False))
+                       eol=config.vocabulary_map.get("<|extra_200|>"),
+                       eof=optional_special("eof_token", "<|extra_201|>"))
         return cls(**base, sov=special("boi_token", "<begin_of_image>"), sot=None,
                    eov=special("eoi_token", "<end_of_image>"), img=special("image_token", "<image_placeholder>"),
                    image_offset=config.text_config.vocab_size, codebook_size=config.vq_config.num_embeddings)

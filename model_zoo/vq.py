@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -115,7 +116,7 @@ class VQTokenizer:
         return self.codebook.shape[0]
 
     @classmethod
-    def fit(cls, images: torch.Tensor, codebook_size: int = 64, seed: int = 0, iters: int = 50) -> "VQTokenizer":
+    def fit(cls, images: torch.Tensor, codebook_size: int = 64, seed: int = 0, iters: int = 50) -> VQTokenizer:
         """k-means on all 2x2 patches of `images` ([N, 1, 8, 8] in [0, 1])."""
         x = to_patches(check_images(images, 1, SIDE)).reshape(-1, PATCH * PATCH).double()
         if not 1 <= codebook_size <= len(x):
@@ -137,7 +138,7 @@ class VQTokenizer:
         atomic_write(path, lambda tmp: torch.save({"format": FORMAT, "codebook": self.codebook.clone()}, tmp))
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "VQTokenizer":
+    def load(cls, path: str | os.PathLike) -> VQTokenizer:
         try:
             state = torch.load(path, weights_only=True)
             return cls(state["codebook"])
@@ -146,7 +147,7 @@ class VQTokenizer:
                              f"delete it to retrain") from e
 
     @classmethod
-    def load_or_train(cls, cache_dir: str | os.PathLike, codebook_size: int = 64, seed: int = 0) -> "VQTokenizer":
+    def load_or_train(cls, cache_dir: str | os.PathLike, codebook_size: int = 64, seed: int = 0) -> VQTokenizer:
         """The cached codebook for (codebook_size, seed) if present, else fit it on the digits and cache it."""
         path = writable_dir(cache_dir) / f"vq-digits-k{codebook_size}-seed{seed}-v{FORMAT}.pt"
         if path.exists():
@@ -167,11 +168,13 @@ class CheckpointVQ:
     over its temporal window, the first decoded frame comes back); Janus' decodes a fixed grid
     (`num_patches` per side)."""
 
+    vqmodel: Any  # transformers' Emu3VQVAE or JanusVQVAE (imported lazily): their encode and decode differ
+
     def __init__(self, vqmodel: torch.nn.Module, image_size: int):
         from transformers import Emu3VQVAE, JanusVQVAE
 
         self.vqmodel, self.image_size = vqmodel.eval().requires_grad_(False), image_size
-        c = vqmodel.config
+        c = self.vqmodel.config
         self.channels = c.in_channels
         if isinstance(vqmodel, Emu3VQVAE):
             factor, self.codebook_size, self._emu3 = vqmodel.spatial_scale_factor, c.codebook_size, True

@@ -20,8 +20,9 @@ Encoding stays Hugging Face's `models.WordPiece` (greedy longest match first).
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 
 def _merge(symbols: list[str], pair: tuple[str, str], merged: str) -> list[str]:
@@ -46,7 +47,7 @@ def train_wordpiece(words: Iterable[str], vocab_size: int, specials: Sequence[st
     while len(vocab) < vocab_size:
         pairs: Counter = Counter()
         for word, symbols in splits.items():
-            for pair in zip(symbols, symbols[1:]):
+            for pair in itertools.pairwise(symbols):
                 pairs[pair] += counts[word]
         if not pairs:
             break

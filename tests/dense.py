@@ -67,7 +67,7 @@ def fold_streaming_top(gs: list[torch.Tensor], m: torch.Tensor) -> tuple[torch.T
     """fold_streaming's result c and the count-weighted average a of its last fold."""
     z, nz, i = gs[0], 1, 1
     while i < len(gs):
-        chunk = sum(gs[i:i + nz]) / len(gs[i:i + nz])
+        chunk = sum(gs[i:i + nz], torch.zeros_like(z)) / len(gs[i:i + nz])
         nc = len(gs[i:i + nz])
         a = (nz * z + nc * chunk) / (nz + nc)
         z = fop(z, chunk, m, nz, nc)[0]

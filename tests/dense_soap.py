@@ -26,6 +26,7 @@ Everything is computed in float64 regardless of the parameter's dtype.
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 
@@ -113,7 +114,7 @@ class DenseSOAP:
             one_d_off = len(shape) == 1 and not precondition_1d
             self.layouts.append(lay)
             self.active.append([rotate and not one_d_off and d <= max_precond_dim for d in lay.work])
-        self.state = [None] * len(shapes)
+        self.state: list[Optional[dict[str, Any]]] = [None] * len(shapes)
 
     def _statistics(self, st, g):
         for i, gg in enumerate(st["GG"]):
@@ -122,13 +123,14 @@ class DenseSOAP:
                 st["GG"][i] = self.sb * gg + (1 - self.sb) * torch.einsum("ar,br->ab", u, u)
 
     def step(self, params, grads):
-        for k, (p, grad) in enumerate(zip(params, grads)):
+        for k, (p, grad) in enumerate(zip(params, grads, strict=True)):
             lay, g = self.layouts[k], self.layouts[k].to_work(grad.to(F64))
             st = self.state[k]
             if st is None:
                 st = self.state[k] = {
                     "t": 0, "m": torch.zeros_like(g), "v": torch.zeros_like(g),
-                    "GG": [torch.zeros(d, d, dtype=F64) if a else None for d, a in zip(g.shape, self.active[k])]}
+                    "GG": [torch.zeros(d, d, dtype=F64) if a else None
+                           for d, a in zip(g.shape, self.active[k], strict=True)]}
                 self._statistics(st, g)
                 st["Q"] = [None if gg is None else torch.linalg.eigh(gg)[1].flip(-1) for gg in st["GG"]]
                 continue

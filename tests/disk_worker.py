@@ -20,11 +20,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sharded_worker import build  # noqa: E402
-
 from distopt import comm  # noqa: E402
-from distopt.checkpoint import (AsyncCheckpointer, CheckpointError, complete_steps, load_checkpoint,  # noqa: E402
-                                save_checkpoint)
+from distopt.checkpoint import AsyncCheckpointer, CheckpointError, complete_steps, load_checkpoint, save_checkpoint  # noqa: E402
+from sharded_worker import build  # noqa: E402
 
 
 def fill(root: Path) -> None:

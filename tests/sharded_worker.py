@@ -19,12 +19,13 @@ import os
 import random
 import threading
 import traceback
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from distopt import MLFOPSOAP, build_optimizer, comm
 import distopt.checkpoint
+from distopt import MLFOPSOAP, build_optimizer, comm
 from distopt.checkpoint import AsyncCheckpointer, load_checkpoint, save_checkpoint
 
 
@@ -40,6 +41,8 @@ class Net(torch.nn.Module):
     every Kronecker factor is full rank: a rank-deficient factor has an arbitrary null-space
     eigenbasis, and round-off-level differences (sums over ranks in another order) would legitimately
     pick another one."""
+
+    shadows: list[tuple[torch.nn.Parameter, torch.nn.Parameter]]  # bf16 reference runs only (hasattr tells)
 
     def __init__(self, dtype, hidden: int = 8):
         super().__init__()
@@ -141,7 +144,7 @@ def build(config, dtype, world):
         return model, two_objective(config, named, opts)
     if config.get("reference") and dtype == torch.bfloat16:  # fp32 shadows play the owners' fp32 masters
         model.shadows = [(p, torch.nn.Parameter(p.detach().float().clone())) for _, p in named]
-        named = [(n, s) for (n, _), (_, s) in zip(named, model.shadows)]
+        named = [(n, s) for (n, _), (_, s) in zip(named, model.shadows, strict=True)]
     return model, MLFOPSOAP(named, **opts)
 
 
@@ -212,7 +215,8 @@ def _train(config, rank, world):
                     opt.end_microstep(tag_of(config, k))
             else:
                 with opt.modality(tag_of(config, k)) if tag_of(config, k) else contextlib.nullcontext():
-                    (loss_of(model, step, rank, k, dtype, nan=(step, rank) == config.get("nan_at")) / k_micro).backward()
+                    loss = loss_of(model, step, rank, k, dtype, nan=(step, rank) == config.get("nan_at"))
+                    (loss / k_micro).backward()
         if config.get("bytes") and step == 0:  # fop off keeps p.grad until step(): the gradients' bytes
             grad_bytes = sum(_local(p.grad).numel() * p.grad.element_size() for p in model.parameters()
                              if p.grad is not None)
@@ -255,28 +259,29 @@ def _train(config, rank, world):
                 owned_numel=sum(b.numel for b in opt.distributor.owned))
 
 
-def _gated_saver() -> AsyncCheckpointer:
+class _GatedSaver(AsyncCheckpointer):
     """An AsyncCheckpointer whose file writes (distopt.checkpoint._write) wait for `stepped`."""
-    saver = AsyncCheckpointer()
-    saver.stepped = threading.Event()
-    write = distopt.checkpoint._write
 
-    def gated(path, obj):
-        if threading.current_thread() is threading.main_thread() or not saver.stepped.wait(60):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stepped = threading.Event()
+        self._ungated = distopt.checkpoint._write
+        distopt.checkpoint._write = self._gated  # this worker process only; restored by close()
+
+    def _gated(self, path, obj):
+        if threading.current_thread() is threading.main_thread() or not self.stepped.wait(60):
             raise RuntimeError("the background save wrote on the training thread, or before the next step")
-        return write(path, obj)
+        return self._ungated(path, obj)
 
-    distopt.checkpoint._write = gated  # this worker process only; restored below once the save is done
-    close = saver.close
-
-    def close_and_restore():
+    def close(self) -> None:
         try:
-            close()
+            super().close()
         finally:
-            distopt.checkpoint._write = write
+            distopt.checkpoint._write = self._ungated
 
-    saver.close = close_and_restore
-    return saver
+
+def _gated_saver() -> _GatedSaver:
+    return _GatedSaver()
 
 
 def worker(rank, world, configs, out_dir):
@@ -322,5 +327,5 @@ def run_failing(world, configs, out_dir, timeout=120):
     errors = []
     for r in range(world):
         path = os.path.join(out_dir, f"error{r}.txt")
-        errors.append(open(path).read() if os.path.exists(path) else "")
+        errors.append(Path(path).read_text() if os.path.exists(path) else "")
     return [p.exitcode for p in procs], errors, seconds

@@ -73,7 +73,7 @@ class SlurmCluster:
         self.munge_socket = tmp / "munge.socket"
         self.procs: list[subprocess.Popen] = []
 
-    def start(self) -> "SlurmCluster":
+    def start(self) -> SlurmCluster:
         self._spawn(["munged", "--foreground", "--force", f"--socket={self.munge_socket}",
                      f"--pid-file={self.tmp}/munged.pid", f"--log-file={self.tmp}/munged.log",
                      f"--seed-file={self.tmp}/munged.seed"])

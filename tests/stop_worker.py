@@ -12,17 +12,17 @@ REQUEUE: 1 or 0 (the requeue bound not yet reached, or reached).
 import ctypes
 import os
 import sys
+from typing import NoReturn
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from sharded_worker import build  # noqa: E402
-
 import distopt.checkpoint  # noqa: E402
 from launcher.preemption import StopSignals  # noqa: E402
+from sharded_worker import build  # noqa: E402
 
 
-def hang_in_c(path, obj) -> None:
+def hang_in_c(path, obj) -> NoReturn:
     """Write part of the file, then block in C for good."""
     path.write_bytes(b"partial")
     print("writing", flush=True)
@@ -30,6 +30,7 @@ def hang_in_c(path, obj) -> None:
     libc = ctypes.CDLL(None)
     libc.pthread_mutex_lock(mutex)
     libc.pthread_mutex_lock(mutex)
+    raise AssertionError("unreachable: the second lock blocks for good")
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 """Our checkpoint format: atomic, verified, keyed by name and block, loadable at another world size."""
 
 import json
+import os
+from typing import Any
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ import torch
 from distopt.checkpoint import CheckpointError, complete_steps, load_checkpoint, save_checkpoint
 from sharded_worker import build, run_sharded, train
 
-FP64_TOL = dict(rtol=1e-8, atol=5e-10)
+FP64_TOL: dict[str, Any] = dict(rtol=1e-8, atol=5e-10)
 
 
 def _run(tmp_path, **config):
@@ -19,7 +21,7 @@ def test_resume_in_one_process_is_bit_identical(tmp_path):
     full = _run(tmp_path, steps=6, max_block=4)
     _run(tmp_path, steps=3, max_block=4, save_at=2, save=str(tmp_path))
     resumed = _run(tmp_path, start=3, steps=6, max_block=4, load=str(tmp_path))
-    for a, b in zip(full["history"][-1], resumed["history"][-1]):
+    for a, b in zip(full["history"][-1], resumed["history"][-1], strict=True):
         assert torch.equal(a, b)
     assert resumed["counters"]["fop_folds"] > 0
 
@@ -65,7 +67,7 @@ def test_resume_at_the_same_world_size_is_bit_identical(tmp_path):
     run_sharded(2, [{**base, "steps": 3, "save_at": 2, "save": str(tmp_path / "ck")}], str(tmp_path / "b"))
     resumed = run_sharded(2, [{**base, "start": 3, "steps": 6, "load": str(tmp_path / "ck")}], str(tmp_path / "c"))
     for r in range(2):
-        for a, b in zip(full[r][0]["history"][-1], resumed[r][0]["history"][-1]):
+        for a, b in zip(full[r][0]["history"][-1], resumed[r][0]["history"][-1], strict=True):
             assert torch.equal(a, b)
 
 
@@ -78,7 +80,7 @@ def test_four_then_two_then_three_ranks_continue_the_trajectory(tmp_path):
     run_sharded(2, [{**base, "W": 2, "start": 2, "steps": 4, "load": ck, "save_at": 3, "save": ck}],
                 str(tmp_path / "w2"))
     last = run_sharded(3, [{**base, "W": 3, "start": 4, "steps": 6, "load": ck}], str(tmp_path / "w3"))
-    for a, b in zip(last[0][0]["history"][-1], full[0][0]["history"][-1]):
+    for a, b in zip(last[0][0]["history"][-1], full[0][0]["history"][-1], strict=True):
         torch.testing.assert_close(a, b, **FP64_TOL)
     assert complete_steps(ck) == [1, 3]
 
@@ -106,7 +108,7 @@ def test_a_replicated_optimizer_round_trips_too(tmp_path):
     model_b, opt_b = make()
     assert load_checkpoint(tmp_path, model_b, opt_b)["optimizer"] == "SOAP"
     train_steps(model_b, opt_b, range(3, 6))
-    for a, b in zip(model.parameters(), model_b.parameters()):
+    for a, b in zip(model.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(a, b)
     _, mlfop = build({"K": 2}, torch.float64, 1)
     with pytest.raises(CheckpointError, match="holds SOAP state; this run uses MLFOPSOAP"):
@@ -119,9 +121,7 @@ def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, m
         save_checkpoint(tmp_path, step, model, opt, keep_last=2)
     assert complete_steps(tmp_path) == [3, 4]
     # re-saving step 4 crashes after the old copy was moved aside: step 4 is still there, and loads
-    import distopt.checkpoint as ckpt
-
-    real, calls = ckpt.os.replace, []
+    real, calls = os.replace, []
 
     def crash_on_second(src, dst):
         calls.append(dst)
@@ -129,10 +129,10 @@ def test_keep_last_prunes_and_a_resave_never_loses_the_complete_step(tmp_path, m
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "replace", crash_on_second)
+    monkeypatch.setattr(os, "replace", crash_on_second)  # the os module distopt.checkpoint calls
     with pytest.raises(CheckpointError, match="disk full"):
         save_checkpoint(tmp_path, 4, model, opt)
-    monkeypatch.setattr(ckpt.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     assert not (tmp_path / "step-4").exists() and complete_steps(tmp_path) == [3, 4]
     assert load_checkpoint(tmp_path, model, opt)["step"] == 4
 
@@ -177,7 +177,7 @@ def test_async_saves_write_the_bytes_of_a_synchronous_save_and_resume_the_same(t
         assert sync.keys() == background.keys() and len(sync) >= 3, (name, sorted(background))
         assert [f for f in sync if sync[f] != background[f]] == [], f"{name}: files differ from the synchronous save"
         assert complete_steps(tmp_path / f"{name}-async") == [2]
-        for a, b in zip(results[len(configs) + i]["history"][-1], results[2 * i]["history"][-1]):
+        for a, b in zip(results[len(configs) + i]["history"][-1], results[2 * i]["history"][-1], strict=True):
             assert torch.equal(a, b), f"{name}: resumed from the async save"
 
 

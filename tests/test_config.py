@@ -52,7 +52,8 @@ def test_tiny_configs_differ_only_in_the_optimizer():
 @pytest.mark.parametrize("override,match", [
     (["batch.micro_batchsize=4"], r"batch.micro_batchsize: unknown key; valid keys are \['global_batch_size'"),
     (["modle.family=emu3"], r"modle: unknown key"),
-    (["batch.global_batch_size=100"], r"batch.global_batch_size: 100 != micro_batch_size 8 x grad_accum 4 x world size 1 = 32"),
+    (["batch.global_batch_size=100"],
+     r"batch.global_batch_size: 100 != micro_batch_size 8 x grad_accum 4 x world size 1 = 32"),
     (["model.family=gpt"], r"model.family: 'gpt' is unknown"),
     (["model.size=janus_1_3b"], r"model.size: 'janus_1_3b' is not a emu3 size"),
     (["optimizer.name=lion"], r"optimizer.name: 'lion' is unknown"),
@@ -102,9 +103,11 @@ def test_mistakes_name_their_field(override, match):
     (["batch.grad_accum=3"], r"batch.grad_accum: 3 is odd: pareto_lora combines a text and an image gradient"),
     (["data.text_format=chat"], r"data.text_format: 'chat'; choose one of \('plain', 'instruct'\)"),
     (["eval.generated_digits=-1"], r"eval.generated_digits: -1 must be an integer >= 0"),
-    (["optimizer.params.granularity=head"], r"optimizer.params.granularity: 'head'; choose one of \('layer', 'global'\)"),
+    (["optimizer.params.granularity=head"],
+     r"optimizer.params.granularity: 'head'; choose one of \('layer', 'global'\)"),
     (["optimizer.params.capture=manual"], r"optimizer.params.capture: the launcher's training loop needs 'hooks'"),
-    (["optimizer.params={base: mlfop_soap, pair_source: ranks}"], r"optimizer.params.pair_source: 'ranks' under pareto_lora"),
+    (["optimizer.params={base: mlfop_soap, pair_source: ranks}"],
+     r"optimizer.params.pair_source: 'ranks' under pareto_lora"),
 ])
 def test_lora_mistakes_name_their_field(override, match, tmp_path):
     with pytest.raises(ConfigError, match=match):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distopt import MLFOPSOAP, SOAP, build_optimizer
+from distopt.protocols import counters_of
 
 
 class Tiny(torch.nn.Module):
@@ -63,12 +64,12 @@ def test_save_load_continue_is_bit_identical(name, dtype):
     opt_b = build_optimizer(spec, model_b.named_parameters())
     opt_b.load_state_dict(saved["opt"])
     train(model_b, opt_b, data[6:])
-    for a, b in zip(model.parameters(), model_b.parameters()):
+    for a, b in zip(model.parameters(), model_b.parameters(), strict=True):
         assert torch.equal(a, b)
         st = opt_b.state[b]["blocks"][0] if name == "mlfop_soap" else opt_b.state[b]
         assert st["exp_avg"].dtype == torch.float32, "state stays fp32 whatever the parameter dtype"
     if name == "mlfop_soap":
-        assert opt_b.counters["fop_folds"] > 0
+        assert counters_of(opt_b)["fop_folds"] > 0
 
 
 def test_param_groups_have_their_own_lr_and_schedulers_drive_them():
@@ -80,7 +81,7 @@ def test_param_groups_have_their_own_lr_and_schedulers_drive_them():
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     frozen = [p.detach().clone() for p in model.proj.parameters()]
     train(model, opt, batches(1, 5, 2), sched)
-    assert all(torch.equal(a, b) for a, b in zip(frozen, model.proj.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(frozen, model.proj.parameters(), strict=True))
     assert [g["lr"] for g in opt.param_groups] == [0.0, 0.01 * 0.25, 0.02 * 0.25]
     assert opt.counters["fop_folds"] > 0
 
@@ -98,7 +99,7 @@ def test_scheduler_lr_is_what_the_step_uses():
                 opt.param_groups[0]["lr"] = 0.01 * 0.5 ** i
             train(model, opt, [micro], sched)
         runs.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_zero_grad_and_closure():

@@ -13,7 +13,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import convergence  # noqa: E402
-
 from distopt import build_optimizer  # noqa: E402
 
 INF = float("inf")
@@ -90,9 +89,10 @@ def test_smoke_mode_writes_markdown_json_and_plots(tmp_path):
     assert data["settings"]["mode"] == "smoke" and data["environments"][0]["threads"] == 1
     text = (tmp_path / "convergence-smoke.md").read_text()
     sections = text.split("\n## ")
-    assert [s.splitlines()[0] for s in sections[1:]] == ["Stability (lr sweep, seed 0, emu3)",
-                                                         "emu3: steps to target and final losses at each arm's best lr",
-                                                         "janus: steps to target and final losses at each arm's best lr"]
+    assert [s.splitlines()[0] for s in sections[1:]] == [
+        "Stability (lr sweep, seed 0, emu3)",
+        "emu3: steps to target and final losses at each arm's best lr",
+        "janus: steps to target and final losses at each arm's best lr"]
     for section in sections[1:]:
         rows = [r for r in section.splitlines() if r.startswith("| ") and not r.startswith("| arm")]
         cells = {(r.split("|")[1].strip(), r.split("|")[2].strip()): r for r in rows}

@@ -10,8 +10,19 @@ import datasets
 import pytest
 import torch
 
-from model_zoo.data import (MODALITIES, MODALITY, TASKS, BadRecordError, DigitsSource, Doc, MicroBatchSampler,
-                            TokenizedSource, collate, open_tokenized)
+from model_zoo.data import (
+    MODALITIES,
+    MODALITY,
+    TASKS,
+    BadRecord,
+    BadRecordError,
+    DigitsSource,
+    Doc,
+    MicroBatchSampler,
+    TokenizedSource,
+    collate,
+    open_tokenized,
+)
 from model_zoo.digits import augment, caption, caption_corpus, split
 from model_zoo.emu3 import Emu3Layout
 from model_zoo.janus import JanusLayout
@@ -81,7 +92,7 @@ def test_documents_follow_each_familys_layout(built, task):
         [v.bos, *head, *image, v.eov, *cap, v.eos]
     assert ids == body and mask == [0] + [1] * (len(ids) - 1)
     _, response = built["emu3"].document(task, cap, codes, response_only=True)
-    kept = [i for i, m in zip(ids, response) if m]
+    kept = [i for i, m in zip(ids, response, strict=True) if m]
     assert kept == (image + [v.eov] if task == "generation" else cap + [v.eos])
     rows = Emu3Layout(dataclasses.replace(v, eol=v.img, eof=v.pad), (4, 4)).image_ids(codes)  # Emu3 checkpoints' rows
     assert rows == [i for r in range(4) for i in image[4 * r:4 * r + 4] + [v.img]] + [v.pad]
@@ -113,9 +124,9 @@ def test_augmentation_shifts_by_at_most_one_pixel_and_stays_in_range():
     shifted = augment(images, torch.Generator().manual_seed(1), noise=0.0)[:, 0]
     padded = torch.nn.functional.pad(images[:, 0], (1, 1, 1, 1))
     shifts = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
-    for view, src in zip(shifted, padded):  # an independent re-derivation: some window of the padded image
+    for view, src in zip(shifted, padded, strict=True):  # an independent re-derivation: some window of the padded image
         assert any(torch.equal(view, src[1 - dy:9 - dy, 1 - dx:9 - dx]) for dy, dx in shifts)
-    assert len({torch.equal(v, i) for v, i in zip(shifted, images[:, 0])}) == 2  # some shifted, some not
+    assert len({torch.equal(v, i) for v, i in zip(shifted, images[:, 0], strict=True)}) == 2  # some shifted, some not
 
 
 def test_collate_packs_documents_with_restarting_positions():
@@ -161,7 +172,7 @@ def test_resume_is_exact_across_an_epoch_boundary(built):
     expected = [run.next_micro_batch() for _ in range(6)]
     resumed = sampler(built, small, rank=1, world_size=2)
     resumed.load_state_dict(state)
-    assert all(same(a, b) for a, b in zip(expected, (resumed.next_micro_batch() for _ in range(6))))
+    assert all(same(a, b) for a, b in zip(expected, (resumed.next_micro_batch() for _ in range(6)), strict=True))
     assert run.state_dict()["positions"]["generation"][0] >= 2 and run.state_dict() == resumed.state_dict()
     first = [sampler(built, small, rank=1, world_size=2).next_micro_batch() for _ in range(2)]
     assert same(first[0], first[1]), "two constructions give the same stream"
@@ -190,7 +201,8 @@ def write_tokenized(path, docs_by_split, with_images=False):
             features["image"] = datasets.Image()
         return datasets.Dataset.from_list(rows, features=datasets.Features(features))
 
-    datasets.DatasetDict({k: records(v) for k, v in docs_by_split.items()}).save_to_disk(str(path), max_shard_size="20KB")
+    corpus = datasets.DatasetDict({k: records(v) for k, v in docs_by_split.items()})
+    corpus.save_to_disk(str(path), max_shard_size="20KB")
 
 
 def digit_docs(built, family, n, seed=0):
@@ -244,6 +256,7 @@ def test_bad_records_name_file_row_and_field_or_are_counted(built, tmp_path):
             for _ in range(4):
                 strict.next_micro_batch()
         too_long = source._check({"input_ids": [1] * 70, "loss_mask": [0] + [1] * 69, "task": "generation"}, 9)
+        assert isinstance(too_long, BadRecord)
         assert too_long.message().startswith(f"{tmp_path} row 9, field 'input_ids': 70 tokens, more than "
                                              "data.seq_len=64; raise data.seq_len to at least 70, or shorten the "
                                              "record, or set data.on_bad_record: skip"), "the fix, not 'drop it'"

@@ -33,7 +33,7 @@ def test_non_reentrant_checkpointing_keeps_one_backward_per_micro_step():
     opt_plain, opt_wrapped = train(plain), train(wrapped)
     assert opt_wrapped.counters["microsteps"] == opt_plain.counters["microsteps"] == 4 * 3
     assert opt_wrapped.counters["fop_folds"] == opt_plain.counters["fop_folds"] > 0
-    for a, b in zip(plain.parameters(), wrapped.parameters()):
+    for a, b in zip(plain.parameters(), wrapped.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -45,9 +45,11 @@ def test_head_split_that_does_not_divide():
 
 
 def test_registry_lists_valid_names_and_arguments():
-    with pytest.raises(ValueError, match=r"unknown: choose one of \['adamw', 'gradnorm', 'mgda', 'mlfop_soap', 'pareto_lora', 'pcgrad', 'soap', 'sum'\]"):
+    names = r"\['adamw', 'gradnorm', 'mgda', 'mlfop_soap', 'pareto_lora', 'pcgrad', 'soap', 'sum'\]"
+    with pytest.raises(ValueError, match=r"unknown: choose one of " + names):
         build_optimizer({"name": "lion"}, params())
-    with pytest.raises(ValueError, match="no argument.*'precondition_freq'.*valid arguments are.*precondition_frequency"):
+    with pytest.raises(ValueError,
+                       match="no argument.*'precondition_freq'.*valid arguments are.*precondition_frequency"):
         build_optimizer({"name": "mlfop_soap", "params": {"precondition_freq": 5}}, params())
     with pytest.raises(ValueError, match="'name'"):
         build_optimizer({"type": "soap"}, params())

@@ -6,6 +6,8 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -14,12 +16,18 @@ from sharded_worker import run_sharded
 from test_sharded import assert_matches, reference
 
 # every world size's configs share one spawn; float64, 6 steps (5 updates after the statistics step)
-CASES = {
+CASES: dict[int, list[dict[str, Any]]] = {
     2: [dict(K=1), dict(K=3, max_block=4), dict(K=4, level="global"), dict(K=4, pair_source="modality"),
         dict(K=3, fop=False), dict(K=4, schedule="tree", max_block=4, level="global")],
     4: [dict(K=3, max_block=4, level="global"), dict(K=4, pair_source="modality", max_block=4), dict(K=1),
         dict(K=2, only=["l1.weight", "l2.weight", "head.weight"])],
 }
+
+
+
+def prefixed(what: str) -> Callable[[str], str]:
+    """assert_close's `msg`: its own message after `what`."""
+    return lambda m: f"{what}: {m}"
 
 
 @pytest.mark.parametrize("world", sorted(CASES))
@@ -30,7 +38,7 @@ def test_fsdp2_equals_one_unsharded_process(world, tmp_path):
         ref = reference(config, world)
         for step, ref_params in enumerate(ref["history"]):
             for r in range(world):
-                for a, b in zip(results[r][ci]["history"][step], ref_params):
+                for a, b in zip(results[r][ci]["history"][step], ref_params, strict=True):
                     assert_matches(a, b, "fp64", f"{config} rank {r} step {step}")
         for key in ("eigh", "qr", "fop_folds"):
             total = sum(results[r][ci]["counters"].get(key, 0) for r in range(world))
@@ -52,7 +60,7 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
     for ci, config in enumerate(configs):
         ref = reference(config, 4)
         for r in range(4):
-            for a, b in zip(results[r][ci]["history"][-1], ref["history"][-1]):
+            for a, b in zip(results[r][ci]["history"][-1], ref["history"][-1], strict=True):
                 assert_matches(a, b, "fp64", f"{config} rank {r}")
         # owners are chosen within a shard group of 2: each replica group owns every block once
         assert sum(results[r][ci]["owned"] for r in (0, 1)) == sum(results[r][ci]["owned"] for r in (2, 3)) > 0
@@ -60,8 +68,8 @@ def test_hsdp_on_a_two_by_two_mesh_equals_one_process(tmp_path):
 
 def planned(config, world, rank, engine):
     """launcher.memory's estimate for the worker's model (built on the meta device) and options."""
-    from launcher.memory import Activations, estimate
     from distopt.options import MLFOPOptions
+    from launcher.memory import Activations, estimate
     from sharded_worker import Net
 
     with torch.device("meta"):
@@ -75,13 +83,13 @@ def test_bytes_per_rank_follow_the_memory_tool_and_fall_with_the_ranks(tmp_path)
     fold window's peak, the communication buffers' peak) at 1, 2 and 4 ranks under both engines, against
     python -m launcher.memory's estimate for that rank (distopt/memory.py) within 10%; and under FSDP2
     parameters, gradients and state fall as ~1/N."""
-    configs = [dict(K=2, fsdp="fsdp", fop=False), dict(K=4, fsdp="fsdp"), dict(K=4)]
+    configs: list[dict[str, Any]] = [dict(K=2, fsdp="fsdp", fop=False), dict(K=4, fsdp="fsdp"), dict(K=4)]
     sizes = {}
     for world in (1, 2, 4):
         runs = [dict(c, W=world, hidden=16, max_block=8, steps=4, bytes=True) for c in configs]
         results = run_sharded(world, runs, str(tmp_path / f"w{world}"))
         for r in range(world):
-            for config, res in zip(runs, results[r]):
+            for config, res in zip(runs, results[r], strict=True):
                 engine = "fsdp2" if config.get("fsdp") else "deepspeed"
                 est = planned(config, world, r, engine)
                 measured = dict(parameters=res["bytes"]["params"], state=res["memory"]["state"],
@@ -108,19 +116,21 @@ def test_checkpoints_resume_across_world_sizes_and_engines(tmp_path):
     base = dict(K=2, global_batch=True, max_block=4)
     ck4, ck2 = str(tmp_path / "ck4"), str(tmp_path / "ck2")
     full = run_sharded(4, [{**base, "W": 4, "fsdp": "fsdp", "steps": 6},
-                           {**base, "W": 4, "fsdp": "fsdp", "steps": 3, "save_at": 2, "save": ck4}], str(tmp_path / "a"))
+                           {**base, "W": 4, "fsdp": "fsdp", "steps": 3, "save_at": 2, "save": ck4}],
+                       str(tmp_path / "a"))
     same = run_sharded(4, [{**base, "W": 4, "fsdp": "fsdp", "start": 3, "steps": 6, "load": ck4}], str(tmp_path / "b"))
     for r in range(4):
-        for a, b in zip(full[r][0]["history"][-1], same[r][0]["history"][-1]):
+        for a, b in zip(full[r][0]["history"][-1], same[r][0]["history"][-1], strict=True):
             assert torch.equal(a, b), "FSDP2 resume at the same world size must be bit-identical"
     moved = run_sharded(2, [{**base, "W": 2, "fsdp": "fsdp", "start": 3, "steps": 6, "load": ck4},
                             {**base, "W": 2, "start": 3, "steps": 6, "load": ck4},
                             {**base, "W": 2, "start": 3, "steps": 4, "load": ck4, "save_at": 3, "save": ck2}],
                         str(tmp_path / "c"))
     back = run_sharded(2, [{**base, "W": 2, "fsdp": "fsdp", "start": 4, "steps": 6, "load": ck2}], str(tmp_path / "d"))
-    for what, result in (("fsdp2 4 -> 2", moved[0][0]), ("fsdp2 -> owners", moved[0][1]), ("owners -> fsdp2", back[0][0])):
-        for a, b in zip(result["history"][-1], full[0][0]["history"][-1]):
-            torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=lambda m: f"{what}: {m}")
+    resumed = (("fsdp2 4 -> 2", moved[0][0]), ("fsdp2 -> owners", moved[0][1]), ("owners -> fsdp2", back[0][0]))
+    for what, result in resumed:
+        for a, b in zip(result["history"][-1], full[0][0]["history"][-1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10, msg=prefixed(what))
     manifest = (tmp_path / "ck4" / "step-2" / "manifest.json").read_text()
     assert '"model_format": "dcp"' in manifest and '"model/.metadata"' in manifest
 
@@ -130,7 +140,7 @@ def test_plain_soap_refuses_fsdp2_shards_and_names_the_sharded_soap(tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from distopt import SOAP, MLFOPSOAP, comm
+    from distopt import MLFOPSOAP, SOAP, comm
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rdv", rank=0, world_size=1)
     try:

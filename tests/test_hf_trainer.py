@@ -10,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_trainer_example_folds_trainers_micro_steps_and_the_loss_falls(tmp_path, digits_cache):
     spec = importlib.util.spec_from_file_location("hf_trainer", ROOT / "examples" / "hf_trainer.py")
+    assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
     history, counters = example.main(["--steps", "8", "--grad-accum", "4", "--out", str(tmp_path / "out"),

@@ -24,7 +24,7 @@ def read_png(raw: bytes) -> torch.Tensor:
     """An independent minimal PNG reader (8-bit greyscale or RGB, filter 0): checks every chunk's CRC;
     returns [C, H, W] uint8."""
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, chunks = 8, {}
+    pos, chunks = 8, dict[bytes, bytes]()
     while pos < len(raw):
         (length,) = struct.unpack(">I", raw[pos:pos + 4])
         kind, data = raw[pos + 4:pos + 8], raw[pos + 8:pos + 8 + length]

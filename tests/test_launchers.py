@@ -37,7 +37,7 @@ def run(cmd, timeout=240, env=None):
 def check_against_reference(out: Path, steps=4, k=2):
     ref = train(dict(K=k, W=1, global_batch=True, max_block=4, steps=steps), 0, 1)
     got = torch.load(out / "params.pt", weights_only=True)
-    for a, b in zip(got, ref["history"][-1]):
+    for a, b in zip(got, ref["history"][-1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10)
     stats = json.loads((out / "stats.json").read_text())
     assert stats["world"] == 2 and stats["counters"]["fop_folds"] > 0

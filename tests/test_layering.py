@@ -39,7 +39,8 @@ def imports(path: Path, root: Path = ROOT) -> list[tuple[int, str]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parts = package.split(".")
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
             found.append((node.lineno, base))
             found += [(node.lineno, f"{base}.{alias.name}") for alias in node.names]
     return found
@@ -70,7 +71,8 @@ def test_packages_stay_on_their_floor(package, forbidden):
 
 def test_no_import_circles_inside_distopt():
     modules = {p.stem: p for p in (ROOT / "distopt").glob("*.py") if p.stem != "__init__"}
-    edges = {name: {m.split(".")[1] for _, m in imports(path) if m.startswith("distopt.") and m.split(".")[1] in modules}
+    edges = {name: {m.split(".")[1] for _, m in imports(path)
+                    if m.startswith("distopt.") and m.split(".")[1] in modules}
              for name, path in modules.items()}
 
     def cycle_from(start, node, seen):
@@ -105,7 +107,7 @@ def missing_names(path: Path) -> list[str]:
     """`from <project module> import name` statements (lazy ones included) whose name does not exist."""
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").split(".")[0] in PROJECT:
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module and node.module.split(".")[0] in PROJECT:
             module = importlib.import_module(node.module)
             for alias in node.names:
                 if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
@@ -174,6 +176,9 @@ def test_no_class_in_distopt_is_longer_than_250_lines():
     long = []
     for path in sorted((ROOT / "distopt").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 250:
+            if not isinstance(node, ast.ClassDef):
+                continue
+            assert node.end_lineno is not None  # ast.parse sets it
+            if node.end_lineno - node.lineno + 1 > 250:
                 long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
     assert not long, long

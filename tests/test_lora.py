@@ -7,14 +7,16 @@ import pytest
 import torch
 from peft import PeftModel
 from torch.testing import assert_close
-from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
+from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration, PreTrainedModel
 
 from distopt import build_optimizer
+from distopt.protocols import TakesMicrosteps
 from model_zoo.lora import LLAMA_LINEARS, add_lora, has_lora, merged, save_adapter
 from test_models import emu3, janus, make_batch
 
 FAMILIES = {"emu3": emu3, "janus": janus}
-CLASSES = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}
+CLASSES: dict[str, type[PreTrainedModel]] = {"emu3": Emu3ForConditionalGeneration,
+                                             "janus": JanusForConditionalGeneration}
 
 
 def lora_model(family, adapter=None):
@@ -25,6 +27,7 @@ def train(model, family, rule, steps=3):
     """`steps` optimizer steps, each one understanding and one generation micro-batch."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     opt = build_optimizer({"name": rule, "params": {"base": "adamw", "lr": 0.05}}, trainable)
+    assert isinstance(opt, TakesMicrosteps)
     for step in range(steps):
         for task in ("understanding", "generation"):
             batch = make_batch(family, task, seed=step)
@@ -76,7 +79,8 @@ def test_adapters_round_trip_through_peft_format_and_merge(family, tmp_path):
     assert_close(loaded(batch)["loss"], want, rtol=0, atol=0)
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == \
         {n for n, p in model.named_parameters() if p.requires_grad}, "a loaded adapter trains on"
-    plain = PeftModel.from_pretrained(CLASSES[family].from_pretrained(str(tmp_path / "base")), str(tmp_path / "adapter"))
+    plain = PeftModel.from_pretrained(CLASSES[family].from_pretrained(str(tmp_path / "base")),
+                                      str(tmp_path / "adapter"))
     ids = batch["input_ids"][:, :20].clamp_max(model.image_offset - 1)   # text ids: both classes embed them
     assert_close(plain(input_ids=ids).logits, model.hf(input_ids=ids).logits, rtol=0, atol=0)
 

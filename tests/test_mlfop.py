@@ -7,6 +7,7 @@ calls distopt's FOP code.
 """
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ import dense
 from distopt import MLFOPSOAP, SOAP, MLFOPOptions
 
 F64 = torch.float64
-HP = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=3)
+HP: dict[str, Any] = dict(lr=0.05, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.01, precondition_frequency=3)
 LAM = MLFOPOptions().fop_damping  # the reference damps FOP's metric as the default optimizer does
 
 
@@ -26,7 +27,7 @@ def micro_grads(gen, shape, k):
 def feed(opt, params, grads_per_micro, tags=None):
     """Manual capture: p.grad accumulates the micro-gradients as autograd would."""
     for i, grads in enumerate(grads_per_micro):
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.clone() if p.grad is None else p.grad + g
         opt.end_microstep(tags[i] if tags else None)
 
@@ -43,7 +44,7 @@ def make(shapes=((6, 5),), seed=0, **opts):
     gen = torch.Generator().manual_seed(seed)
     params = [torch.nn.Parameter(torch.randn(*s, generator=gen, dtype=F64)) for s in shapes]
     names = [f"layer{i}.weight" for i in range(len(params))]
-    opt = MLFOPSOAP(list(zip(names, params)), capture="manual", verbose=False, **{**HP, **opts})
+    opt = MLFOPSOAP(list(zip(names, params, strict=True)), capture="manual", verbose=False, **{**HP, **opts})
     warm(opt, params, gen)
     return opt, params, gen
 
@@ -136,7 +137,7 @@ def test_fop_off_is_bitwise_soap():
         return model, opt
 
     (m1, o1), (m2, o2) = run(SOAP), run(MLFOPSOAP, fop=False)
-    for a, b in zip(m1.parameters(), m2.parameters()):
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         assert torch.equal(a, b)
         assert all(torch.equal(o1.state[a][k], blk(o2, b)[k]) for k in ("exp_avg", "exp_avg_sq"))
     assert o2.counters["fop_folds"] == 0 and o1.counters["eigh"] == o2.counters["eigh"] > 0
@@ -189,7 +190,7 @@ def test_hooks_capture_the_standard_loop():
         hooked.step(), manual.step()
         hooked.zero_grad(), manual.zero_grad()
     assert hooked.counters["fop_folds"] == manual.counters["fop_folds"] > 0
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -260,7 +261,7 @@ def test_global_level_is_fop_on_the_concatenation():
     feed(opt, params, [[gs[0][k], gs[1][k]] for k in range(2)])
     opt.step()
     n0 = params[0].numel()
-    for p, p0, st, sl in zip(params, p0s, states, (slice(0, n0), slice(n0, None))):
+    for p, p0, st, sl in zip(params, p0s, states, (slice(0, n0), slice(n0, None)), strict=True):
         torch.testing.assert_close(p.detach().reshape(-1), dense_step(p0, st, g_plain[sl], g_fop[sl], eta),
                                    rtol=1e-9, atol=1e-11)
 
@@ -450,7 +451,7 @@ def test_update_coupling_with_gamma_zero_is_soap_bit_for_bit():
     soap, _ = run(fop=False)
     coupled, opt = run(coupling="update", eta_convention="none", fop_gamma=0.0)
     assert opt.counters["fop_folds"] > 0, "FOP ran; only its term is switched off"
-    for a, b in zip(soap, coupled):
+    for a, b in zip(soap, coupled, strict=True):
         assert torch.equal(a, b)
 
 

@@ -9,12 +9,13 @@ import dataclasses
 import json
 from fnmatch import fnmatchcase
 from pathlib import Path
+from typing import Union
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
-from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
+from transformers import Emu3ForConditionalGeneration, Emu3VQVAEConfig, JanusForConditionalGeneration, PreTrainedModel
 
 from model_zoo import emu3 as emu3_module
 from model_zoo import janus as janus_module
@@ -23,6 +24,7 @@ from model_zoo.config import ModelConfig
 from model_zoo.data import Doc, collate
 from model_zoo.emu3 import Emu3, Emu3Layout
 from model_zoo.janus import Janus, JanusLayout
+from model_zoo.unified import UnifiedModel
 from model_zoo.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 VOCAB = Vocab(encode=lambda s: [ord(c) % 20 for c in s], tokenizer=None, pad=20, bos=21, eos=22, sov=23,
               sot=24, eov=25, img=26, image_offset=27, codebook_size=32)
 GRID = (4, 4)
-LAYOUTS = {"emu3": Emu3Layout(VOCAB, GRID), "janus": JanusLayout(VOCAB, GRID, 16)}
+LAYOUTS: dict[str, Union[Emu3Layout, JanusLayout]] = {"emu3": Emu3Layout(VOCAB, GRID),
+                                                      "janus": JanusLayout(VOCAB, GRID, 16)}
 
 
 def emu3() -> Emu3:
@@ -50,7 +53,8 @@ def make_docs(family: str, task: str, lengths=(3, 6, 4), seed: int = 0, response
         caption = torch.randint(0, 20, (n,), generator=g).tolist()
         codes = torch.randint(0, VOCAB.codebook_size, (16,), generator=g).tolist()
         pixels = torch.rand(1, 8, 8, generator=g) if task in layout.pixels else None
-        docs.append(Doc(*layout.document(task, caption, codes, response_only), pixels))
+        ids, mask = layout.document(task, caption, codes, response_only)
+        docs.append(Doc(ids, mask, pixels))
     return docs
 
 
@@ -62,7 +66,8 @@ def make_batch(family: str, task: str, seed: int = 0, lengths=(3, 6, 4)) -> dict
 
 def per_doc_ce(logits: torch.Tensor, doc: Doc, shift: int = 0) -> tuple[list, list]:
     """(text CEs, image CEs) of one document's targets from its own logits (position t predicts t + 1)."""
-    text, image = [], []
+    text: list[torch.Tensor] = []
+    image: list[torch.Tensor] = []
     for t in range(1, len(doc.ids)):
         if doc.loss_mask[t]:
             target = doc.ids[t]
@@ -76,7 +81,8 @@ def per_doc_ce(logits: torch.Tensor, doc: Doc, shift: int = 0) -> tuple[list, li
 def test_emu3_loss_is_the_weighted_next_token_ce_of_each_document(task):
     model, docs = emu3(), make_docs("emu3", task)
     out = model(collate([docs[:2], docs[2:]], 64, VOCAB.pad, task))
-    text, image = [], []
+    text: list[torch.Tensor] = []
+    image: list[torch.Tensor] = []
     for doc in docs:                      # each document alone, unpacked, through the class's own forward
         t, i = per_doc_ce(model.hf(input_ids=torch.tensor([doc.ids])).logits[0], doc)
         text, image = text + t, image + i
@@ -96,10 +102,12 @@ def test_janus_loss_matches_a_per_document_recomputation(task):
     model, docs = janus(), make_docs("janus", task)
     out = model(collate([docs[:2], docs[2:]], 64, VOCAB.pad, task))
     m = model.hf.model
-    total, count = 0.0, 0
+    total: Union[float, torch.Tensor] = 0.0
+    count = 0
     for doc in docs:
         ids = torch.tensor(doc.ids)
         if task == "understanding":
+            assert doc.pixels is not None  # an understanding document carries its image
             x = m.language_model.embed_tokens(ids)
             vision = m.aligner(m.vision_model(doc.pixels[None] * 2 - 1).last_hidden_state)[0]
             x = torch.cat([x[:2], vision, x[2 + len(vision):]])
@@ -119,7 +127,7 @@ def test_janus_loss_matches_a_per_document_recomputation(task):
 
 
 def test_backward_reaches_what_trains_and_each_janus_pathway_only_its_own():
-    model = emu3()
+    model: UnifiedModel = emu3()
     sum(model(make_batch("emu3", t))["loss"] for t in ("understanding", "generation")).backward()
     for name, p in model.named_parameters():
         if ".vqmodel." in name:
@@ -155,6 +163,7 @@ def test_full_size_parameter_counts_on_the_meta_device():
     layer = e.model.text_model.layers[0]
     assert layer.self_attn.k_proj.weight.shape == (8 * 128, 4096) and layer.mlp.gate_proj.weight.shape == (14336, 4096)
     assert j.model.generation_head.vision_head.weight.shape[0] == 16384 and j.lm_head.weight.shape == (102400, 2048)
+    assert isinstance(e.config.vq_config, Emu3VQVAEConfig)
     assert j.model.vision_model.config.num_image_tokens == 576 and e.config.vq_config.codebook_size == 32768
 
 
@@ -162,8 +171,8 @@ def test_full_size_parameter_counts_on_the_meta_device():
 def test_save_pretrained_round_trips_and_plain_transformers_opens_it(family, tmp_path):
     model = {"emu3": emu3, "janus": janus}[family]()
     model.save_pretrained(str(tmp_path))
-    plain = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}[family].from_pretrained(
-        str(tmp_path), local_files_only=True)
+    cls: type[PreTrainedModel] = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}[family]
+    plain = cls.from_pretrained(str(tmp_path), local_files_only=True)
     mine = model.hf.state_dict()
     assert plain.state_dict().keys() == mine.keys()
     assert all(torch.equal(v, mine[k]) for k, v in plain.state_dict().items())
@@ -175,7 +184,8 @@ def test_save_pretrained_round_trips_and_plain_transformers_opens_it(family, tmp
 def test_checkpoint_mistakes_name_their_field(tmp_path):
     emu3().save_pretrained(str(tmp_path / "emu3"))
     cases = [
-        (ModelConfig(family="janus", pretrained=str(tmp_path / "emu3")), r"model.pretrained: .* holds a 'emu3' checkpoint"),
+        (ModelConfig(family="janus", pretrained=str(tmp_path / "emu3")),
+         r"model.pretrained: .* holds a 'emu3' checkpoint"),
         (ModelConfig(family="emu3", size="emu3_8b", pretrained=str(tmp_path / "emu3")),
          r"model.size: .* is not a emu3 emu3_8b checkpoint \(hidden_size 64, not 4096"),
         (ModelConfig(family="emu3", pretrained=str(tmp_path / "emu3"), overrides={"hidden_size": 32}),
@@ -202,10 +212,9 @@ def test_a_padded_embedding_is_accepted_and_only_a_true_mismatch_refused_with_fi
     no document holds the padding ids, so they are never targets. Refused, with the advice that fits:
     another tokenizer saved beside the checkpoint (other special ids), an embedding smaller than the
     ids, and the project's WordPiece."""
-    from own_data import bpe_tokenizer, emu3_checkpoint
-
     from model_zoo.build import build_vocab
     from model_zoo.config import DataConfig
+    from own_data import bpe_tokenizer, emu3_checkpoint
 
     m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
     d = DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8, cache_dir=str(tmp_path))
@@ -252,8 +261,9 @@ def test_caption_samples_are_the_models_guided_generations():
     assert pictures.shape == (4, 1, 8, 8)
     lo, hi = VOCAB.image_offset, VOCAB.size
     for k, text in enumerate(captions):
-        codes, ids = [], {c: layout.generation_prompt(VOCAB.text(c)) for c in (text, "")}
-        for step in range(16):   # each stream re-run whole: no cache, the class's plain forward
+        codes: list[int] = []
+        ids = {c: layout.generation_prompt(VOCAB.text(c)) for c in (text, "")}
+        for _ in range(16):   # each stream re-run whole: no cache, the class's plain forward
             c, u = (model.hf(input_ids=torch.tensor([ids[x] + [lo + i for i in codes]])).logits[0, -1, lo:hi]
                     for x in (text, ""))
             codes.append(int((u + g * (c - u)).argmax()))
@@ -266,10 +276,9 @@ def test_caption_samples_are_the_models_guided_generations():
 def test_an_exported_tokenizer_does_not_forbid_downloads(tmp_path):
     """A checkpoint's tokenizer is loaded offline (local_files_only); the exported copy must not carry that
     loading argument into its tokenizer_config.json, where it would bind every later user."""
-    from own_data import emu3_checkpoint
-
     from model_zoo.build import build_vocab
     from model_zoo.config import DataConfig
+    from own_data import emu3_checkpoint
 
     m = ModelConfig(family="emu3", pretrained=str(emu3_checkpoint(tmp_path / "ckpt")))
     vocab = build_vocab(DataConfig(text_tokenizer="pretrained", image_tokenizer="pretrained", image_size=8), m)
@@ -281,7 +290,8 @@ def test_an_exported_tokenizer_does_not_forbid_downloads(tmp_path):
 def test_greedy_generation_samples_what_training_predicts():
     e, j = emu3(), janus()
     caption = [3, 4, 5]
-    for model, layout in ((e, LAYOUTS["emu3"]), (j, LAYOUTS["janus"])):
+    pairs: list[tuple[UnifiedModel, Union[Emu3Layout, JanusLayout]]] = [(e, LAYOUTS["emu3"]), (j, LAYOUTS["janus"])]
+    for model, layout in pairs:
         codes = model.generate_images(layout, caption, 3, 1.0, torch.Generator().manual_seed(0))
         assert codes.shape == (3, 16) and 0 <= int(codes.min()) and int(codes.max()) < VOCAB.codebook_size
         assert torch.equal(codes, model.generate_images(layout, caption, 3, 1.0, torch.Generator().manual_seed(0)))

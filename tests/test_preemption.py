@@ -6,6 +6,7 @@ requeued and completes. Every interrupted run is held against one uninterrupted 
 loss it logged, in every attempt, equals that run's at the same step, bit for bit, and so do the
 final weights."""
 
+import contextlib
 import os
 import re
 import signal
@@ -54,16 +55,16 @@ def reference(cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
-    logs = [open(out / f"rank{r}.log", "w") for r in range(2)]
-    ranks = [subprocess.Popen([sys.executable, RUN, "--config", CONFIG, *settings(out, cache)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
-                              stderr=subprocess.STDOUT) for r in range(2)]
-    try:
-        codes = [p.wait(timeout=300) for p in ranks]
-    finally:
-        for p, log in zip(ranks, logs):
-            p.kill()
-            log.close()
+    with contextlib.ExitStack() as logs_open:
+        logs = [logs_open.enter_context(open(out / f"rank{r}.log", "w")) for r in range(2)]
+        ranks = [subprocess.Popen([sys.executable, RUN, "--config", CONFIG, *settings(out, cache)], cwd=ROOT,
+                                  env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=logs[r],
+                                  stderr=subprocess.STDOUT) for r in range(2)]
+        try:
+            codes = [p.wait(timeout=300) for p in ranks]
+        finally:
+            for p in ranks:
+                p.kill()
     assert codes == [0, 0], (out / "rank0.log").read_text()[-3000:]
     return out
 
@@ -146,7 +147,7 @@ def test_a_second_signal_or_the_deadline_exits_at_once_and_keeps_the_newest_chec
                                        stderr=subprocess.STDOUT, text=True)
     try:
         for proc in procs.values():
-            assert proc.stdout.readline() == "writing\n"
+            assert proc.stdout is not None and proc.stdout.readline() == "writing\n"
             proc.send_signal(signal.SIGUSR1)
         first = time.monotonic()
         procs["second signal"].send_signal(signal.SIGUSR1)  # a copy (scancel --full): not a second signal
@@ -159,7 +160,9 @@ def test_a_second_signal_or_the_deadline_exits_at_once_and_keeps_the_newest_chec
             proc.kill()
     model, opt = build({"K": 2, "max_block": 4}, torch.float64, 1)
     for name, (_, _, code, message) in cases.items():
-        output = procs[name].stdout.read()
+        stdout = procs[name].stdout
+        assert stdout is not None
+        output = stdout.read()
         assert codes[name] == code and message in output, (name, codes[name], output)
         assert output.count("SIGUSR1: stopping at the next step boundary") == 1, output
         root = tmp_path / name

@@ -90,8 +90,8 @@ def test_bad_pairs_are_named_or_counted(tmp_path, digits_cache, capsys):
     record = corpus["train"][0]
     png, txt = record["source"].split(" (row")[0].replace(".txt", ".png"), record["source"].split(" (row")[0]
     pixels = torch.from_numpy(np.asarray(Image.open(png).convert("L"), dtype=np.float32) / 255)[None, None]
-    ids, mask = layout.document(record["task"], vocab.text(open(txt).read().strip()), images.encode(pixels)[0].tolist(),
-                                False)
+    ids, mask = layout.document(record["task"], vocab.text(Path(txt).read_text().strip()),
+                                images.encode(pixels)[0].tolist(), False)
     assert record["input_ids"] == ids and record["loss_mask"] == mask
 
     data = build_data(d, layout, images, micro_batch_size=2, grad_accum=2, eval_batches=1, model=m)  # as batches
@@ -117,7 +117,8 @@ def test_a_table_of_pairs_for_janus_keeps_the_images_its_encoder_reads(tmp_path,
         assert (record["image"] is not None) == (record["task"] == "understanding")
     understanding = next(r for r in corpus["train"] if r["task"] == "understanding")
     row = int(understanding["source"].rsplit("row ", 1)[1].split()[0])
-    assert np.array_equal(np.asarray(understanding["image"]), np.asarray(Image.open(tmp_path / "files" / f"{row:03d}.png")))
+    assert np.array_equal(np.asarray(understanding["image"]),
+                          np.asarray(Image.open(tmp_path / "files" / f"{row:03d}.png")))
 
 
 def test_a_checkpoints_own_tokenizers_prepare_the_records(tmp_path, digits_cache):
@@ -298,10 +299,10 @@ def test_every_kind_of_bad_row_in_a_table_is_named_by_file_row_and_field(tmp_pat
                   ("image", "empty cell: no image path"), ("text", "empty cell: no caption")],
         "t.json": [None, ("line", "a JSON int, not an object")]}
     for name, wanted in expected.items():
-        total, records = read_pairs(tmp_path / name)
-        records = list(records)
+        total, read = read_pairs(tmp_path / name)
+        records = list(read)
         assert total in (None, len(wanted)) and len(records) == len(wanted), name
-        for row, (record, want) in enumerate(zip(records, wanted)):
+        for row, (record, want) in enumerate(zip(records, wanted, strict=True)):
             if want is None:
                 assert isinstance(record, Pair) and record.image == tmp_path / "a.png" and record.text == "fine"
                 continue
@@ -396,7 +397,9 @@ def test_friction_of_a_first_corpus(tmp_path, digits_cache, capsys):
                                          r"(\d+)-token document, more than data.seq_len=48; raise data.seq_len to at "
                                          r"least (\d+), or shorten the caption, or set data.on_bad_record: skip") as e:
         prepare(m, DataConfig(**{**d.__dict__, "seq_len": 48}), progress=False)
-    document, needed = re.search(r"makes a (\d+)-token.*at least (\d+)", str(e.value)).groups()
+    match = re.search(r"makes a (\d+)-token.*at least (\d+)", str(e.value))
+    assert match is not None
+    document, needed = match.groups()
     assert document == needed and int(needed) > 48
     assert folder_digest(tmp_path / "prepared") == before and not list(tmp_path.glob(".prepared.*"))
     prepare(m, d, progress=False)

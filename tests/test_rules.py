@@ -1,13 +1,29 @@
 """Two-objective rules (research/algorithms.md section 4c): closed forms and the wrapper."""
 
+from collections.abc import Callable, Iterable
+from typing import Any, Optional
+
 import pytest
 import torch
 
 from distopt import build_optimizer
-from distopt.rules import combine, gradnorm_weights, module_of
+from distopt.protocols import TakesMicrosteps
+from distopt.rules import TwoObjective, combine, gradnorm_weights, module_of
 from sharded_worker import run_sharded, train
 
 F64 = torch.float64
+
+
+
+def prefixed(what: str) -> Callable[[str], str]:
+    """assert_close's `msg`: its own message after `what`."""
+    return lambda m: f"{what}: {m}"
+
+
+def build_rule(spec: dict[str, Any], named: Iterable[Any]) -> TwoObjective:
+    opt = build_optimizer(spec, named)
+    assert isinstance(opt, TwoObjective)
+    return opt
 
 
 def vec(*x):
@@ -74,14 +90,14 @@ def test_layer_granularity_weighs_each_layer_by_its_own_gradients():
     updates = {}
     for granularity in ("layer", "global"):
         params = [torch.nn.Parameter(torch.zeros(2, dtype=F64)) for _ in range(2)]
-        opt = build_optimizer({"name": "pareto_lora", "params": {"base": "adamw", "granularity": granularity, "lr": 0.1}},
-                              [("l1.weight", params[0]), ("l2.weight", params[1])])
+        spec = {"name": "pareto_lora", "params": {"base": "adamw", "granularity": granularity, "lr": 0.1}}
+        opt = build_rule(spec, [("l1.weight", params[0]), ("l2.weight", params[1])])
         for tag, gs in grads.items():
             with opt.modality(tag):
-                sum((p * g).sum() for p, g in zip(params, gs)).backward()
-        opt.base.step = lambda closure=None: None  # keep the combined gradient in p.grad
+                sum((p * g).sum() for p, g in zip(params, gs, strict=True)).backward()
+        opt.base.step = lambda closure=None: None  # type: ignore[method-assign, assignment]  # a no-op: the combined gradient stays in p.grad
         opt.step()
-        updates[granularity] = [p.grad.clone() for p in params]
+        updates[granularity] = [p.grad.clone() for p in params if p.grad is not None]
     torch.testing.assert_close(updates["layer"][0], vec(50.5, 50.5))  # 2 x 50.5 x (u1 + u2) / 2
     torch.testing.assert_close(updates["layer"][1], vec(1.0, 1.0))
     n1, n2 = (100.0**2 + 1) ** 0.5, 2**0.5  # global norms: one weight pair for both layers
@@ -92,13 +108,13 @@ def test_layer_granularity_weighs_each_layer_by_its_own_gradients():
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step()`")
 def test_resumed_wrapper_keeps_the_lr_schedule_reaching_its_base(tmp_path):
     model = torch.nn.Linear(3, 2).double()
-    opt = build_optimizer({"name": "pcgrad", "params": {"base": "adamw", "lr": 0.1}}, model.named_parameters())
+    opt = build_rule({"name": "pcgrad", "params": {"base": "adamw", "lr": 0.1}}, model.named_parameters())
     for tag in ("text", "image"):
         with opt.modality(tag):
             model(torch.ones(1, 3, dtype=F64)).sum().backward()
     opt.step()
     saved = opt.state_dict()
-    fresh = build_optimizer({"name": "pcgrad", "params": {"base": "adamw", "lr": 0.1}}, model.named_parameters())
+    fresh = build_rule({"name": "pcgrad", "params": {"base": "adamw", "lr": 0.1}}, model.named_parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(fresh, lambda step: 0.5 ** step)
     fresh.load_state_dict(saved)
     assert fresh.state is fresh.base.state and len(fresh.state) == 2
@@ -122,13 +138,13 @@ def test_gradnorm_weight_update_matches_a_hand_computation():
 
 def _one_layer_rule(name, **params):
     p = torch.nn.Parameter(torch.zeros(2, dtype=F64))
-    opt = build_optimizer({"name": name, "params": {"base": "adamw", "lr": 0.1, "granularity": "global", **params}},
-                          [("l.weight", p)])
-    opt.base.step = lambda closure=None: None  # keep the combined gradient in p.grad
+    opt = build_rule({"name": name, "params": {"base": "adamw", "lr": 0.1, "granularity": "global", **params}},
+                     [("l.weight", p)])
+    opt.base.step = lambda closure=None: None  # type: ignore[method-assign, assignment]  # a no-op: the combined gradient stays in p.grad
     return p, opt
 
 
-def _step(p, opt, grads: dict, losses: dict = None):
+def _step(p, opt, grads: dict, losses: Optional[dict] = None):
     p.grad = None
     for tag, g in grads.items():
         if losses:
@@ -214,6 +230,7 @@ def _two_modality_run(name, conflicting, granularity="global"):
             if name == "adamw":
                 loss.backward()
             else:
+                assert isinstance(opt, TakesMicrosteps)
                 with opt.modality(tag):
                     loss.backward()
         opt.step()
@@ -224,19 +241,20 @@ def _two_modality_run(name, conflicting, granularity="global"):
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "pareto_lora"])
 @pytest.mark.parametrize("granularity", ["global", "layer"])
 def test_wrapper_with_identical_modalities_is_the_base_optimizer(name, granularity):
-    for a, b in zip(_two_modality_run(name, False, granularity), _two_modality_run("adamw", False)):
+    for a, b in zip(_two_modality_run(name, False, granularity), _two_modality_run("adamw", False), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "pareto_lora"])
 def test_wrapper_changes_the_update_when_modalities_differ(name):
     got, ref = _two_modality_run(name, True), _two_modality_run("adamw", True)
-    assert not all(torch.allclose(a, b) for a, b in zip(got, ref))
+    assert not all(torch.allclose(a, b) for a, b in zip(got, ref, strict=True))
 
 
-RANK_CASES = [dict(rule="pareto_lora", base="adamw"), dict(rule="pcgrad", base="soap", max_grad_norm=0.05),
-              dict(rule="mgda", base="mlfop_soap"), dict(rule="sum", base="mlfop_soap", max_block=4),
-              dict(rule="gradnorm", base="adamw", rule_params=dict(gradnorm_lr=0.2))]
+RANK_CASES: list[dict[str, Any]] = [
+    dict(rule="pareto_lora", base="adamw"), dict(rule="pcgrad", base="soap", max_grad_norm=0.05),
+    dict(rule="mgda", base="mlfop_soap"), dict(rule="sum", base="mlfop_soap", max_block=4),
+    dict(rule="gradnorm", base="adamw", rule_params=dict(gradnorm_lr=0.2))]
 
 
 def test_rules_on_two_ranks_equal_one_process(tmp_path):
@@ -251,7 +269,7 @@ def test_rules_on_two_ranks_equal_one_process(tmp_path):
         assert ref["counters"]["steps_combined"] == 4
         for r in range(2):
             assert results[r][ci]["calls"]["all_reduce"] == 2 * 4, config
-            for step, (got, want) in enumerate(zip(results[r][ci]["history"], ref["history"])):
-                for a, b in zip(got, want):
+            for step, (got, want) in enumerate(zip(results[r][ci]["history"], ref["history"], strict=True)):
+                for a, b in zip(got, want, strict=True):
                     torch.testing.assert_close(a, b, rtol=1e-8, atol=5e-10,
-                                               msg=lambda m: f"{config} rank {r} step {step}: {m}")
+                                               msg=prefixed(f"{config} rank {r} step {step}"))

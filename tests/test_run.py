@@ -17,7 +17,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration
+from transformers import Emu3ForConditionalGeneration, JanusForConditionalGeneration, PreTrainedModel
 
 from model_zoo.build import build_model
 from model_zoo.config import DataConfig, ModelConfig
@@ -33,7 +33,8 @@ from test_prepare import write_pairs
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 RUN = str(ROOT / "launcher" / "run.py")
-CLASSES = {"emu3": Emu3ForConditionalGeneration, "janus": JanusForConditionalGeneration}
+CLASSES: dict[str, type[PreTrainedModel]] = {"emu3": Emu3ForConditionalGeneration,
+                                             "janus": JanusForConditionalGeneration}
 SCALARS = {"loss/text", "loss/image", "lr", "grad/cosine", "grad/norm_ratio",
            "fop/beta_abs_mean", "fop/eta_mean", "optimizer/eigh", "optimizer/qr", "optimizer/qr_seconds",
            "time/step_s", "time/forward_s", "time/backward_s", "time/optimizer_s", "throughput/tokens_per_s",
@@ -170,7 +171,7 @@ def test_resume_continues_the_loss_curve_exactly(tmp_path, cache):
         assert set(curve_part) == set(curve_full) == set(range(6))
         assert curve_part == curve_full, tag
     for x, y in zip(torch.load(full / "checkpoints" / "step-5" / "model.pt").values(),
-                    torch.load(part / "checkpoints" / "step-5" / "model.pt").values()):
+                    torch.load(part / "checkpoints" / "step-5" / "model.pt").values(), strict=True):
         assert torch.equal(x, y)
 
 
@@ -240,6 +241,7 @@ def test_bring_your_own_checkpoint_and_corpus(tmp_path, cache):
     assert exported.get_input_embeddings().weight.shape[0] == 384, "the padded embedding, trained and exported"
     assert "local_files_only" not in json.loads((out / "model" / "tokenizer_config.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(str(out / "model"))
+    assert exported.config.vocabulary_map is not None
     assert tokenizer.convert_tokens_to_ids("<|visual token000063|>") == exported.config.vocabulary_map[
         "<|visual token000063|>"]
 

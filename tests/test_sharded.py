@@ -2,6 +2,7 @@
 communicates what the formula says, and fails the same way on every rank."""
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch
 from sharded_worker import run_failing, run_sharded, train
 
 # (world, configs): each config is one training run; all configs of a world size share one spawn.
-CASES = {
+CASES: dict[int, list[dict[str, Any]]] = {
     1: [dict(K=3), dict(K=2, max_block=4)],
     2: [dict(K=1), dict(K=4, max_block=4), dict(K=3, pair_source="ranks"), dict(K=2, dtype="fp32"),
         dict(K=2, shuffle=True, max_block=4), dict(K=2, fop=False), dict(K=4, schedule="tree", bucket_mb=1e-4),
@@ -33,7 +34,7 @@ CASES = {
 # a bf16 parameter may round the other way where its master sits on a rounding boundary, and the
 # forward passes differ from then on, and the difference grows like any chaotic perturbation: the
 # parameters get a bound of a few bf16 ulps (2^-8 = 0.4% each), 5e-2 relative (measured <= 1.8e-2).
-FP64_TOL = dict(rtol=1e-8, atol=5e-10)
+FP64_TOL: dict[str, Any] = dict(rtol=1e-8, atol=5e-10)
 FP32_RELATIVE = 1e-3
 BF16_RELATIVE = 5e-2
 MASTER_DISPLACEMENT = 1e-2
@@ -61,9 +62,9 @@ def test_sharded_equals_single_process(world, tmp_path):
         for step, ref_params in enumerate(ref["history"]):
             for r in range(world):
                 got = results[r][ci]["history"][step]
-                for a, b in zip(got, results[0][ci]["history"][step]):
+                for a, b in zip(got, results[0][ci]["history"][step], strict=True):
                     assert torch.equal(a, b), f"{config}: ranks disagree after step {step}"
-                for a, b in zip(got, ref_params):
+                for a, b in zip(got, ref_params, strict=True):
                     assert_matches(a, b, dtype, f"{config} step {step}")
         for key in ("eigh", "qr", "fop_folds"):
             total = sum(results[r][ci]["counters"].get(key, 0) for r in range(world))
@@ -87,7 +88,7 @@ def assert_masters_match(results, ci, ref, config):
                 assert key not in masters, f"{config}: master {key} on two ranks"
                 masters[key] = value
         assert set(masters) == set(ref[what]) and masters, f"{config}: masters {sorted(masters)}"
-    for key, master in masters.items():
+    for master in masters.values():
         assert master.dtype == torch.float32
     for r in range(len(results)):
         for key, master in results[r][ci]["first_masters"].items():
@@ -107,7 +108,7 @@ def test_a_rank_that_owns_nothing(tmp_path):
     assert sorted(results[r][0]["owned"] for r in range(4)) == [0, 1, 1, 1]
     ref = reference(configs[0], 4)
     for r in range(4):
-        for a, b in zip(results[r][0]["history"][-1], ref["history"][-1]):
+        for a, b in zip(results[r][0]["history"][-1], ref["history"][-1], strict=True):
             assert_matches(a, b, "fp64", "rank that owns nothing")
 
 
@@ -117,7 +118,7 @@ def test_nan_on_one_rank_skips_the_step_everywhere(tmp_path):
     for r in range(2):
         res = results[r][0]
         assert res["counters"]["skipped_nonfinite_steps"] == 1
-        for a, b in zip(res["history"][2], res["history"][1]):
+        for a, b in zip(res["history"][2], res["history"][1], strict=True):
             assert torch.equal(a, b), "the step with a NaN gradient must change nothing"
         assert all(torch.isfinite(p).all() for p in res["history"][-1])
 
@@ -144,7 +145,7 @@ def test_collectives_by_kind_follow_the_formula(world, tmp_path):
                for k, extra in ((8, {}), (6, {}), (1, {}), (4, dict(schedule="tree")), (3, dict(fop=False)),
                                 (3, dict(pair_source="ranks")))]
     results = run_sharded(world, configs, str(tmp_path))
-    for config, res in zip(configs, results[0]):
+    for config, res in zip(configs, results[0], strict=True):
         per_step = reductions(config["K"], config)
         width = res["slot"] * 8  # fp64 parameters reduce and gather in fp64
         # the slot cut into buckets of bucket_mb (per rank's row: bucket_mb / world of 8-byte elements)
@@ -172,7 +173,7 @@ def test_memory_follows_the_formula(tmp_path):
     configs = [dict(K=k, W=2, max_block=4, steps=4) for k in (1, 4, 8)]
     results = run_sharded(2, configs, str(tmp_path))
     for r in range(2):
-        for config, res in zip(configs, results[r]):
+        for config, res in zip(configs, results[r], strict=True):
             slot, owned, world = res["slot"], res["owned_numel"], 2
             expected = {"state": 8 * res["state_numel"], "window_peak": 8 * (3 if config["K"] > 1 else 2) * owned,
                         "comm_peak": 8 * ((2 if config["K"] > 1 else 1) * slot + world * slot)}
@@ -246,12 +247,13 @@ def test_every_tensor_the_optimizer_makes_is_on_the_gradients_device(tmp_path):
     table or flag created without its gradient's device would be a meta tensor, and adding it to a CPU
     tensor or reducing it with gloo fails. Each run must succeed and equal the unguarded one bit for
     bit, in one process and on two ranks, for the schedules, pair sources, dtypes and blocks."""
-    configs = [dict(K=4, max_block=4), dict(K=3, dtype="bf16"), dict(K=2, pair_source="ranks", max_grad_norm=0.1),
-               dict(K=4, schedule="tree", level="global"), dict(K=2, fop=False)]
+    configs: list[dict[str, Any]] = [
+        dict(K=4, max_block=4), dict(K=3, dtype="bf16"), dict(K=2, pair_source="ranks", max_grad_norm=0.1),
+        dict(K=4, schedule="tree", level="global"), dict(K=2, fop=False)]
     for world in (1, 2):
         runs = [dict(c, W=world, steps=3, meta_default=guard) for c in configs for guard in (False, True)
                 if world == 2 or c.get("pair_source") != "ranks"]
         results = run_sharded(world, runs, str(tmp_path / f"w{world}"))
-        for plain, guarded in zip(results[0][::2], results[0][1::2]):
-            for a, b in zip(plain["history"][-1], guarded["history"][-1]):
+        for plain, guarded in zip(results[0][::2], results[0][1::2], strict=True):
+            for a, b in zip(plain["history"][-1], guarded["history"][-1], strict=True):
                 assert b.device.type == "cpu" and torch.equal(a, b)

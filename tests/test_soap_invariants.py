@@ -37,14 +37,14 @@ def test_bases_stay_orthogonal_and_refresh_on_schedule():
     p = torch.nn.Parameter(torch.zeros(6, 5))
     opt = SOAP([p], precondition_frequency=4, verbose=False)
     previous = None
-    for t, g in enumerate(grads(1, (6, 5), 13)):
+    for g in grads(1, (6, 5), 13):
         p.grad = g.float()
         opt.step()
         st = opt.state[p]
         for q in st["Q"]:
             torch.testing.assert_close(q.T @ q, torch.eye(q.shape[0]), atol=1e-5, rtol=0)
         if previous is not None:
-            changed = any(not torch.equal(a, b) for a, b in zip(previous, st["Q"]))
+            changed = any(not torch.equal(a, b) for a, b in zip(previous, st["Q"], strict=True))
             assert changed == (st["step"] % 4 == 0), f"basis changed at step {st['step']}"
         previous = [q.clone() for q in st["Q"]]
     assert opt.counters["eigh"] == 2 and opt.counters["qr"] == 2 * 3  # steps 4, 8, 12, two dims each
@@ -88,7 +88,7 @@ def test_momentum_rotation_is_exact_across_a_refresh():
     old_q = [q.clone() for q in st["Q"]]
     p.grad = gs[3]
     opt.step()  # step 3: refresh
-    assert any(not torch.equal(a, b) for a, b in zip(old_q, st["Q"]))
+    assert any(not torch.equal(a, b) for a, b in zip(old_q, st["Q"], strict=True))
     torch.testing.assert_close(unrotate(st["exp_avg"], st["Q"]), 0.9 * m_before + 0.1 * gs[3], rtol=1e-12, atol=1e-14)
 
 
@@ -122,7 +122,7 @@ def test_constant_gradient_keeps_an_eigenbasis_through_refreshes():
         p.grad = g
         opt.step()
     st = opt.state[p]
-    for gg, q in zip(st["GG"], st["Q"]):
+    for gg, q in zip(st["GG"], st["Q"], strict=True):
         lam = torch.diagonal(q.T @ gg @ q)
         torch.testing.assert_close(gg @ q, q * lam, atol=1e-8, rtol=0)
 

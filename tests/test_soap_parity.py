@@ -21,6 +21,8 @@ reason precondition_1d is not covered here: a 1-D GG is rank one at the first ca
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ from distopt import SOAP
 F64 = torch.float64
 STEPS = 36
 
-CONFIGS = {
+CONFIGS: dict[str, tuple[list[tuple[int, ...]], dict[str, Any]]] = {
     # defaults: shampoo_beta < 0 (-> betas[1]), weight decay 0.01, bias correction, no merge
     "square_defaults": ([(6, 6), (8,)], dict(lr=0.02, precondition_frequency=5)),
     # max_precond_dim below the large side: that side is not rotated; shampoo_beta >= 0; no weight decay
@@ -66,11 +68,11 @@ def test_merged_shapes_used_below():
     assert merged_shape((4, 3, 3, 3), 1000) == (108,)
     for shapes, kw in CONFIGS.values():
         ref = DenseSOAP(shapes, **kw)
-        for lay, active in zip(ref.layouts, ref.active):
+        for lay, active in zip(ref.layouts, ref.active, strict=True):
             total = 1
             for d in lay.work:
                 total *= d
-            for d, a in zip(lay.work, active):
+            for d, a in zip(lay.work, active, strict=True):
                 assert not a or d * d <= total, (lay.shape, lay.work)
         assert STEPS - 1 >= 5 * kw["precondition_frequency"], "at least 5 refreshes"
 
@@ -94,7 +96,7 @@ def gradient(mix, gen):
     z = torch.randn(*[a.shape[0] for a in mix], generator=gen, dtype=F64)
     letters = "abcd"[: z.dim()]
     out = "".join(chr(ord(c) + 10) for c in letters)
-    spec = letters + "," + ",".join(o + c for o, c in zip(out, letters)) + "->" + out
+    spec = letters + "," + ",".join(o + c for o, c in zip(out, letters, strict=True)) + "->" + out
     return torch.einsum(spec, z, *mix)
 
 
@@ -116,16 +118,16 @@ def run(name, dtype, rotate_ref=True):
     errs = []
     for step in range(STEPS):
         grads = [gradient(mix, gen).to(dtype) for mix in mixes]
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = g.clone()
         opt.step()
         ref.step(ref_params, grads)
         if step == 0:
-            for p, q in zip(params, p0):
+            for p, q in zip(params, p0, strict=True):
                 assert torch.equal(p.detach().to(F64), q), "the first call must leave the parameters unchanged"
             continue
         errs.append(max(float((p.detach().to(F64) - r).norm() / (r - q).norm())
-                        for p, r, q in zip(params, ref_params, p0)))
+                        for p, r, q in zip(params, ref_params, p0, strict=True)))
     return errs, params, ref_params, p0
 
 

@@ -24,10 +24,10 @@ def cached(digits_cache):
 
 def test_reconstruction_beats_the_mean_image_and_improves_with_codebook_size(images, cached):
     baseline = float((images - images.mean(0)).square().mean())
-    def mse(vq):
+    def mse_of(vq):
         return float((vq.decode(vq.encode(images)) - images).square().mean())
 
-    mse = {k: mse(VQTokenizer.fit(images, k, seed=0)) for k in (4, 16)} | {64: mse(cached[1])}
+    mse = {k: mse_of(VQTokenizer.fit(images, k, seed=0)) for k in (4, 16)} | {64: mse_of(cached[1])}
     assert mse[64] < 0.1 * baseline, (mse, baseline)
     assert baseline > mse[4] > mse[16] > mse[64]
 
@@ -91,6 +91,8 @@ def test_bad_input_names_the_argument(images, cached, tmp_path):
 
 @pytest.mark.parametrize("family", ["emu3", "janus"])
 def test_a_checkpoints_vq_vae_read_alone_tokenizes_as_the_models_own(family, images, tmp_path):
+    from transformers import Emu3VQVAE, JanusVQVAE
+
     from test_models import emu3, janus
 
     model = {"emu3": emu3, "janus": janus}[family]()
@@ -99,13 +101,18 @@ def test_a_checkpoints_vq_vae_read_alone_tokenizes_as_the_models_own(family, ima
     alone = build_image_tokenizer(d, m)                       # the VQ-VAE's tensors only, from the safetensors
     own = CheckpointVQ(model.vqmodel(), 8)
     assert alone.grid == own.grid == (4, 4) and alone.codebook_size == 32 and alone.channels == 1
+    assert isinstance(alone, CheckpointVQ)
     assert not any(p.requires_grad for p in alone.vqmodel.parameters())
     codes = alone.encode(images[:6])
     assert codes.shape == (6, 16) and torch.equal(codes, own.encode(images[:6]))
     direct = model.vqmodel()                                  # the transformers class's own encode, by hand
     x = images[:6] * 2 - 1
-    ref = torch.stack(direct.encode(x, torch.tensor([[8, 8]] * 6)).image_tokens).reshape(6, -1) if family == "emu3" \
-        else direct.encode(x).image_tokens.reshape(6, -1)
+    if family == "emu3":
+        assert isinstance(direct, Emu3VQVAE)
+        ref = torch.stack(direct.encode(x, torch.tensor([[8, 8]] * 6)).image_tokens).reshape(6, -1)
+    else:
+        assert isinstance(direct, JanusVQVAE)
+        ref = direct.encode(x).image_tokens.reshape(6, -1)
     assert torch.equal(codes, ref)
     pictures = alone.decode(codes)
     assert pictures.shape == (6, 1, 8, 8) and 0 <= float(pictures.min()) and float(pictures.max()) <= 1
