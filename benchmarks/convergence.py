@@ -51,9 +51,10 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import yaml
 
@@ -242,7 +243,7 @@ def steps_to(run: dict, column: int, target: float) -> float:
 def time_to(run: dict, column: int, target: float) -> float:
     """CPU seconds of training (evaluations apart) up to the first evaluation whose loss is <= target;
     NaN if never, or for a run stored before this was recorded."""
-    for row, cpu in zip(run["val"], run.get("val_train_cpu") or []):
+    for row, cpu in zip(run["val"], run.get("val_train_cpu") or [], strict=False):  # older runs: no CPU times
         if row[column] <= target:
             return math.nan if cpu is None else cpu
     return math.nan
@@ -446,11 +447,12 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
             best = best_index(tried)
             ok = {i: converged(r, mode.converge_ratio) for i, r in tried.items()}
             lo, hi = converging_range({i: (final_val(r), ok[i]) for i, r in tried.items()})
+            bounds = (lo, hi) if lo is not None and hi is not None else None
             above = sorted(i for i in tried if i > best and not ok[i])
             entry.update(best_lr=lr_at(mode.lr_center, best),
                          sweep={f"{lr_at(mode.lr_center, i):g}": {"final_val": final_val(r), "converged": ok[i]}
                                 for i, r in sorted(tried.items())},
-                         converging=[lr_at(mode.lr_center, lo), lr_at(mode.lr_center, hi)] if lo is not None else None,
+                         converging=[lr_at(mode.lr_center, i) for i in bounds] if bounds else None,
                          lo_bounded=lo is not None and lo == min(tried), hi_bounded=hi is not None and hi == max(tried),
                          stops_converging_at=lr_at(mode.lr_center, above[0]) if above else None)
             for family in mode.families:
@@ -493,7 +495,8 @@ def report(mode_name: str, mode: Mode, data: dict, seconds: Optional[float]) -> 
     if len(data["environments"]) > 1:
         lines.append("(Resumed under more than one environment: compare the runs with care.)")
     lines += ["", "## Stability (lr sweep, seed 0, " + sweep_family + ")", "",
-              "| arm | batch | best lr | converging lrs | width | stops converging at | sweep (lr: final val, x = no convergence) |",
+              "| arm | batch | best lr | converging lrs | width | stops converging at "
+              "| sweep (lr: final val, x = no convergence) |",
               "|---|---|---|---|---|---|---|"]
     for k in mode.ks:
         for arm in mode.arm_names:
@@ -564,7 +567,7 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
 
     rows = [(family, k) for family in mode.families for k in mode.ks]
     fig, axes = plt.subplots(len(rows), 2, figsize=(13, 3.6 * len(rows)), squeeze=False)
-    for (family, k), pair in zip(rows, axes):
+    for (family, k), pair in zip(rows, axes, strict=True):
         for arm, entries in summary["arms"].items():
             rs = entries.get(f"K{k}", {}).get(family, {}).get("runs", [])
             rs = [r for r in rs if r["val"] and not r["diverged"]]
@@ -583,7 +586,7 @@ def plot(out: Path, suffix: str, mode: Mode, summary: dict) -> None:
     fig.savefig(out / f"convergence-curves{suffix}.png")
     plt.close(fig)
     fig, axes = plt.subplots(1, len(mode.ks), figsize=(6.5 * len(mode.ks), 4), squeeze=False)
-    for ax, k in zip(axes[0], mode.ks):
+    for ax, k in zip(axes[0], mode.ks, strict=True):
         for arm, entries in summary["arms"].items():
             sweep_points = entries.get(f"K{k}", {}).get("sweep", {})
             if sweep_points:

@@ -32,15 +32,14 @@ own for a client optimizer that owns gradient communication).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import sys
 import time
 import traceback
-from collections import Counter
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -48,10 +47,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distopt import MLFOPSOAP, comm, host
+from distopt.protocols import TakesMicrosteps
 from launcher.config import Config, ConfigError, read_config
 from launcher.engines import ENGINES, AccumulationLoop, build_engine, checkpoint_layers, resolve
 from launcher.memory import fullest_rank, model_on_meta
 from model_zoo.config import DTYPES
+from model_zoo.unified import UnifiedModel
 
 GiB = 2**30
 
@@ -225,7 +226,7 @@ def gpu_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     return out.transpose(1, 2).contiguous(), None
 
 
-def _with_gpu_attention(model: torch.nn.Module) -> torch.nn.Module:
+def _with_gpu_attention(model: UnifiedModel) -> UnifiedModel:
     from transformers import AttentionInterface
 
     AttentionInterface.register("distopt_dry_run", gpu_attention)
@@ -258,8 +259,10 @@ def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: boo
             collectives = Collectives()
             observed = Observed(engine, tracker)
             sampler = SyntheticBatches(cfg, model, engine.device)
+            # run_step writes nothing: no output folder and no logger
             run = Run(cfg, rank, gpus, None, sampler, model, observed, opt,  # type: ignore[arg-type]
-                      torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None, [], None, None, None)
+                      torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), None,  # type: ignore[arg-type]
+                      [], None, None, None)
             per_step: list[dict[str, Any]] = []
             with tracker, collectives:
                 for s in range(1, steps + 1):
@@ -291,7 +294,7 @@ def dry_run(cfg: Config, gpus: int, engine_name: str, steps: int = 3, audit: boo
     return report
 
 
-def _engine(cfg: Config, model: torch.nn.Module, engine_name: str,
+def _engine(cfg: Config, model: UnifiedModel, engine_name: str,
             fake: FakeTensorMode) -> tuple[Any, torch.optim.Optimizer]:
     """The launcher's engine over the meta model (fsdp2), or its replicated stand-in for DeepSpeed's."""
     spec = {"name": cfg.optimizer.name, "params": dict(cfg.optimizer.params, verbose=False)}
@@ -369,6 +372,7 @@ def off_device_audit(cfg: Config, gpus: int, rank: int, engine_name: str) -> lis
                 for k in range(small.batch.grad_accum):
                     for _, p in named:
                         p.grad = torch.ones_like(p) if p.grad is None else p.grad + torch.ones_like(p)
+                    assert isinstance(opt, TakesMicrosteps), f"{small.optimizer.name} takes micro-steps"
                     opt.end_microstep("text" if k % 2 == 0 else "image")
                 opt.step()
         return sorted(audit.sites)
@@ -384,11 +388,11 @@ def _audit_parameters(model: torch.nn.Module, engine_name: str, gpus: int) -> li
 
     from distopt.distributors import rows_of
 
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    named: list[tuple[str, torch.Tensor]] = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if engine_name != "fsdp2":
         return named
     mesh, rank = init_device_mesh("cpu", (gpus,)), dist.get_rank()
-    out = []
+    out: list[tuple[str, torch.Tensor]] = []
     for n, p in named:
         first, last = rows_of(p.shape[0], gpus, rank)
         local = torch.empty((last - first,) + tuple(p.shape[1:]), dtype=p.dtype, device="meta")
@@ -432,8 +436,8 @@ def _project_frame(what: str) -> str:
 
 
 def table(reports: list[Report]) -> str:
-    lines = ["| GPUs | engine | rank | peak GiB | at | " + " | ".join(_columns(reports)) + " | host syncs / micro-step | "
-             "host syncs / step | off-device tensors |",
+    lines = ["| GPUs | engine | rank | peak GiB | at | " + " | ".join(_columns(reports))
+             + " | host syncs / micro-step | host syncs / step | off-device tensors |",
              "|---|---|---|---|---|" + "---|" * len(_columns(reports)) + "---|---|---|"]
     for r in reports:
         cells = " | ".join(f"{r.components.get(c, 0) / GiB:.2f}" for c in _columns(reports))

@@ -53,17 +53,14 @@ import torch
 from distopt.distributors import rows_of
 from distopt.options import MLFOPOptions, RuleOptions, SOAPOptions
 from distopt.plan import Plan, PrecondDims, make_plan
+from distopt.registry import parse_options
 from distopt.soap import state_dtype
 from distopt.soap_optimizer import SOAP
-from distopt.registry import parse_options
 from launcher.config import Config, ConfigError, read_config
 from launcher.engines import ENGINES, decoder_layers
 from model_zoo.build import CONFIGS, FAMILIES, build_vocab, checkpoint_config
 from model_zoo.config import is_placeholder
-
-
-GiB = 2**30
-
+from model_zoo.unified import UnifiedModel
 
 GiB = 2**30
 
@@ -181,7 +178,7 @@ def format_table(estimates: list[Estimate], gpu_gib: float) -> str:
     return "\n".join(lines)
 
 
-def model_on_meta(cfg: Config) -> torch.nn.Module:
+def model_on_meta(cfg: Config) -> UnifiedModel:
     """The run's model with meta tensors: its parameters' names, shapes and dtypes, and nothing else."""
     m = cfg.model
     family = FAMILIES[m.family]
@@ -217,7 +214,7 @@ def optimizer_plan(cfg: Config, engine: str) -> tuple[MLFOPOptions, bool]:
     return MLFOPOptions(**{**soap, "fop": False}), engine == "fsdp2"
 
 
-def plan(cfg: Config, gpus: int, engine: Optional[str] = None, model: Optional[torch.nn.Module] = None) -> Estimate:
+def plan(cfg: Config, gpus: int, engine: Optional[str] = None, model: Optional[UnifiedModel] = None) -> Estimate:
     """Per-GPU bytes of `cfg` on `gpus` GPUs under `engine` (default: the config's)."""
     engine = engine or cfg.engine
     model = model or model_on_meta(cfg)

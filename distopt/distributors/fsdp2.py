@@ -251,7 +251,7 @@ def own_group(mesh: DeviceMesh, dim: int) -> dist.ProcessGroup:
     group), separate from FSDP2's: distopt's all-to-alls then travel on their own communicator instead
     of queueing behind FSDP2's all-gathers and reduce-scatters. Every rank calls it (a collective)."""
     groups = mesh.mesh.movedim(dim, -1).reshape(-1, mesh.size(dim)).tolist()
-    mine, _ = dist.new_subgroups_by_enumeration(groups)  # type: ignore[no-untyped-call]
+    mine, _ = dist.new_subgroups_by_enumeration(groups)  # type: ignore[no-untyped-call]  # torch leaves it unannotated
     assert isinstance(mine, dist.ProcessGroup)
     return mine
 
