@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker, _FSDPModMemStats
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distopt import MLFOPSOAP, comm, host
@@ -328,16 +329,33 @@ def replicated_loop(cfg: Config, model: torch.nn.Module, spec: dict, device: tor
     return AccumulationLoop(model, opt, cfg.batch.grad_accum, device, engine_clip), opt
 
 
+class UnitsMaySitOut(FSDPMemTracker):
+    """torch's FSDPMemTracker, for a model with a unit that sits out some micro-steps' forward (Janus's
+    vision encoder on generation micro-batches): FSDP2's final backward callback still runs that
+    unit's post-backward, where the tracker expects statistics its pre-forward would have made
+    (KeyError in torch 2.13). Its statistics begin there instead; every byte is tracked as before."""
+
+    def _fsdp_param_group_post_backward(self, fsdp_mod: Any, orig: Any) -> Any:
+        inner = super()._fsdp_param_group_post_backward(fsdp_mod, orig)
+
+        def tolerant(*args: Any, **kwargs: Any) -> None:
+            if fsdp_mod not in self.memory_tracking:
+                name = self._mod_tracker.get_known_fqn(fsdp_mod) or type(fsdp_mod).__name__
+                self.memory_tracking[fsdp_mod] = _FSDPModMemStats(name)
+            inner(*args, **kwargs)
+
+        return tolerant
+
+
 def _tracker(model: torch.nn.Module, opt: torch.optim.Optimizer, engine_name: str) -> Any:
     """torch's trackers: FSDPMemTracker for FSDP2, MemTracker for replicated parameters. MemTracker
     hooks every parameter of a module for its gradient, which raises for a frozen one; the frozen
     VQ-VAE never takes part in forward, so it is marked trainable for the tracker's sake (no gradient
     reaches it, and the optimizer, already built, does not hold it)."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
     if engine_name == "fsdp2":
-        return FSDPMemTracker(mod=model, optm=opt)
+        return UnitsMaySitOut(mod=model, optm=opt)
     for p in model.parameters():
         p.requires_grad_(True)
     tracker = MemTracker()
